@@ -1,0 +1,52 @@
+"""The `distill` command: wires each stage's `add_parser` into one CLI.
+
+Expected problems (bad input files, a model that is not there) print one line
+on stderr and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import evaluate
+from .data import DataError
+
+# Each sub-command module offers add_parser(subparsers); add new stages here.
+COMMANDS = [evaluate]
+EXIT_BAD_INPUT = 2
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="LLM-taught retrieval: label, mine, train, evaluate.")
+    parser.add_argument("--log-level", default=os.environ.get("DISTILL_LOG_LEVEL", "WARNING"),
+                        help="logging level for library messages (default: WARNING)")
+    parser.add_argument("--config", help="YAML file with settings; flags override it")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValueError, OSError) as exc:
+        # Settings that fail validation, models or files that are not there.
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

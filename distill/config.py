@@ -1,0 +1,65 @@
+"""Config dataclasses to command-line flags and back, with YAML defaults.
+
+A sub-command's settings are one dataclass; each field becomes a flag of the
+same name (`batch_size` -> `--batch-size`), its default and `metadata["help"]`
+written once. A YAML file given with `--config` supplies values that flags on
+the command line override.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` -> int; `bool` stays bool."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args and typing.get_origin(annotation) in (typing.Union, types.UnionType) else annotation
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of `cls`; fields without a default are required."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        options: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = Path if kind is Path else kind
+            if "choices" in f.metadata:
+                options["choices"] = f.metadata["choices"]
+            options["metavar"] = f.metadata.get("metavar", f.name.upper())
+        if has_default:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            options["help"] += f" (default: {default})"
+        parser.add_argument(flag, **options)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build `cls` from YAML (`args.config`, if any) overlaid with the flags given."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        with open(args.config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(loaded) - names
+        if unknown:
+            raise ValueError(f"{args.config}: unknown settings {sorted(unknown)}; known: {sorted(names)}")
+        values.update(loaded)
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ValueError("missing required settings: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return cls(**values)

@@ -1,0 +1,222 @@
+"""The data layer: every file the project reads is read here.
+
+A retrieval set is a corpus, queries and qrels, read from a BEIR-style folder
+(`corpus.*`, `queries.*`, `qrels/<split>.tsv`) whose tables may be JSON Lines,
+Parquet or saved Hugging Face datasets. Corpus and queries are held as Arrow
+tables; qrels as `{query_id: {passage_id: score}}`, the form pytrec_eval and
+BEIR use. All checks name file, line and field (see `errors`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import DataError, Problem, ProblemLog
+from .tables import (CORPUS_FIELDS, QRELS_FIELDS, QUERY_FIELDS, drop_duplicate_ids, drop_unknown_ids,
+                     read_table)
+
+__all__ = ["Corpus", "Queries", "RetrievalSet", "DataError", "Problem", "ProblemLog", "EMBEDDED_SETS",
+           "load_corpus", "load_queries", "load_retrieval_set", "resolve_data_dir", "format_passage"]
+
+logger = logging.getLogger(__name__)
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+# Data sets shipped inside the package, usable as `--data NAME`.
+EMBEDDED_SETS: dict[str, Path] = {"squad-mini": RESOURCES / "squad_mini"}
+TABLE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
+
+
+def format_passage(title: str | None, text: str) -> str:
+    """The string a passage is embedded as: BEIR's `title + " " + text`."""
+    return f"{title} {text}" if title else text
+
+
+@dataclass
+class Corpus:
+    """Passages as an Arrow table with columns id, text, title, doc_id, line."""
+
+    table: pa.Table
+    path: Path
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def ids(self) -> pa.ChunkedArray:
+        return self.table["id"]
+
+    def ids_at(self, rows: np.ndarray) -> list[str]:
+        return pc.take(self.table["id"], pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def iter_passages(self, include_title: bool = True, batch_rows: int = 65536) -> Iterator[list[str]]:
+        """Passage strings in corpus order, `batch_rows` at a time."""
+        columns = ["title", "text"] if include_title else ["text"]
+        for batch in self.table.select(columns).to_batches(max_chunksize=batch_rows):
+            texts = batch.column("text").to_pylist()
+            if include_title:
+                titles = batch.column("title").to_pylist()
+                texts = [format_passage(t, x) for t, x in zip(titles, texts)]
+            yield texts
+
+    def passage_lengths(self) -> np.ndarray:
+        """Characters per passage, for length-sorted encoding without decoding text."""
+        lengths = pc.utf8_length(self.table["text"]).to_numpy(zero_copy_only=False)
+        titles = pc.fill_null(pc.utf8_length(self.table["title"]), 0).to_numpy(zero_copy_only=False)
+        return lengths + titles
+
+    def fingerprint(self) -> str:
+        """sha256 of ids, titles and texts; independent of how the table is chunked."""
+        hashers = {}
+        for name in ("id", "title", "text"):
+            data, lengths = hashlib.sha256(), hashlib.sha256()
+            for chunk in self.table[name].chunks:
+                filled = pc.fill_null(chunk, "")
+                offsets = np.frombuffer(filled.buffers()[1], dtype=np.int32)[filled.offset:filled.offset + len(filled) + 1]
+                values = filled.buffers()[2]
+                if values is not None:
+                    data.update(memoryview(values)[offsets[0]:offsets[-1]])
+                lengths.update(np.diff(offsets).astype("<i8").tobytes())
+            hashers[name] = data.hexdigest() + lengths.hexdigest()
+        return hashlib.sha256("|".join(hashers[n] for n in sorted(hashers)).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Queries:
+    """Queries as an Arrow table with columns id, text, answers, positives, line."""
+
+    table: pa.Table
+    path: Path
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def select(self, query_ids: list[str]) -> Queries:
+        mask = pc.is_in(self.table["id"], value_set=pa.array(query_ids, pa.string()))
+        return Queries(self.table.filter(mask), self.path)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.table["id"].to_pylist()
+
+    @property
+    def texts(self) -> list[str]:
+        return self.table["text"].to_pylist()
+
+
+@dataclass
+class RetrievalSet:
+    """Corpus, queries and one split's qrels; `queries` holds only that split's queries."""
+
+    corpus: Corpus
+    queries: Queries
+    qrels: dict[str, dict[str, int]]
+    split: str
+    problems: ProblemLog = field(default_factory=ProblemLog)
+
+
+def resolve_data_dir(data: str | Path) -> Path:
+    """A folder path, or the name of an embedded set (see `EMBEDDED_SETS`)."""
+    path = Path(data)
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(f"{path}: --data must be a folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+        return path
+    if str(data) in EMBEDDED_SETS:
+        return EMBEDDED_SETS[str(data)]
+    raise DataError(f"{data}: no such folder (embedded sets: {', '.join(sorted(EMBEDDED_SETS))})")
+
+
+def _find_table(folder: Path, name: str) -> Path:
+    for suffix in TABLE_SUFFIXES:
+        if (folder / f"{name}{suffix}").is_file():
+            return folder / f"{name}{suffix}"
+    if (folder / name).is_dir():
+        return folder / name
+    raise DataError(f"{folder}: no {name}.jsonl, {name}.parquet or {name}/ (saved datasets folder) found")
+
+
+def _find_qrels(folder: Path, split: str) -> Path | None:
+    qrels_dir = folder / "qrels"
+    for suffix in (".tsv", ".txt", ".trec") + TABLE_SUFFIXES:
+        if (qrels_dir / f"{split}{suffix}").is_file():
+            return qrels_dir / f"{split}{suffix}"
+    return qrels_dir / split if (qrels_dir / split).is_dir() else None
+
+
+def _read_checked(path: Path, fields, log: ProblemLog) -> pa.Table:
+    try:
+        table = read_table(path, fields, log)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: cannot be read: {exc}") from exc
+    id_key = "_id" if path.suffix in {".jsonl", ".json", ".ndjson"} else "id"
+    return drop_duplicate_ids(table, path, "id", id_key, log)
+
+
+def load_corpus(path: Path, log: ProblemLog | None = None) -> Corpus:
+    """A corpus table from one file or datasets folder."""
+    log = log if log is not None else ProblemLog()
+    return Corpus(_read_checked(path, CORPUS_FIELDS, log), path)
+
+
+def load_queries(path: Path, log: ProblemLog | None = None) -> Queries:
+    """A queries table from one file or datasets folder."""
+    log = log if log is not None else ProblemLog()
+    return Queries(_read_checked(path, QUERY_FIELDS, log), path)
+
+
+def load_retrieval_set(data: str | Path, split: str = "test", skip_invalid: bool = False) -> RetrievalSet:
+    """Read and cross-check a BEIR-style folder for one split.
+
+    Qrels come from `qrels/<split>.*`; when that file is absent, from the
+    queries' own `positives` field. Qrels naming unknown queries or passages
+    are errors (or, with `skip_invalid`, are dropped and counted).
+    """
+    folder = resolve_data_dir(data)
+    log = ProblemLog(skip_invalid=skip_invalid)
+    corpus = load_corpus(_find_table(folder, "corpus"), log)
+    queries = load_queries(_find_table(folder, "queries"), log)
+    qrels_path = _find_qrels(folder, split)
+    if qrels_path is not None:
+        qrels = _load_qrels(qrels_path, queries, corpus, log)
+    else:
+        qrels = _qrels_from_positives(queries, corpus, log)
+        if not qrels:
+            available = sorted(p.stem for p in (folder / "qrels").glob("*")) if (folder / "qrels").is_dir() else []
+            raise DataError(f"{folder}: no qrels/{split}.tsv and no query has \"positives\""
+                            + (f" (splits here: {', '.join(available)})" if available else ""))
+    split_queries = queries.select(list(qrels))
+    logger.info("%s: %d passages, %d %s queries; %s", folder, len(corpus), len(split_queries), split, log.summary())
+    return RetrievalSet(corpus, split_queries, qrels, split, log)
+
+
+def _load_qrels(path: Path, queries: Queries, corpus: Corpus, log: ProblemLog) -> dict[str, dict[str, int]]:
+    table = read_table(path, QRELS_FIELDS, log)
+    table = drop_unknown_ids(table, path, "query-id", "query-id", queries.table["id"], queries.path.name, log)
+    table = drop_unknown_ids(table, path, "corpus-id", "corpus-id", corpus.table["id"], corpus.path.name, log)
+    qrels: dict[str, dict[str, int]] = {}
+    for qid, pid, score in zip(*(table[c].to_pylist() for c in ("query-id", "corpus-id", "score"))):
+        qrels.setdefault(qid, {})[pid] = score
+    return {qid: docs for qid, docs in qrels.items() if any(s > 0 for s in docs.values())}
+
+
+def _qrels_from_positives(queries: Queries, corpus: Corpus, log: ProblemLog) -> dict[str, dict[str, int]]:
+    known = set(corpus.table["id"].to_pylist())
+    qrels: dict[str, dict[str, int]] = {}
+    for qid, positives, line in zip(*(queries.table[c].to_pylist() for c in ("id", "positives", "line"))):
+        unknown = [p for p in positives if p not in known]
+        if unknown:
+            log.report(Problem(str(queries.path), line, "positives",
+                               f"unknown id {unknown[0]!r} (not in {corpus.path.name})", "unknown id"))
+            continue
+        if positives:
+            qrels[qid] = {p: 1 for p in positives}
+    return qrels

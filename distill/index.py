@@ -1,0 +1,187 @@
+"""Nearest-neighbour search over passage embeddings with faiss.
+
+`build_index` makes an inner-product index (exact `flat`, or `ivf` / `hnsw`
+for large corpora), on the GPU when faiss has GPUs; `search` queries it in
+chunks so memory stays bounded by the chunk, never a full query x corpus
+matrix. `EmbeddingCache` keeps corpus embeddings on disk, keyed by (model
+weights, encoder settings, corpus content), memory-mapped, and filled chunk by
+chunk so a killed encoding resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+ADD_CHUNK_ROWS = 65536
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a base dependency
+        raise ImportError("faiss is missing: pip install faiss-cpu (or the [gpu] extra for faiss-gpu)") from exc
+    return faiss
+
+
+def faiss_gpu_count() -> int:
+    faiss = _faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+@dataclass
+class IndexConfig:
+    """Which faiss index to build. Scores are inner products (cosine on normalised vectors)."""
+
+    kind: str = "flat"          # flat | ivf | hnsw
+    nlist: int | None = None    # ivf cells; default 4·sqrt(n)
+    nprobe: int = 32            # ivf cells visited per query
+    hnsw_m: int = 32            # hnsw links per node
+    ef_search: int = 128        # hnsw search breadth
+    gpu: str = "auto"           # auto | yes | no
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_FACTORIES:
+            raise ValueError(f"index kind {self.kind!r} is not known; choose one of {sorted(INDEX_FACTORIES)}")
+        if self.gpu not in ("auto", "yes", "no"):
+            raise ValueError(f"gpu must be auto, yes or no, got {self.gpu!r}")
+
+
+def _flat(dim: int, n: int, cfg: IndexConfig):
+    faiss = _faiss()
+    return faiss.IndexFlatIP(dim)
+
+
+def _ivf(dim: int, n: int, cfg: IndexConfig):
+    faiss = _faiss()
+    nlist = cfg.nlist or max(1, int(4 * math.sqrt(n)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = min(cfg.nprobe, nlist)
+    return index
+
+
+def _hnsw(dim: int, n: int, cfg: IndexConfig):
+    faiss = _faiss()
+    index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = cfg.ef_search
+    return index
+
+
+INDEX_FACTORIES: dict[str, Callable] = {"flat": _flat, "ivf": _ivf, "hnsw": _hnsw}
+
+
+def build_index(embeddings: np.ndarray, cfg: IndexConfig | None = None, rng: np.random.Generator | None = None):
+    """An index over `embeddings` [n, dim] (a memory-mapped array is read in chunks)."""
+    faiss = _faiss()
+    cfg = cfg or IndexConfig()
+    n, dim = embeddings.shape
+    index = INDEX_FACTORIES[cfg.kind](dim, n, cfg)
+    gpus = faiss_gpu_count()
+    if cfg.gpu == "yes" and gpus == 0:
+        raise RuntimeError("--index-gpu yes, but faiss sees no GPU (install the [gpu] extra: faiss-gpu)")
+    if gpus and cfg.gpu != "no" and cfg.kind != "hnsw":  # faiss has no GPU HNSW
+        logger.info("faiss index on %d GPU(s)", gpus)
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        rng = rng or np.random.default_rng(0)
+        sample = np.sort(rng.choice(n, size=min(n, 256 * getattr(index, "nlist", 1)), replace=False))
+        index.train(np.ascontiguousarray(embeddings[sample], dtype=np.float32))
+    for start in range(0, n, ADD_CHUNK_ROWS):
+        index.add(np.ascontiguousarray(embeddings[start:start + ADD_CHUNK_ROWS], dtype=np.float32))
+    return index
+
+
+def search(index, queries: np.ndarray, k: int, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products and row numbers: ([nq, k] float32, [nq, k] int64); -1 pads short lists."""
+    k = min(k, index.ntotal)
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    rows = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk_rows):
+        chunk = np.ascontiguousarray(queries[start:start + chunk_rows], dtype=np.float32)
+        scores[start:start + len(chunk)], rows[start:start + len(chunk)] = index.search(chunk, k)
+    return scores, rows
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("DISTILL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "distill")
+    return Path(root) / "embeddings"
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class EmbeddingCache:
+    """Corpus embeddings on disk: `<root>/<key>/embeddings.npy`, memory-mapped.
+
+    The key hashes the encoder's weights and settings, the corpus content and
+    how passages are formatted, so any change gives a new entry. Encoding runs
+    in chunks of `chunk_rows` passages; after each chunk the rows are flushed
+    and `progress.json` records how many are done, so a killed run resumes.
+    """
+
+    root: Path
+    chunk_rows: int = 16384
+
+    def key(self, encoder, corpus, include_title: bool, dtype: str) -> str:
+        parts = {"weights": encoder.weights_fingerprint(), "encoder": asdict(encoder.config),
+                 "corpus": corpus.fingerprint(), "include_title": include_title, "dtype": dtype}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+    def corpus_embeddings(self, encoder, corpus, *, include_title: bool = True, batch_size: int = 64,
+                          dtype: str = "float32", show_progress: bool = False) -> np.ndarray:
+        folder = Path(self.root) / self.key(encoder, corpus, include_title, dtype)
+        folder.mkdir(parents=True, exist_ok=True)
+        array_path, progress_path = folder / "embeddings.npy", folder / "progress.json"
+        n, dim = len(corpus), encoder.dimension
+        progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"rows_done": 0}
+        if progress["rows_done"] == 0 or not array_path.exists():
+            progress = {"rows_done": 0}
+            np.lib.format.open_memmap(array_path, mode="w+", dtype=np.dtype(dtype), shape=(n, dim)).flush()
+        done = progress["rows_done"]
+        if done < n:
+            logger.info("encoding %d passages into %s (%d cached)", n - done, folder, done)
+            out = np.load(array_path, mmap_mode="r+")
+            with tqdm(total=n, initial=done, desc="encode corpus", unit="passage", disable=not show_progress,
+                      dynamic_ncols=True) as bar:
+                row = 0
+                for texts in corpus.iter_passages(include_title=include_title, batch_rows=self.chunk_rows):
+                    if row + len(texts) > done:
+                        skip = max(0, done - row)
+                        out[row + skip:row + len(texts)] = encoder.encode(
+                            texts[skip:], kind="passage", batch_size=batch_size, output_dtype=np.dtype(dtype))
+                        out.flush()
+                        _write_json_atomic(progress_path, {"rows_done": row + len(texts)})
+                        bar.update(len(texts) - skip)
+                    row += len(texts)
+            del out
+        else:
+            logger.info("corpus embeddings from cache %s", folder)
+        return np.load(array_path, mmap_mode="r")
+
+
+def corpus_embeddings(encoder, corpus, *, cache_dir: Path | None, include_title: bool = True,
+                      batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+    """Corpus embeddings, from (and into) the cache when `cache_dir` is given."""
+    if cache_dir is None:
+        texts = [t for batch in corpus.iter_passages(include_title=include_title) for t in batch]
+        return encoder.encode(texts, kind="passage", batch_size=batch_size, show_progress=show_progress)
+    return EmbeddingCache(Path(cache_dir)).corpus_embeddings(
+        encoder, corpus, include_title=include_title, batch_size=batch_size, show_progress=show_progress)
