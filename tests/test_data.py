@@ -1,0 +1,182 @@
+"""The data layer: every supported form reads to the same tables; every kind of
+bad input stops `distill eval` with status 2 and one line naming file, line and
+field; --skip-invalid skips and counts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from distill.data import DataError, load_retrieval_set
+from distill.data.tables import CHUNK_ROWS
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def test_embedded_set_matches_its_files():
+    rset = load_retrieval_set("squad-mini", "test")
+    corpus_lines = (SQUAD_MINI / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    qrels_lines = (SQUAD_MINI / "qrels" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(rset.corpus) == len(corpus_lines)
+    assert set(rset.qrels) == {line.split("\t")[0] for line in qrels_lines}
+    assert set(rset.queries.ids) == set(rset.qrels)
+    first = json.loads(corpus_lines[0])
+    row = rset.corpus.table.slice(0, 1).to_pylist()[0]
+    assert (row["id"], row["text"], row["title"], row["doc_id"]) == (first["_id"], first["text"], first["title"], first["doc_id"])
+
+
+def _as_parquet(folder: Path) -> None:
+    import pyarrow.parquet as pq
+
+    for name in ("corpus", "queries"):
+        pq.write_table(pa.Table.from_pylist(read_jsonl(folder / f"{name}.jsonl")), folder / f"{name}.parquet")
+        (folder / f"{name}.jsonl").unlink()
+
+
+def _as_hf_dataset(folder: Path) -> None:
+    import datasets
+
+    for name in ("corpus", "queries"):
+        datasets.Dataset.from_list(read_jsonl(folder / f"{name}.jsonl")).save_to_disk(str(folder / name))
+        (folder / f"{name}.jsonl").unlink()
+
+
+@pytest.mark.parametrize("convert", [_as_parquet, _as_hf_dataset])
+def test_parquet_and_datasets_read_like_jsonl(small_beir, convert):
+    reference = load_retrieval_set(small_beir, "test")
+    convert(small_beir)
+    converted = load_retrieval_set(small_beir, "test")
+    columns = ["id", "text", "title", "doc_id"]
+    assert converted.corpus.table.select(columns).to_pylist() == reference.corpus.table.select(columns).to_pylist()
+    assert converted.queries.table.select(["id", "text", "answers"]).to_pylist() == \
+        reference.queries.table.select(["id", "text", "answers"]).to_pylist()
+    assert converted.qrels == reference.qrels
+    assert converted.corpus.fingerprint() == reference.corpus.fingerprint()
+
+
+def test_queries_positives_stand_in_for_missing_qrels(small_beir):
+    reference = load_retrieval_set(small_beir, "test")
+    queries = read_jsonl(small_beir / "queries.jsonl")
+    for q in queries:
+        q["positives"] = sorted(reference.qrels[q["_id"]])
+    write_jsonl(small_beir / "queries.jsonl", queries)
+    (small_beir / "qrels" / "test.tsv").unlink()
+    assert load_retrieval_set(small_beir, "test").qrels == reference.qrels
+
+
+def test_trec_qrels_without_header(small_beir):
+    reference = load_retrieval_set(small_beir, "test")
+    lines = (small_beir / "qrels" / "test.tsv").read_text().splitlines()[1:]
+    (small_beir / "qrels" / "test.tsv").write_text("".join(f"{q} 0 {p} {s}\n" for q, p, s in (l.split("\t") for l in lines)))
+    assert load_retrieval_set(small_beir, "test").qrels == reference.qrels
+
+
+def test_fingerprint_ignores_chunking_and_sees_one_changed_character(small_beir):
+    rset = load_retrieval_set(small_beir, "test")
+    table = rset.corpus.table
+    rechunked = pa.Table.from_batches(table.to_batches(max_chunksize=7))
+    assert type(rset.corpus)(rechunked, rset.corpus.path).fingerprint() == rset.corpus.fingerprint()
+    corpus = read_jsonl(small_beir / "corpus.jsonl")
+    corpus[5]["text"] = corpus[5]["text"][:-1] + "?"
+    write_jsonl(small_beir / "corpus.jsonl", corpus)
+    assert load_retrieval_set(small_beir, "test").corpus.fingerprint() != rset.corpus.fingerprint()
+
+
+def test_large_corpus_is_built_in_bounded_chunks(tmp_path):
+    n = CHUNK_ROWS * 2 + 5
+    path = tmp_path / "corpus.jsonl"
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(f'{{"_id": "p{i}", "text": "passage {i}"}}\n')
+    from distill.data import load_corpus
+
+    corpus = load_corpus(path)
+    assert len(corpus) == n
+    assert max(len(chunk) for chunk in corpus.table["id"].chunks) <= CHUNK_ROWS
+    assert corpus.ids_at([n - 1])[0] == f"p{n - 1}"
+
+
+# Each case: (file to break, how, expected "file:line", expected field or None).
+def _malformed(lines): lines[2] = lines[2][:-5]
+def _missing_text(lines): rec = json.loads(lines[2]); del rec["text"]; lines[2] = json.dumps(rec)
+def _empty_text(lines): rec = json.loads(lines[2]); rec["text"] = "  "; lines[2] = json.dumps(rec)
+def _empty_id(lines): rec = json.loads(lines[2]); rec["_id"] = ""; lines[2] = json.dumps(rec)
+def _duplicate_id(lines): rec = json.loads(lines[2]); rec["_id"] = json.loads(lines[0])["_id"]; lines[2] = json.dumps(rec)
+def _unknown_passage(lines): lines[3] = "\t".join(lines[3].split("\t")[:1] + ["no-such-passage", "1"])
+def _unknown_query(lines): lines[3] = "\t".join(["no-such-query"] + lines[3].split("\t")[1:])
+
+
+BAD_CASES = {
+    "malformed JSON": ("corpus.jsonl", _malformed, "corpus.jsonl:3", None),
+    "missing field": ("corpus.jsonl", _missing_text, "corpus.jsonl:3", '"text"'),
+    "empty text": ("queries.jsonl", _empty_text, "queries.jsonl:3", '"text"'),
+    "empty id": ("corpus.jsonl", _empty_id, "corpus.jsonl:3", '"_id"'),
+    "duplicate id": ("corpus.jsonl", _duplicate_id, "corpus.jsonl:3", '"_id"'),
+    "unknown passage in qrels": ("qrels/test.tsv", _unknown_passage, "test.tsv:4", '"corpus-id"'),
+    "unknown query in qrels": ("qrels/test.tsv", _unknown_query, "test.tsv:4", '"query-id"'),
+}
+
+
+def _break(folder: Path, name: str, how) -> None:
+    path = folder / name
+    lines = path.read_text(encoding="utf-8").splitlines()
+    how(lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_is_reported_in_one_line(small_beir, case):
+    name, how, where, field = BAD_CASES[case]
+    _break(small_beir, name, how)
+    with pytest.raises(DataError) as raised:
+        load_retrieval_set(small_beir, "test")
+    message = str(raised.value)
+    assert where in message and "\n" not in message
+    if field:
+        assert f"field {field}" in message
+
+
+def test_non_utf8_names_file_and_line(small_beir):
+    path = small_beir / "corpus.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[4] = lines[4].replace(b"the", b"th\xe9", 1)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(DataError, match=r"corpus\.jsonl:5: not valid UTF-8"):
+        load_retrieval_set(small_beir, "test")
+
+
+def test_cli_exits_2_with_one_line_and_no_traceback(small_beir, tiny_bert_dir):
+    _break(small_beir, "corpus.jsonl", _empty_text)
+    result = run_cli("eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--no-cache")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert lines == [f"error: {small_beir / 'corpus.jsonl'}:3: field \"text\": is empty"]
+
+
+def test_skip_invalid_counts_and_still_runs(small_beir, tiny_bert_dir, tmp_path):
+    corpus = small_beir / "corpus.jsonl"
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    # Three bad corpus records that no qrel points to: malformed, empty text, duplicate id.
+    lines += ['{"_id": "bad1", "text": ', '{"_id": "bad2", "text": ""}', lines[0]]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "m.json"
+    strict = run_cli("eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--no-cache")
+    assert strict.returncode == 2
+    result = run_cli("eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--no-cache",
+                     "--skip-invalid", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "skipped 3 invalid records" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["skipped_records"] == 3
+    assert report["num_passages"] == len(lines) - 3
