@@ -112,6 +112,29 @@ def search(index, queries: np.ndarray, k: int, chunk_rows: int = 4096) -> tuple[
     return scores, rows
 
 
+def encode_corpus_into(out: np.ndarray, encoder, corpus, *, rows_done: int = 0, chunk_rows: int = 16384,
+                       include_title: bool = True, batch_size: int = 64, show_progress: bool = False,
+                       after_chunk: Callable[[int], None] | None = None) -> None:
+    """Fill `out[rows_done:]` with passage embeddings, `chunk_rows` passages at a time.
+
+    Only one chunk of passage strings exists at once; `after_chunk(rows_done)`
+    runs after each chunk (the cache flushes and records progress there).
+    """
+    with tqdm(total=len(corpus), initial=rows_done, desc="encode corpus", unit="passage",
+              disable=not show_progress, dynamic_ncols=True) as bar:
+        row = 0
+        for texts in corpus.iter_passages(include_title=include_title, batch_rows=chunk_rows):
+            end = row + len(texts)
+            if end > rows_done:
+                skip = max(0, rows_done - row)
+                out[row + skip:end] = encoder.encode(texts[skip:], kind="passage", batch_size=batch_size,
+                                                     output_dtype=out.dtype)
+                if after_chunk is not None:
+                    after_chunk(end)
+                bar.update(len(texts) - skip)
+            row = end
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("DISTILL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "distill")
@@ -159,18 +182,14 @@ class EmbeddingCache:
         if done < n:
             logger.info("encoding %d passages into %s (%d cached)", n - done, folder, done)
             out = np.load(array_path, mmap_mode="r+")
-            with tqdm(total=n, initial=done, desc="encode corpus", unit="passage", disable=not show_progress,
-                      dynamic_ncols=True) as bar:
-                row = 0
-                for texts in corpus.iter_passages(include_title=include_title, batch_rows=self.chunk_rows):
-                    if row + len(texts) > done:
-                        skip = max(0, done - row)
-                        out[row + skip:row + len(texts)] = encoder.encode(
-                            texts[skip:], kind="passage", batch_size=batch_size, output_dtype=np.dtype(dtype))
-                        out.flush()
-                        _write_json_atomic(progress_path, {"rows_done": row + len(texts)})
-                        bar.update(len(texts) - skip)
-                    row += len(texts)
+
+            def checkpoint(rows_done: int) -> None:
+                out.flush()
+                _write_json_atomic(progress_path, {"rows_done": rows_done})
+
+            encode_corpus_into(out, encoder, corpus, rows_done=done, chunk_rows=self.chunk_rows,
+                               include_title=include_title, batch_size=batch_size, show_progress=show_progress,
+                               after_chunk=checkpoint)
             del out
         else:
             logger.info("corpus embeddings from cache %s", folder)
@@ -181,7 +200,9 @@ def corpus_embeddings(encoder, corpus, *, cache_dir: Path | None, include_title:
                       batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
     """Corpus embeddings, from (and into) the cache when `cache_dir` is given."""
     if cache_dir is None:
-        texts = [t for batch in corpus.iter_passages(include_title=include_title) for t in batch]
-        return encoder.encode(texts, kind="passage", batch_size=batch_size, show_progress=show_progress)
+        out = np.empty((len(corpus), encoder.dimension), dtype=np.float32)
+        encode_corpus_into(out, encoder, corpus, include_title=include_title, batch_size=batch_size,
+                           show_progress=show_progress)
+        return out
     return EmbeddingCache(Path(cache_dir)).corpus_embeddings(
         encoder, corpus, include_title=include_title, batch_size=batch_size, show_progress=show_progress)
