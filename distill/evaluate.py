@@ -76,6 +76,12 @@ def evaluate(encoder: BiEncoder, rset: RetrievalSet, **retrieve_options) -> dict
     return mean_metrics(rankings_from_hits(hits), rset.qrels, DEFAULT_CUTOFFS)
 
 
+def model_label(model: str) -> str:
+    """A short name for tables: the last two parts of a path, or the hub name."""
+    parts = Path(model).parts
+    return "/".join(parts[-2:]) if parts else model
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """Rows of metrics (fractions) as a fixed-width table of percentages."""
     names = [f"{m}@{k}" for m, k in DEFAULT_CUTOFFS]
@@ -104,7 +110,7 @@ def run(cfg: EvalConfig) -> int:
                        show_progress=cfg.show_progress)
     seconds = time.perf_counter() - started
     print(f"{len(rset.queries)} {cfg.split} queries, {len(rset.corpus)} passages, {seconds:.1f} s")
-    print(format_table({Path(cfg.model).name or cfg.model: metrics}))
+    print(format_table({model_label(cfg.model): metrics}))
     if cfg.output:
         report = {**metrics, "num_queries": len(rset.queries), "num_passages": len(rset.corpus),
                   "skipped_records": rset.problems.total, "seconds": round(seconds, 3),

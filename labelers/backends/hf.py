@@ -1,0 +1,111 @@
+"""Hugging Face transformers backend: batched teacher forcing.
+
+Pairs are sorted by total length and packed into batches under a token budget
+(rows x longest row), right-padded, and run under `torch.inference_mode`.
+Only the hidden states at continuation positions go through the LM head, so
+the vocabulary-sized logits exist for the scored tokens alone. With right
+padding every real token keeps its position and its attention span, so a
+batched score equals the one-at-a-time score up to float noise.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .base import Score, check_pairs
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on GPUs that have it, else fp32 (fp16 on CPU is slow and lossy)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def length_buckets(lengths: Sequence[int], token_budget: int, max_rows: int) -> list[np.ndarray]:
+    """Indices grouped into batches: longest first, each batch's rows x longest <= token_budget.
+
+    A single sequence longer than the budget gets a batch of its own.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, current, width = [], [], 0
+    for i in order:
+        new_width = max(width, lengths[i])
+        if current and (new_width * (len(current) + 1) > token_budget or len(current) >= max_rows):
+            batches.append(np.array(current))
+            current, new_width = [], lengths[i]
+        current.append(int(i))
+        width = new_width
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+@dataclass
+class HFBackendConfig:
+    model: str
+    device: str | None = None          # default: cuda if available, else cpu
+    dtype: str | None = None           # float32 | bfloat16 | float16; default by device
+    token_budget: int = 8192           # padded tokens per forward pass
+    max_batch_rows: int = 64
+    trust_remote_code: bool = False
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, cfg: HFBackendConfig, model=None):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = cfg.dtype or default_dtype(self.device)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not known; choose one of {sorted(DTYPES)}")
+        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
+            cfg.model, dtype=DTYPES[dtype], trust_remote_code=cfg.trust_remote_code)
+        self.model.to(self.device).eval()
+        self.pad_id = 0
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Score]:
+        check_pairs(prompts, continuations)
+        lengths = [len(p) + len(c) for p, c in zip(prompts, continuations)]
+        results: list[Score | None] = [None] * len(prompts)
+        body, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        for batch in length_buckets(lengths, self.cfg.token_budget, self.cfg.max_batch_rows):
+            width = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            rows, cols, targets = [], [], []
+            for r, i in enumerate(batch):
+                sequence = list(prompts[i]) + list(continuations[i])
+                ids[r, :len(sequence)] = torch.tensor(sequence)
+                mask[r, :len(sequence)] = 1
+                # the token at position t is predicted from the hidden state at t-1
+                positions = range(len(prompts[i]), len(sequence))
+                rows += [r] * len(positions)
+                cols += [t - 1 for t in positions]
+                targets += sequence[len(prompts[i]):]
+            hidden = body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+            logits = head(picked).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            token_logprobs = torch.log_softmax(logits, dim=-1).gather(
+                1, torch.tensor(targets, device=self.device).unsqueeze(1)).squeeze(1).cpu().numpy()
+            start = 0
+            for r, i in enumerate(batch):
+                n = len(continuations[i])
+                results[i] = Score(float(token_logprobs[start:start + n].astype(np.float64).sum()), n)
+                start += n
+        return results  # type: ignore[return-value]

@@ -1,0 +1,74 @@
+"""Prompt templates: plain-text files in `prompts/`, or the user's own file.
+
+A template file starts with comment lines (`# ...`) that document it and
+setting lines (`## key: value`):
+
+- `chat`: true to wrap the filled prompt in the tokenizer's chat template as
+  the user turn (the continuation is then the assistant's reply);
+- `continuation`: `answer` (answer-likelihood reward) or `question` (query
+  likelihood, UPR);
+- `separator`: JSON string put between prompt and continuation, e.g. `" "`.
+
+The rest is the body, with `{passage}` and, for answer templates, `{question}`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+SETTINGS = {"chat", "continuation", "separator"}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    body: str
+    chat: bool
+    continuation: str  # "answer" | "question"
+    separator: str
+
+    def fill(self, passage: str, question: str) -> str:
+        # replace, not str.format: passages may hold braces
+        return self.body.replace("{passage}", passage).replace("{question}", question)
+
+
+def packaged_templates() -> dict[str, Path]:
+    folder = resources.files("prompts")
+    return {p.name.removesuffix(".txt"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".txt")}
+
+
+def parse_template(text: str, name: str) -> PromptTemplate:
+    settings: dict[str, str] = {}
+    body_lines: list[str] = []
+    for line in text.splitlines():
+        if not body_lines and line.startswith("##"):
+            key, _, value = line[2:].partition(":")
+            if key.strip() not in SETTINGS:
+                raise ValueError(f"{name}: unknown setting {key.strip()!r}; known: {sorted(SETTINGS)}")
+            settings[key.strip()] = value.strip()
+        elif not body_lines and line.startswith("#"):
+            continue
+        else:
+            body_lines.append(line)
+    body = "\n".join(body_lines).strip("\n")
+    continuation = settings.get("continuation", "answer")
+    if continuation not in ("answer", "question"):
+        raise ValueError(f"{name}: continuation must be answer or question, got {continuation!r}")
+    if "{passage}" not in body or (continuation == "answer" and "{question}" not in body):
+        raise ValueError(f"{name}: the body must contain {{passage}}" + (" and {question}" if continuation == "answer" else ""))
+    return PromptTemplate(name=name, body=body, chat=settings.get("chat", "false").lower() == "true",
+                          continuation=continuation, separator=json.loads(settings.get("separator", '""')))
+
+
+def load_template(name_or_path: str) -> PromptTemplate:
+    """A packaged template by name (e.g. `reward_en_chat`) or a file path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return parse_template(path.read_text(encoding="utf-8"), str(path))
+    available = packaged_templates()
+    if name_or_path not in available:
+        raise ValueError(f"prompt template {name_or_path!r} is neither a file nor a packaged template "
+                         f"({', '.join(sorted(available))})")
+    return parse_template(available[name_or_path].read_text(encoding="utf-8"), name_or_path)

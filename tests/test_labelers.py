@@ -1,0 +1,128 @@
+"""The teacher side: prompt templates, token boundaries, and the hf backend's
+batched scores against a plain one-sequence-at-a-time forward pass."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from labelers.backends.hf import HFBackend, HFBackendConfig, length_buckets
+from labelers.prompts import load_template, packaged_templates, parse_template
+from labelers.reward import RewardInputs, score_candidates
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer Llama with a byte-level BPE tokenizer trained here: BOS added, no EOS, a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from conftest import SQUAD_MINI, read_jsonl
+
+    texts = [r["text"] for r in read_jsonl(SQUAD_MINI / "corpus.jsonl") + read_jsonl(SQUAD_MINI / "queries.jsonl")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<s>", "<pad>", "<|end|>", "<|user|>", "<|assistant|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="<|end|>",
+                                        model_max_length=1024)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def reference_logprob_sum(model, prompt: list[int], continuation: list[int]) -> float:
+    """Σ log p(c_i | prompt, c_<i) from one unpadded forward pass over the full vocabulary."""
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    return sum(float(logprobs[len(prompt) + i - 1, tok]) for i, tok in enumerate(continuation))
+
+
+def test_batched_scores_equal_one_at_a_time(tiny_llama_dir):
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32", token_budget=200))
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 1000, (int(n),), generator=generator).tolist() for n in torch.randint(3, 60, (23,), generator=generator)]
+    continuations = [torch.randint(5, 1000, (int(n),), generator=generator).tolist() for n in torch.randint(1, 9, (23,), generator=generator)]
+    scores = backend.score(prompts, continuations)
+    for s, p, c in zip(scores, prompts, continuations):
+        assert s.n_tokens == len(c)
+        assert s.logprob_sum == pytest.approx(reference_logprob_sum(backend.model, p, c), abs=1e-3)
+
+
+def test_length_buckets_respect_the_budget_and_cover_everything():
+    lengths = [5, 100, 7, 300, 40, 41, 2, 99]
+    batches = length_buckets(lengths, token_budget=200, max_rows=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 200
+
+
+def test_packaged_templates_parse_and_unknown_name_lists_them():
+    names = packaged_templates()
+    for required in ("reward_en", "reward_en_chat", "reward_zh", "reward_zh_chat", "query_likelihood_en"):
+        assert required in names
+        load_template(required)
+    with pytest.raises(ValueError, match="reward_en_chat"):
+        load_template("no_such_template")
+    with pytest.raises(ValueError, match="must contain"):
+        parse_template("## continuation: answer\nno fields here", "bad")
+
+
+def test_answer_tokens_follow_the_prompt_tokens(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    inputs = RewardInputs(tokenizer, load_template("reward_en"), max_passage_tokens=16)
+    passage = " ".join(["the steam engine was improved by james watt"] * 10)
+    prompt, answer = inputs.build("who improved the steam engine?", passage, "James Watt")
+    full = tokenizer(inputs.prompt_text("who improved the steam engine?", passage) + " James Watt")["input_ids"]
+    assert prompt + answer == full
+    assert tokenizer.decode(answer) == " James Watt"
+    # the passage was cut to 16 tokens; the question survived whole
+    assert "who improved the steam engine?" in tokenizer.decode(prompt)
+    assert len(tokenizer(inputs.truncate_passage(passage), add_special_tokens=False)["input_ids"]) == 16
+    assert tokenizer.decode(prompt).count("<s>") == 1  # BOS once
+
+
+def test_chat_template_prompt_has_one_bos_and_ends_at_the_assistant_turn(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    inputs = RewardInputs(tokenizer, load_template("reward_en_chat"))
+    prompt, answer = inputs.build("who improved the steam engine?", "James Watt improved it.", "James Watt")
+    text = tokenizer.decode(prompt)
+    assert text.count("<s>") == 1 and text.endswith("<|assistant|>\n")
+    assert tokenizer.decode(answer) == "James Watt"
+
+
+def test_best_of_several_answers_is_kept(tiny_llama_dir):
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32"))
+    from transformers import AutoTokenizer
+
+    inputs = RewardInputs(AutoTokenizer.from_pretrained(tiny_llama_dir), load_template("reward_en"))
+    answers = ["james watt", "watt", "the scottish inventor james watt"]
+    best = score_candidates(backend, inputs, "who?", answers, ["a passage about steam", "another one"])
+    for (score, which), passage in zip(best, ["a passage about steam", "another one"]):
+        each = []
+        for a in answers:
+            prompt, continuation = inputs.build("who?", passage, a)
+            each.append(backend.score([prompt], [continuation])[0])
+        assert which == max(range(3), key=lambda k: each[k].logprob_mean)
+        assert math.isclose(score.logprob_sum, each[which].logprob_sum, abs_tol=1e-4)
