@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from distill.data import load_retrieval_set  # noqa: E402
+from distill.evaluate import model_label  # noqa: E402
 from distill.model import BiEncoder  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main() -> None:
         timings["sentence-transformers"].append(len(texts) / (time.perf_counter() - t))
     cosine = float((a * b).sum(1).min())
     rates = {k: statistics.median(v) for k, v in timings.items()}
-    print(f"model {os.path.basename(args.model.rstrip('/'))}, {len(texts)} passages of {args.data}, "
+    print(f"model {model_label(args.model)}, {len(texts)} passages of {args.data}, "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     print(f"{'encoder':24}{'passages/s':>12}{'ratio':>8}")
     for name, rate in rates.items():
