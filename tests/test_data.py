@@ -135,15 +135,20 @@ def _break(folder: Path, name: str, how) -> None:
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
-def test_bad_input_is_reported_in_one_line(small_beir, case):
+def test_bad_input_exits_2_with_one_line_naming_file_line_and_field(small_beir, case, capsys):
+    from distill.cli import main
+
     name, how, where, field = BAD_CASES[case]
     _break(small_beir, name, how)
     with pytest.raises(DataError) as raised:
         load_retrieval_set(small_beir, "test")
-    message = str(raised.value)
-    assert where in message and "\n" not in message
+    assert where in str(raised.value)
+    # the same through the CLI: exit status 2, one line on stderr
+    assert main(["eval", "--model", "unused", "--data", str(small_beir), "--no-cache"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and where in lines[0]
     if field:
-        assert f"field {field}" in message
+        assert f"field {field}" in lines[0]
 
 
 def test_non_utf8_names_file_and_line(small_beir):
@@ -151,7 +156,7 @@ def test_non_utf8_names_file_and_line(small_beir):
     lines = path.read_bytes().splitlines(keepends=True)
     lines[4] = lines[4].replace(b"the", b"th\xe9", 1)
     path.write_bytes(b"".join(lines))
-    with pytest.raises(DataError, match=r"corpus\.jsonl:5: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"corpus\.jsonl:5: not valid UTF-8 \(byte 0xe9"):
         load_retrieval_set(small_beir, "test")
 
 
