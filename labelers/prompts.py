@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 SETTINGS = {"chat", "continuation", "separator"}
@@ -35,8 +34,10 @@ class PromptTemplate:
 
 
 def packaged_templates() -> dict[str, Path]:
-    folder = resources.files("prompts")
-    return {p.name.removesuffix(".txt"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".txt")}
+    import prompts  # the data package installed beside labelers
+
+    folder = Path(prompts.__file__).parent
+    return {p.stem: p for p in sorted(folder.glob("*.txt"))}
 
 
 def parse_template(text: str, name: str) -> PromptTemplate:

@@ -1,0 +1,1 @@
+"""Prompt template files (plain text); see README.md here and `labelers.prompts`."""
