@@ -17,30 +17,37 @@ Record = tuple[int, "dict | Problem"]
 TABULAR_BATCH_ROWS = 8192
 
 
-def iter_jsonl(path: Path) -> Iterator[Record]:
-    """Lines of a JSON Lines file; blank lines are ignored."""
+def _decoded_lines(path: Path) -> Iterator[tuple[int, "str | Problem"]]:
+    """Each line as text, or a Problem naming the first byte that is not UTF-8."""
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                yield line_no, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 yield line_no, Problem(str(path), line_no, None,
                                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
                                        "not UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield line_no, Problem(str(path), line_no, None,
-                                       f"malformed JSON: {exc.msg} (column {exc.colno})", "malformed JSON")
-                continue
-            if not isinstance(record, dict):
-                yield line_no, Problem(str(path), line_no, None,
-                                       f"expected a JSON object, got {type(record).__name__}", "not an object")
-                continue
-            yield line_no, record
+
+
+def iter_jsonl(path: Path) -> Iterator[Record]:
+    """Lines of a JSON Lines file; blank lines are ignored."""
+    for line_no, line in _decoded_lines(path):
+        if isinstance(line, Problem):
+            yield line_no, line
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield line_no, Problem(str(path), line_no, None,
+                                   f"malformed JSON: {exc.msg} (column {exc.colno})", "malformed JSON")
+            continue
+        if not isinstance(record, dict):
+            yield line_no, Problem(str(path), line_no, None,
+                                   f"expected a JSON object, got {type(record).__name__}", "not an object")
+            continue
+        yield line_no, record
 
 
 def iter_parquet(path: Path) -> Iterator[Record]:
@@ -72,28 +79,24 @@ def iter_hf_dataset(path: Path) -> Iterator[Record]:
 def iter_qrels_tsv(path: Path) -> Iterator[Record]:
     """Lines of a qrels file: `query-id corpus-id score` (BEIR, header optional)
     or TREC's `query-id 0 corpus-id score`."""
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                yield line_no, Problem(str(path), line_no, None,
-                                       f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
-                                       "not UTF-8")
-                continue
-            if not line:
-                continue
-            cells = line.split("\t") if "\t" in line else line.split()
-            if line_no == 1 and cells[0].lower() in {"query-id", "query_id", "qid"}:
-                continue  # header
-            if len(cells) == 4:  # TREC qrels: qid iteration docid relevance
-                cells = [cells[0], cells[2], cells[3]]
-            if len(cells) != 3:
-                yield line_no, Problem(str(path), line_no, None,
-                                       f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cells)}",
-                                       "wrong column count")
-                continue
-            yield line_no, {"query-id": cells[0], "corpus-id": cells[1], "score": cells[2]}
+    for line_no, line in _decoded_lines(path):
+        if isinstance(line, Problem):
+            yield line_no, line
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        cells = line.split("\t") if "\t" in line else line.split()
+        if line_no == 1 and cells[0].lower() in {"query-id", "query_id", "qid"}:
+            continue  # header
+        if len(cells) == 4:  # TREC qrels: qid iteration docid relevance
+            cells = [cells[0], cells[2], cells[3]]
+        if len(cells) != 3:
+            yield line_no, Problem(str(path), line_no, None,
+                                   f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cells)}",
+                                   "wrong column count")
+            continue
+        yield line_no, {"query-id": cells[0], "corpus-id": cells[1], "score": cells[2]}
 
 
 def is_hf_dataset_dir(path: Path) -> bool:
