@@ -1,7 +1,8 @@
 """The `distill` command: wires each stage's `add_parser` into one CLI.
 
 Expected problems (bad input files, a model that is not there) print one line
-on stderr and exit with status 2; no traceback.
+on stderr and exit with status 2; an LLM server refusing a request prints its
+message and exits with status 1; no traceback.
 """
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import logging
 import os
 import sys
 
+from labelers.backends import BackendError
+
 from . import evaluate
 from .data import DataError
+from .stages import label
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
-COMMANDS = [evaluate]
+COMMANDS = [evaluate, label]
 EXIT_BAD_INPUT = 2
+EXIT_BACKEND_REFUSED = 1
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -38,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BackendError as exc:
+        # The LLM server refused the work (a 4xx other than 429): its message, no retry, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BACKEND_REFUSED
     except (ValueError, OSError) as exc:
         # Settings that fail validation, models or files that are not there.
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -37,6 +37,7 @@ class RewardInputs:
     template: PromptTemplate
     max_passage_tokens: int = 384
     boundary_merges: int = field(default=0, init=False)
+    tokens_built: int = field(default=0, init=False)  # prompt + continuation tokens handed out
 
     def truncate_passage(self, passage: str) -> str:
         encoded = self.tokenizer(passage, add_special_tokens=False, return_offsets_mapping=True)
@@ -64,26 +65,57 @@ class RewardInputs:
         prompt_ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
         full_ids = self.tokenizer(prompt + self.template.separator + continuation, add_special_tokens=special)["input_ids"]
         if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-            return prompt_ids, full_ids[len(prompt_ids):]
-        self.boundary_merges += 1
-        return prompt_ids, self.tokenizer(self.template.separator + continuation, add_special_tokens=False)["input_ids"]
+            continuation_ids = full_ids[len(prompt_ids):]
+        else:
+            self.boundary_merges += 1
+            continuation_ids = self.tokenizer(self.template.separator + continuation, add_special_tokens=False)["input_ids"]
+        self.tokens_built += len(prompt_ids) + len(continuation_ids)
+        return prompt_ids, continuation_ids
 
 
-def score_candidates(backend: Backend, inputs: RewardInputs, question: str, answers: Sequence[str],
-                     passages: Sequence[str], normalization: str = "mean") -> list[tuple[Score, int]]:
-    """Each passage's best score over the reference answers, and which answer gave it.
+@dataclass(frozen=True)
+class Group:
+    """One query's candidates to score: the question, its reference answers (may be empty), the passages."""
 
-    "Best" is by the reward as normalised (`mean` per token, or `sum`).
-    With a query-likelihood template, `answers` is ignored and the question is scored.
+    question: str
+    answers: Sequence[str]
+    passages: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A passage's reward: the best normalised score over the reference answers, and which answer gave it."""
+
+    value: float
+    score: Score
+    answer_index: int | None  # None for query likelihood
+
+
+def score_groups(backend: Backend, inputs: RewardInputs, groups: Sequence[Group],
+                 normalization: str = "mean") -> list[list[Reward]]:
+    """Rewards for many queries' candidates, sent to the backend as one batch of pairs.
+
+    With several reference answers each is scored and the maximum kept (by
+    the normalised value). With a query-likelihood template the question
+    itself is the continuation and the answers are ignored.
     """
-    targets = list(answers) if inputs.template.continuation == "answer" else [None]
-    if not targets:
-        raise ValueError("an answer template needs at least one reference answer")
-    pairs = [inputs.build(question, p, a) for p in passages for a in targets]
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization {normalization!r} is not known; choose one of {sorted(NORMALIZATIONS)}")
+    normalise = NORMALIZATIONS[normalization]
+    pairs, owners = [], []  # owners[k] = (group, passage, answer index)
+    for g, group in enumerate(groups):
+        targets: list[str | None] = list(group.answers) if inputs.template.continuation == "answer" else [None]
+        if not targets:
+            raise ValueError(f"template {inputs.template.name} scores answers, and question {group.question!r} has none")
+        for p, passage in enumerate(group.passages):
+            for a, answer in enumerate(targets):
+                pairs.append(inputs.build(group.question, passage, answer))
+                owners.append((g, p, None if answer is None else a))
     scores = backend.score([p for p, _ in pairs], [c for _, c in pairs])
-    best = []
-    for i in range(len(passages)):
-        group = scores[i * len(targets):(i + 1) * len(targets)]
-        j = max(range(len(group)), key=lambda k: NORMALIZATIONS[normalization](group[k]))
-        best.append((group[j], j))
-    return best
+    best: list[list[Reward | None]] = [[None] * len(group.passages) for group in groups]
+    for (g, p, a), score in zip(owners, scores):
+        value = normalise(score)
+        current = best[g][p]
+        if current is None or value > current.value:
+            best[g][p] = Reward(value, score, a)
+    return best  # type: ignore[return-value]

@@ -9,41 +9,7 @@ import torch
 
 from labelers.backends.hf import HFBackend, HFBackendConfig, length_buckets
 from labelers.prompts import load_template, packaged_templates, parse_template
-from labelers.reward import RewardInputs, score_candidates
-
-
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A 2-layer Llama with a byte-level BPE tokenizer trained here: BOS added, no EOS, a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from conftest import SQUAD_MINI, read_jsonl
-
-    texts = [r["text"] for r in read_jsonl(SQUAD_MINI / "corpus.jsonl") + read_jsonl(SQUAD_MINI / "queries.jsonl")]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<s>", "<pad>", "<|end|>", "<|user|>", "<|assistant|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=special,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="<|end|>",
-                                        model_max_length=1024)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).eval().save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+from labelers.reward import Group, RewardInputs, score_groups
 
 
 def reference_logprob_sum(model, prompt: list[int], continuation: list[int]) -> float:
@@ -118,8 +84,9 @@ def test_best_of_several_answers_is_kept(tiny_llama_dir):
 
     inputs = RewardInputs(AutoTokenizer.from_pretrained(tiny_llama_dir), load_template("reward_en"))
     answers = ["james watt", "watt", "the scottish inventor james watt"]
-    best = score_candidates(backend, inputs, "who?", answers, ["a passage about steam", "another one"])
-    for (score, which), passage in zip(best, ["a passage about steam", "another one"]):
+    best = score_groups(backend, inputs, [Group("who?", answers, ["a passage about steam", "another one"])])[0]
+    for reward, passage in zip(best, ["a passage about steam", "another one"]):
+        score, which = reward.score, reward.answer_index
         each = []
         for a in answers:
             prompt, continuation = inputs.build("who?", passage, a)

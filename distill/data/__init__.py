@@ -8,6 +8,7 @@ BEIR use. All checks name file, line and field (see `errors`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -54,6 +55,23 @@ class Corpus:
 
     def ids_at(self, rows: np.ndarray) -> list[str]:
         return pc.take(self.table["id"], pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    @functools.cached_property
+    def _id_array(self) -> pa.Array:
+        return self.table["id"].combine_chunks()
+
+    def rows_of(self, ids: list[str]) -> np.ndarray:
+        """Row index of each passage id, -1 where the corpus has no such id (vectorised, no id dict)."""
+        found = pc.index_in(pa.array(ids, pa.string()), value_set=self._id_array)
+        return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def passages_at(self, rows: np.ndarray, include_title: bool = True) -> list[str]:
+        """Passage strings (see `format_passage`) at the given rows, in that order."""
+        taken = self.table.select(["title", "text"]).take(pa.array(np.asarray(rows, dtype=np.int64)))
+        texts = taken["text"].to_pylist()
+        if not include_title:
+            return texts
+        return [format_passage(t, x) for t, x in zip(taken["title"].to_pylist(), texts)]
 
     def iter_passages(self, include_title: bool = True, batch_rows: int = 65536) -> Iterator[list[str]]:
         """Passage strings in corpus order, `batch_rows` at a time."""

@@ -1,10 +1,34 @@
-"""LLM backends behind one interface (`base.Backend`), chosen by name."""
+"""LLM backends behind one interface (`base.Backend`), chosen by name.
+
+`hf` is imported eagerly (the reference, and what tests run on); `vllm` and
+`openai` are built by name through `create_backend`, and vLLM itself is only
+imported when its backend is built.
+"""
 from __future__ import annotations
 
-from .base import Backend, Score
-from .hf import HFBackend, HFBackendConfig
+import dataclasses
+import importlib
 
-# name -> (config class, backend class); vllm and openai join here.
-BACKENDS = {"hf": (HFBackendConfig, HFBackend)}
+from .base import Backend, BackendError, Score
 
-__all__ = ["BACKENDS", "Backend", "Score", "HFBackend", "HFBackendConfig"]
+# name -> (module, config class, backend class)
+BACKENDS = {
+    "hf": ("hf", "HFBackendConfig", "HFBackend"),
+    "vllm": ("vllm", "VLLMBackendConfig", "VLLMBackend"),
+    "openai": ("openai", "OpenAIBackendConfig", "OpenAIBackend"),
+}
+
+
+def create_backend(name: str, **options) -> Backend:
+    """Build backend `name` from the options its config knows; None values keep that config's defaults."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not known; choose one of {sorted(BACKENDS)}")
+    module_name, config_name, backend_name = BACKENDS[name]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    config_cls = getattr(module, config_name)
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    config = config_cls(**{k: v for k, v in options.items() if k in known and v is not None})
+    return getattr(module, backend_name)(config)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "Score", "create_backend"]

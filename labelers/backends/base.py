@@ -4,6 +4,7 @@ A backend scores continuations given prompts, both as token ids from the
 teacher's own tokenizer, so that every backend scores the very same tokens:
 
     score(prompts, continuations) -> [Score(logprob_sum, n_tokens)]
+    generate(prompts, max_new_tokens) -> [text]          (greedy)
 
 where logprob_sum = Σ_i log p(c_i | prompt, c_<i) in nats over the
 continuation's tokens. Backends register themselves in `BACKENDS`.
@@ -33,6 +34,14 @@ class Backend(Protocol):
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Score]:
         """Σ log p(continuation | prompt) for each pair, in input order."""
         ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+        """Greedy completion of each prompt, as text without special tokens."""
+        ...
+
+
+class BackendError(RuntimeError):
+    """The backend refused the work (e.g. a server's 4xx); retrying will not help."""
 
 
 def check_pairs(prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> None:

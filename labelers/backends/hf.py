@@ -74,6 +74,7 @@ class HFBackend:
             cfg.model, dtype=DTYPES[dtype], trust_remote_code=cfg.trust_remote_code)
         self.model.to(self.device).eval()
         self.pad_id = 0
+        self.tokenizer = None  # loaded when first needed, to decode generations
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
 
     @torch.inference_mode()
@@ -109,3 +110,30 @@ class HFBackend:
                 results[i] = Score(float(token_logprobs[start:start + n].astype(np.float64).sum()), n)
                 start += n
         return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+        """Greedy decoding, left-padded batches of similar length."""
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
+        texts: list[str | None] = [None] * len(prompts)
+        lengths = [len(p) + max_new_tokens for p in prompts]
+        for batch in length_buckets(lengths, self.cfg.token_budget, self.cfg.max_batch_rows):
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]))
+                mask[r, width - len(prompts[i]):] = 1
+            eos = self.model.generation_config.eos_token_id
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                      eos_token_id=eos)
+            stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+            for r, i in enumerate(batch):
+                new = out[r, width:].tolist()
+                end = next((k for k, t in enumerate(new) if t in stops), len(new))  # padding follows EOS
+                texts[i] = self.tokenizer.decode(new[:end], skip_special_tokens=True).strip()
+        return texts  # type: ignore[return-value]

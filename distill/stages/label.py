@@ -1,0 +1,330 @@
+"""`distill label`: the teacher LLM's reward for each query's candidate passages.
+
+For every query of the split, the candidates are its positives (from qrels)
+followed by either the passages of its `--candidates` record or, without
+that file, `num_random` passages drawn uniformly from the corpus (never a
+positive), seeded by (seed, query id) so any shard draws the same ones.
+Each candidate gets the reward of `labelers.reward` (mean or sum of the
+reference answer's token log-probs, the best over several answers). Queries
+without answers fall back to query likelihood (UPR), or have the LLM write an
+answer from their first positive passage first (`--missing-answers`).
+
+Output, one line per query (DESIGN.md's labels contract, plus provenance):
+
+    {"qid", "pids", "rewards", "n_tokens", "n_positives", "target", "answer_index"?,
+     "answer"?, "model", "prompt", "normalization"}
+
+`target` says what was scored: "answer" (reference answers; `answer_index`
+names the one that gave each maximum), "generated_answer" (`answer` holds
+the LLM's own), or "query" (query likelihood). Writing goes through
+`stages.writer`: resumable after a kill, byte-identical to an uninterrupted
+run, and split with `--shard i/n`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from labelers.backends import BACKENDS, create_backend
+from labelers.prompts import load_template
+from labelers.reward import Group, RewardInputs, score_groups
+
+from ..config import add_dataclass_arguments, config_from_args
+from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
+from ..data.sources import iter_jsonl
+from .writer import Shard, is_complete, write_resumable
+
+logger = logging.getLogger(__name__)
+
+MISSING_ANSWERS = ("query", "generate", "error")
+
+
+@dataclass
+class LabelConfig:
+    llm: str = field(metadata={"help": "teacher LLM: local folder or hub name (its tokenizer is used by every backend)"})
+    data: str = field(metadata={"help": "BEIR-style folder or embedded set name"})
+    output: Path = field(metadata={"help": "labels JSON Lines file to write (resumes if partly written)"})
+    backend: str = field(default="hf", metadata={"help": "LLM backend", "choices": sorted(BACKENDS)})
+    base_url: str = field(default="http://localhost:8000/v1", metadata={"help": "openai backend: server URL"})
+    served_model: str | None = field(default=None,
+                                     metadata={"help": "openai backend: model name on the server (default: --llm)"})
+    api_key_env: str = field(default="OPENAI_API_KEY",
+                             metadata={"help": "openai backend: environment variable holding the API key"})
+    split: str = field(default="train", metadata={"help": "qrels split whose queries are labelled"})
+    candidates: Path | None = field(default=None, metadata={"help": "candidates JSONL from `distill mine`; "
+                                                                    "default: positives + --num-random random passages"})
+    num_random: int = field(default=7, metadata={"help": "random passages per query when there is no --candidates"})
+    seed: int = field(default=0, metadata={"help": "seed for the random passages"})
+    shard: str | None = field(default=None, metadata={"help": "i/n: label only the i-th of n contiguous slices"})
+    language: str = field(default="en", metadata={"help": "language of the default prompts", "choices": ["en", "zh"]})
+    prompt: str | None = field(default=None, metadata={
+        "help": "answer-likelihood template: packaged name or file (default: reward_<language>[_chat])"})
+    query_prompt: str | None = field(default=None, metadata={
+        "help": "query-likelihood template for queries without answers (default: query_likelihood_<language>[_chat])"})
+    missing_answers: str = field(default="query", metadata={
+        "help": "queries without answers: score query likelihood (UPR), have the LLM write an answer from the "
+                "positive passage, or stop with an error", "choices": list(MISSING_ANSWERS)})
+    normalization: str = field(default="mean", metadata={"help": "reward = mean or sum of answer-token log-probs",
+                                                         "choices": ["mean", "sum"]})
+    max_passage_tokens: int = field(default=384, metadata={"help": "passages are cut to this many teacher tokens"})
+    max_answer_tokens: int = field(default=32, metadata={"help": "--missing-answers generate: answer length limit"})
+    include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
+    chunk_size: int = field(default=32, metadata={"help": "queries per fsync'd output chunk (and per backend call)"})
+    overwrite: bool = field(default=False, metadata={"help": "discard an existing output instead of resuming it"})
+    skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
+    device: str | None = field(default=None, metadata={"help": "hf backend: torch device"})
+    dtype: str | None = field(default=None, metadata={"help": "hf/vllm backends: float32|bfloat16|float16 "
+                                                             "(default: bf16 on GPUs that have it, fp32 on CPU)"})
+    token_budget: int = field(default=8192, metadata={"help": "hf backend: padded tokens per forward pass"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length"})
+    concurrency: int = field(default=4, metadata={"help": "openai backend: requests in flight"})
+    max_retry_seconds: float = field(default=600.0, metadata={"help": "openai backend: retry a failing request "
+                                                                      "this long before giving up"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code to run"})
+    show_progress: bool = field(default=True, metadata={"help": "progress bar"})
+
+
+def query_seed(seed: int, qid: str) -> int:
+    """A 64-bit seed from (seed, query id): the same draw whatever the shard or chunk."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\x00{qid}".encode()).digest()[:8], "little")
+
+
+def random_candidates(n_passages: int, positive_rows: set[int], k: int, rng: np.random.Generator) -> list[int]:
+    """k distinct corpus rows drawn uniformly, none of them a positive (fewer if the corpus is too small)."""
+    k = min(k, n_passages - len(positive_rows))
+    if k <= 0:
+        return []
+    chosen: list[int] = []
+    while len(chosen) < k:
+        draw = rng.choice(n_passages, size=min(n_passages, k + len(positive_rows)), replace=False)
+        chosen = [int(r) for r in draw if int(r) not in positive_rows][:k]
+    return chosen
+
+
+def read_candidates(path: Path, rset: RetrievalSet) -> list[tuple[str, list[str]]]:
+    """(qid, candidate pids) per line of a candidates file, checked against the split and the corpus."""
+    out, seen = [], {}
+    split_ids = set(rset.qrels)
+    for line_no, record in iter_jsonl(path):
+        if isinstance(record, Problem):
+            raise DataError(record)
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_no}: a candidates line must be a JSON object")
+        qid, pids = record.get("qid"), record.get("pids")
+        if not isinstance(qid, str) or not qid:
+            raise DataError(f"{path}:{line_no}: field 'qid': missing or not a non-empty string")
+        if not isinstance(pids, list) or not all(isinstance(p, str) for p in pids):
+            raise DataError(f"{path}:{line_no}: field 'pids': must be a list of passage id strings")
+        if qid not in split_ids:
+            raise DataError(f"{path}:{line_no}: field 'qid': {qid!r} is not a query of split {rset.split!r}")
+        if qid in seen:
+            raise DataError(f"{path}:{line_no}: field 'qid': {qid!r} repeats line {seen[qid]}")
+        rows = rset.corpus.rows_of(pids)
+        if (rows < 0).any():
+            raise DataError(f"{path}:{line_no}: field 'pids': unknown passage id {pids[int(np.argmax(rows < 0))]!r}")
+        seen[qid] = line_no
+        out.append((qid, pids))
+    return out
+
+
+def default_template(language: str, kind: str, chat: bool) -> str:
+    return f"{kind}_{language}_chat" if chat and f"{kind}_{language}_chat" in _packaged() else f"{kind}_{language}"
+
+
+def _packaged() -> set[str]:
+    from labelers.prompts import packaged_templates
+
+    return set(packaged_templates())
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+class Labeler:
+    """Turns a slice of the job's queries into label records; deterministic in the slice."""
+
+    def __init__(self, cfg: LabelConfig, rset: RetrievalSet, units: list[tuple[str, list[str] | None]]):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.rset, self.units = cfg, rset, units
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.llm, trust_remote_code=cfg.trust_remote_code)
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self.answer_inputs = RewardInputs(self.tokenizer, load_template(
+            cfg.prompt or default_template(cfg.language, "reward", chat)), cfg.max_passage_tokens)
+        self.query_inputs = RewardInputs(self.tokenizer, load_template(
+            cfg.query_prompt or default_template(cfg.language, "query_likelihood", chat)), cfg.max_passage_tokens)
+        if self.answer_inputs.template.continuation != "answer":
+            raise ValueError(f"--prompt {self.answer_inputs.template.name} scores the question; it must score answers")
+        if self.query_inputs.template.continuation != "question":
+            raise ValueError(f"--query-prompt {self.query_inputs.template.name} must score the question")
+        table = rset.queries.table
+        self.query = {qid: (text, answers or []) for qid, text, answers in
+                      zip(table["id"].to_pylist(), table["text"].to_pylist(), table["answers"].to_pylist())}
+        self.backend = None
+        self.tokens = 0
+        self.labels = 0
+
+    def prompt_names(self) -> dict[str, str]:
+        return {"answer": self.answer_inputs.template.name, "query": self.query_inputs.template.name}
+
+    def _backend(self):
+        if self.backend is None:
+            c = self.cfg
+            self.backend = create_backend(
+                c.backend, model=c.served_model or c.llm if c.backend == "openai" else c.llm, device=c.device,
+                dtype=c.dtype, token_budget=c.token_budget, trust_remote_code=c.trust_remote_code,
+                max_model_len=c.max_model_len, base_url=c.base_url, api_key_env=c.api_key_env,
+                concurrency=c.concurrency, max_retry_seconds=c.max_retry_seconds, seed=c.seed)
+        return self.backend
+
+    def candidates_of(self, qid: str, listed: list[str] | None) -> tuple[list[str], int]:
+        """(pids with the positives first, number of positives)."""
+        positives = [p for p, grade in self.rset.qrels[qid].items() if grade > 0]
+        if listed is not None:
+            return positives + [p for p in listed if p not in set(positives)], len(positives)
+        positive_rows = set(int(r) for r in self.rset.corpus.rows_of(positives))
+        rng = np.random.default_rng(query_seed(self.cfg.seed, qid))
+        rows = random_candidates(len(self.rset.corpus), positive_rows, self.cfg.num_random, rng)
+        return positives + self.rset.corpus.ids_at(np.array(rows, dtype=np.int64)), len(positives)
+
+    def process(self, start: int, stop: int) -> list[dict]:
+        cfg, corpus = self.cfg, self.rset.corpus
+        jobs = []
+        for qid, listed in self.units[start:stop]:
+            pids, n_pos = self.candidates_of(qid, listed)
+            passages = corpus.passages_at(corpus.rows_of(pids), include_title=cfg.include_title)
+            question, answers = self.query[qid]
+            target = "answer" if answers else {"query": "query", "generate": "generated_answer"}.get(cfg.missing_answers)
+            if target is None:
+                raise DataError(f"{self.rset.queries.path}: query {qid!r} has no answers "
+                                "(use --missing-answers query or generate)")
+            jobs.append({"qid": qid, "pids": pids, "n_pos": n_pos, "passages": passages, "question": question,
+                         "answers": list(answers), "target": target})
+        self._write_missing_answers([j for j in jobs if j["target"] == "generated_answer"])
+        records: list[dict | None] = [None] * len(jobs)
+        for target, inputs in (("answer", self.answer_inputs), ("generated_answer", self.answer_inputs),
+                               ("query", self.query_inputs)):
+            chosen = [i for i, j in enumerate(jobs) if j["target"] == target]
+            if not chosen:
+                continue
+            groups = [Group(jobs[i]["question"], jobs[i]["answers"], jobs[i]["passages"]) for i in chosen]
+            for i, rewards in zip(chosen, score_groups(self._backend(), inputs, groups, cfg.normalization)):
+                job = jobs[i]
+                record = {"qid": job["qid"], "pids": job["pids"], "rewards": [r.value for r in rewards],
+                          "n_tokens": [r.score.n_tokens for r in rewards], "n_positives": job["n_pos"],
+                          "target": target}
+                if target == "answer":
+                    record["answer_index"] = [r.answer_index for r in rewards]
+                elif target == "generated_answer":
+                    record["answer"] = job["answers"][0]
+                record.update(model=cfg.llm, prompt=inputs.template.name, normalization=cfg.normalization)
+                records[i] = record
+                self.labels += len(rewards)
+        self.tokens = self.answer_inputs.tokens_built + self.query_inputs.tokens_built
+        return records  # type: ignore[return-value]
+
+    def _write_missing_answers(self, jobs: list[dict]) -> None:
+        """The LLM answers each question from its first positive passage (greedy); empty answers fall back."""
+        if not jobs:
+            return
+        prompts = [self.tokenizer(self.answer_inputs.prompt_text(j["question"], j["passages"][0]),
+                                  add_special_tokens=not self.answer_inputs.template.chat)["input_ids"] for j in jobs]
+        for job, answer in zip(jobs, self._backend().generate(prompts, self.cfg.max_answer_tokens)):
+            if answer:
+                job["answers"] = [answer]
+            else:
+                job["target"] = "query"
+
+
+def job_settings(cfg: LabelConfig, rset: RetrievalSet, labeler: Labeler, shard: Shard, data_digest: str) -> dict:
+    """What the output depends on; resuming with anything else changed is refused."""
+    keys = ["llm", "backend", "split", "num_random", "seed", "normalization", "max_passage_tokens", "include_title",
+            "missing_answers", "max_answer_tokens", "chunk_size"]
+    settings = {k: getattr(cfg, k) for k in keys}
+    settings.update(prompts=labeler.prompt_names(), shard=str(shard), data=data_digest,
+                    candidates=_file_digest(cfg.candidates) if cfg.candidates else None)
+    return settings
+
+
+def run_label(cfg: LabelConfig) -> dict:
+    shard = Shard.parse(cfg.shard)
+    if not cfg.show_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if cfg.num_random < 0:
+        raise ValueError("--num-random must be >= 0")
+    rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
+    if cfg.candidates:
+        listed = read_candidates(Path(cfg.candidates), rset)
+        units = [(qid, pids) for qid, pids in listed]
+    else:
+        units = [(qid, None) for qid in rset.queries.ids]
+    start, stop = shard.bounds(len(units))
+    units = units[start:stop]
+    labeler = Labeler(cfg, rset, units)
+    queries_digest = _file_digest(rset.queries.path) if Path(rset.queries.path).is_file() else str(rset.queries.path)
+    data_digest = hashlib.sha256(f"{rset.corpus.fingerprint()}|{queries_digest}|"
+                                 f"{json.dumps(rset.qrels, sort_keys=True)}".encode()).hexdigest()[:32]
+    settings = job_settings(cfg, rset, labeler, shard, data_digest)
+    output = Path(cfg.output)
+    if not cfg.overwrite and is_complete(output, settings):
+        print(f"{output}: already complete ({len(units)} queries); nothing to do")
+        return {"output": str(output), "queries": len(units), "skipped": True}
+
+    bar = None
+    if cfg.show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(units), unit="query", desc="label", dynamic_ncols=True)
+    started = time.perf_counter()
+
+    def on_chunk(a: int, b: int, records: list[dict]) -> None:
+        if bar is not None:
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(b - a)
+            bar.set_postfix_str(f"{labeler.labels / elapsed:.1f} labels/s, {labeler.tokens / elapsed:.0f} tok/s")
+
+    from .writer import read_progress
+
+    progress = read_progress(output)
+    if bar is not None and progress and not cfg.overwrite and progress.get("settings") is not None:
+        bar.update(min(int(progress.get("units_done", 0)), len(units)))
+    summary = write_resumable(output, len(units), labeler.process, settings=settings, chunk_size=cfg.chunk_size,
+                              overwrite=cfg.overwrite, on_chunk=on_chunk)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    report = {"output": str(output), "queries": len(units), "resumed_from": summary.resumed_from,
+              "labels": labeler.labels, "tokens": labeler.tokens, "seconds": round(elapsed, 2),
+              "shard": str(shard), "boundary_merges": labeler.answer_inputs.boundary_merges
+              + labeler.query_inputs.boundary_merges}
+    print(f"labelled {len(units) - summary.resumed_from} queries ({labeler.labels} passages) in {elapsed:.1f} s"
+          + (f", resumed after {summary.resumed_from}" if summary.resumed_from else "") + f" -> {output}")
+    if rset.problems.total:
+        print(rset.problems.summary())
+    return report
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("label", help="score candidate passages with a teacher LLM (soft labels)",
+                                   description=__doc__.split("\n\n")[0])
+    add_dataclass_arguments(parser, LabelConfig)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_label(config_from_args(LabelConfig, args))
+    return 0
