@@ -76,7 +76,7 @@ class LabelConfig:
     max_passage_tokens: int = field(default=384, metadata={"help": "passages are cut to this many teacher tokens"})
     max_answer_tokens: int = field(default=32, metadata={"help": "--missing-answers generate: answer length limit"})
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
-    chunk_size: int = field(default=32, metadata={"help": "queries per fsync'd output chunk (and per backend call)"})
+    chunk_size: int = field(default=16, metadata={"help": "queries per fsync'd output chunk (and per backend call)"})
     overwrite: bool = field(default=False, metadata={"help": "discard an existing output instead of resuming it"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
     device: str | None = field(default=None, metadata={"help": "hf backend: torch device"})
