@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .files import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 ADD_CHUNK_ROWS = 65536
@@ -141,15 +143,6 @@ def default_cache_dir() -> Path:
     return Path(root) / "embeddings"
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class EmbeddingCache:
     """Corpus embeddings on disk: `<root>/<key>/embeddings.npy`, memory-mapped.
@@ -185,7 +178,7 @@ class EmbeddingCache:
 
             def checkpoint(rows_done: int) -> None:
                 out.flush()
-                _write_json_atomic(progress_path, {"rows_done": rows_done})
+                write_json_atomic(progress_path, {"rows_done": rows_done})
 
             encode_corpus_into(out, encoder, corpus, rows_done=done, chunk_rows=self.chunk_rows,
                                include_title=include_title, batch_size=batch_size, show_progress=show_progress,

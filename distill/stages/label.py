@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,8 @@ from labelers.reward import Group, RewardInputs, score_groups
 from ..config import add_dataclass_arguments, config_from_args
 from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
 from ..data.sources import iter_jsonl
-from .writer import Shard, is_complete, write_resumable
+from ..files import file_digest
+from .writer import Shard, is_complete, read_progress, write_resumable
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,9 @@ def random_candidates(n_passages: int, positive_rows: set[int], k: int, rng: np.
     k = min(k, n_passages - len(positive_rows))
     if k <= 0:
         return []
-    chosen: list[int] = []
-    while len(chosen) < k:
-        draw = rng.choice(n_passages, size=min(n_passages, k + len(positive_rows)), replace=False)
-        chosen = [int(r) for r in draw if int(r) not in positive_rows][:k]
-    return chosen
+    # k + |positives| distinct rows always hold at least k that are not positives
+    draw = rng.choice(n_passages, size=min(n_passages, k + len(positive_rows)), replace=False)
+    return [int(r) for r in draw if int(r) not in positive_rows][:k]
 
 
 def read_candidates(path: Path, rset: RetrievalSet) -> list[tuple[str, list[str]]]:
@@ -144,14 +143,6 @@ def _packaged() -> set[str]:
     return set(packaged_templates())
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:32]
-
-
 class Labeler:
     """Turns a slice of the job's queries into label records; deterministic in the slice."""
 
@@ -183,7 +174,7 @@ class Labeler:
         if self.backend is None:
             c = self.cfg
             self.backend = create_backend(
-                c.backend, model=c.served_model or c.llm if c.backend == "openai" else c.llm, device=c.device,
+                c.backend, model=(c.served_model or c.llm) if c.backend == "openai" else c.llm, device=c.device,
                 dtype=c.dtype, token_budget=c.token_budget, trust_remote_code=c.trust_remote_code,
                 max_model_len=c.max_model_len, base_url=c.base_url, api_key_env=c.api_key_env,
                 concurrency=c.concurrency, max_retry_seconds=c.max_retry_seconds, seed=c.seed)
@@ -248,13 +239,13 @@ class Labeler:
                 job["target"] = "query"
 
 
-def job_settings(cfg: LabelConfig, rset: RetrievalSet, labeler: Labeler, shard: Shard, data_digest: str) -> dict:
+def job_settings(cfg: LabelConfig, labeler: Labeler, shard: Shard, data_digest: str) -> dict:
     """What the output depends on; resuming with anything else changed is refused."""
     keys = ["llm", "backend", "split", "num_random", "seed", "normalization", "max_passage_tokens", "include_title",
             "missing_answers", "max_answer_tokens", "chunk_size"]
     settings = {k: getattr(cfg, k) for k in keys}
     settings.update(prompts=labeler.prompt_names(), shard=str(shard), data=data_digest,
-                    candidates=_file_digest(cfg.candidates) if cfg.candidates else None)
+                    candidates=file_digest(cfg.candidates) if cfg.candidates else None)
     return settings
 
 
@@ -268,17 +259,16 @@ def run_label(cfg: LabelConfig) -> dict:
         raise ValueError("--num-random must be >= 0")
     rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
     if cfg.candidates:
-        listed = read_candidates(Path(cfg.candidates), rset)
-        units = [(qid, pids) for qid, pids in listed]
+        units: list[tuple[str, list[str] | None]] = list(read_candidates(Path(cfg.candidates), rset))
     else:
         units = [(qid, None) for qid in rset.queries.ids]
     start, stop = shard.bounds(len(units))
     units = units[start:stop]
     labeler = Labeler(cfg, rset, units)
-    queries_digest = _file_digest(rset.queries.path) if Path(rset.queries.path).is_file() else str(rset.queries.path)
+    queries_digest = file_digest(rset.queries.path) if Path(rset.queries.path).is_file() else str(rset.queries.path)
     data_digest = hashlib.sha256(f"{rset.corpus.fingerprint()}|{queries_digest}|"
                                  f"{json.dumps(rset.qrels, sort_keys=True)}".encode()).hexdigest()[:32]
-    settings = job_settings(cfg, rset, labeler, shard, data_digest)
+    settings = job_settings(cfg, labeler, shard, data_digest)
     output = Path(cfg.output)
     if not cfg.overwrite and is_complete(output, settings):
         print(f"{output}: already complete ({len(units)} queries); nothing to do")
@@ -296,8 +286,6 @@ def run_label(cfg: LabelConfig) -> dict:
             elapsed = max(time.perf_counter() - started, 1e-9)
             bar.update(b - a)
             bar.set_postfix_str(f"{labeler.labels / elapsed:.1f} labels/s, {labeler.tokens / elapsed:.0f} tok/s")
-
-    from .writer import read_progress
 
     progress = read_progress(output)
     if bar is not None and progress and not cfg.overwrite and progress.get("settings") is not None:

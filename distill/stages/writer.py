@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import write_json_atomic
+
 PROGRESS_SUFFIX = ".progress.json"
 FORMAT_VERSION = 1
 
@@ -69,20 +71,6 @@ class JobSummary:
 
 def progress_path(output: Path) -> Path:
     return output.with_name(output.name + PROGRESS_SUFFIX)
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, ensure_ascii=False, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def encode_records(records: Sequence[dict]) -> bytes:
@@ -152,7 +140,7 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
         f.flush()
         os.fsync(f.fileno())
         if done == 0:
-            _write_json_atomic(progress_path(output), {**state, "units_done": 0, "bytes": 0, "complete": n_units == 0})
+            write_json_atomic(progress_path(output), {**state, "units_done": 0, "bytes": 0, "complete": n_units == 0})
         for start in range(done, n_units, chunk_size):
             stop = min(start + chunk_size, n_units)
             records = process(start, stop)
@@ -160,7 +148,7 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
             f.flush()
             os.fsync(f.fileno())
             kept = f.tell()
-            _write_json_atomic(progress_path(output),
+            write_json_atomic(progress_path(output),
                                {**state, "units_done": stop, "bytes": kept, "complete": stop == n_units})
             written += len(records)
             if on_chunk is not None:
