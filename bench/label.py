@@ -99,6 +99,7 @@ if __name__ == "__main__":
     started = time.perf_counter()
     scores = backend.score([p for p, _ in pairs], [c for _, c in pairs])
     print("RESULT", json.dumps({"seconds": time.perf_counter() - started, "sums": [s.logprob_sum for s in scores]}))
+    backend.close()
 """
 
 

@@ -108,9 +108,9 @@ def test_hf_vllm_offline_and_vllm_server_agree_in_fp32(vllm_python, tiny_llama_d
     assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "hf.jsonl", "--dtype", "float32")) == 0
     offline = subprocess.run([vllm_python, "-m", "distill", *label_args(
         tiny_llama_dir, small_beir, tmp_path / "vllm.jsonl", "--backend", "vllm", "--dtype", "float32",
-        "--max-model-len", "512")], capture_output=True, text=True, timeout=600,
+        "--max-model-len", "512", "--enforce-eager")], capture_output=True, text=True, timeout=600,
         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert offline.returncode == 0, offline.stdout[-1000:] + offline.stderr[-3000:]
     assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "server.jsonl", "--backend", "openai",
                            "--base-url", tiny_server.url)) == 0
     keys_hf, hf = rewards(tmp_path / "hf.jsonl")

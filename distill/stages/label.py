@@ -85,6 +85,8 @@ class LabelConfig:
                                                              "(default: bf16 on GPUs that have it, fp32 on CPU)"})
     token_budget: int = field(default=8192, metadata={"help": "hf backend: padded tokens per forward pass"})
     max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "vllm backend: no graph compilation (starts in seconds; use where compilation fails)"})
     concurrency: int = field(default=4, metadata={"help": "openai backend: requests in flight"})
     max_retry_seconds: float = field(default=600.0, metadata={"help": "openai backend: retry a failing request "
                                                                       "this long before giving up"})
@@ -176,9 +178,14 @@ class Labeler:
             self.backend = create_backend(
                 c.backend, model=(c.served_model or c.llm) if c.backend == "openai" else c.llm, device=c.device,
                 dtype=c.dtype, token_budget=c.token_budget, trust_remote_code=c.trust_remote_code,
-                max_model_len=c.max_model_len, base_url=c.base_url, api_key_env=c.api_key_env,
-                concurrency=c.concurrency, max_retry_seconds=c.max_retry_seconds, seed=c.seed)
+                max_model_len=c.max_model_len, enforce_eager=c.enforce_eager, base_url=c.base_url,
+                api_key_env=c.api_key_env, concurrency=c.concurrency, max_retry_seconds=c.max_retry_seconds, seed=c.seed)
         return self.backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
 
     def candidates_of(self, qid: str, listed: list[str] | None) -> tuple[list[str], int]:
         """(pids with the positives first, number of positives)."""
@@ -290,10 +297,13 @@ def run_label(cfg: LabelConfig) -> dict:
     progress = read_progress(output)
     if bar is not None and progress and not cfg.overwrite and progress.get("settings") is not None:
         bar.update(min(int(progress.get("units_done", 0)), len(units)))
-    summary = write_resumable(output, len(units), labeler.process, settings=settings, chunk_size=cfg.chunk_size,
-                              overwrite=cfg.overwrite, on_chunk=on_chunk)
-    if bar is not None:
-        bar.close()
+    try:
+        summary = write_resumable(output, len(units), labeler.process, settings=settings, chunk_size=cfg.chunk_size,
+                                  overwrite=cfg.overwrite, on_chunk=on_chunk)
+    finally:
+        labeler.close()
+        if bar is not None:
+            bar.close()
     elapsed = time.perf_counter() - started
     report = {"output": str(output), "queries": len(units), "resumed_from": summary.resumed_from,
               "labels": labeler.labels, "tokens": labeler.tokens, "seconds": round(elapsed, 2),

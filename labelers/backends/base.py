@@ -5,6 +5,7 @@ teacher's own tokenizer, so that every backend scores the very same tokens:
 
     score(prompts, continuations) -> [Score(logprob_sum, n_tokens)]
     generate(prompts, max_new_tokens) -> [text]          (greedy)
+    close()
 
 where logprob_sum = Σ_i log p(c_i | prompt, c_<i) in nats over the
 continuation's tokens. Backends register themselves in `BACKENDS`.
@@ -37,6 +38,10 @@ class Backend(Protocol):
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
         """Greedy completion of each prompt, as text without special tokens."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine, its worker processes and connections; the backend is unusable after."""
         ...
 
 

@@ -143,3 +143,9 @@ class HFBackend:
                 end = next((k for k, t in enumerate(new) if t in stops), len(new))  # padding follows EOS
                 texts[i] = self.tokenizer.decode(new[:end], skip_special_tokens=True).strip()
         return texts  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Drop the model so its memory is freed before the next stage loads one."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

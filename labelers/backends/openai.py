@@ -71,6 +71,9 @@ class OpenAIBackend:
                            stop=stop_after_delay(cfg.max_retry_seconds), reraise=True,
                            before_sleep=before_sleep_log(logger, logging.WARNING))(self._post_once)
 
+    def close(self) -> None:
+        self.client.close()
+
     def _post_once(self, payload: dict) -> dict:
         response = self.client.post("/completions", json=payload)
         if response.status_code >= 400:

@@ -82,6 +82,16 @@ class VLLMBackend:
         return [out.outputs[0].text.strip() for out in self._run(prompts, params)]
 
 
+    def close(self) -> None:
+        """Stop the engine-core process now. Left to interpreter exit, its shutdown races the
+        engine monitor thread and the process can abort ("terminate called without an active
+        exception") after the work is done."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+
+
 def _has_cuda() -> bool:
     try:
         import torch
