@@ -15,10 +15,10 @@ from labelers.backends import BackendError
 
 from . import evaluate
 from .data import DataError
-from .stages import label
+from .stages import label, mine
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
-COMMANDS = [evaluate, label]
+COMMANDS = [evaluate, mine, label]
 EXIT_BAD_INPUT = 2
 EXIT_BACKEND_REFUSED = 1
 

@@ -15,41 +15,23 @@ from pathlib import Path
 
 from .config import add_dataclass_arguments, config_from_args
 from .data import RetrievalSet, load_retrieval_set
-from .index import IndexConfig, build_index, corpus_embeddings, default_cache_dir, search
+from .encoding import EncodingSettings
+from .index import IndexConfig, build_index, corpus_embeddings, embeddings, query_source, search
 from .metrics import DEFAULT_CUTOFFS, mean_metrics
 from .model import BiEncoder
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EvalConfig:
+@dataclass(kw_only=True)
+class EvalConfig(EncodingSettings):
     model: str = field(metadata={"help": "encoder: our folder, a sentence-transformers folder or a HF name/path"})
     data: str = field(metadata={"help": "BEIR-style folder (corpus, queries, qrels/<split>.tsv) or an embedded set name"})
     split: str = field(default="test", metadata={"help": "qrels split to evaluate"})
     output: Path | None = field(default=None, metadata={"help": "write the metrics here as JSON"})
-    batch_size: int = field(default=64, metadata={"help": "texts per encoder batch"})
     top_k: int = field(default=100, metadata={"help": "passages retrieved per query"})
-    include_title: bool = field(default=True, metadata={"help": "embed passages as 'title text' (BEIR's convention)"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
-    cache_dir: Path | None = field(default_factory=default_cache_dir,
-                                   metadata={"help": "corpus embedding cache; --no-cache to disable"})
-    cache: bool = field(default=True, metadata={"help": "use the corpus embedding cache"})
-    index: str = field(default="flat", metadata={"help": "faiss index kind", "choices": ["flat", "ivf", "hnsw"]})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code to run"})
-    pooling: str | None = field(default=None, metadata={"help": "override pooling", "choices": ["cls", "mean"]})
-    query_prefix: str | None = field(default=None, metadata={"help": "override the query instruction prefix"})
-    passage_prefix: str | None = field(default=None, metadata={"help": "override the passage prefix"})
-    max_query_length: int | None = field(default=None, metadata={"help": "override query max tokens"})
-    max_passage_length: int | None = field(default=None, metadata={"help": "override passage max tokens"})
     show_progress: bool = field(default=True, metadata={"help": "progress bars"})
-
-
-def load_encoder(cfg: EvalConfig) -> BiEncoder:
-    return BiEncoder.load(cfg.model, trust_remote_code=cfg.trust_remote_code, device=cfg.device,
-                          pooling=cfg.pooling, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
-                          max_query_length=cfg.max_query_length, max_passage_length=cfg.max_passage_length)
 
 
 def retrieve(encoder: BiEncoder, rset: RetrievalSet, *, top_k: int = 100, batch_size: int = 64,
@@ -58,7 +40,8 @@ def retrieve(encoder: BiEncoder, rset: RetrievalSet, *, top_k: int = 100, batch_
     """Each split query's top-k passages as [(passage_id, score)], best first."""
     passages = corpus_embeddings(encoder, rset.corpus, cache_dir=cache_dir, include_title=include_title,
                                  batch_size=batch_size, show_progress=show_progress)
-    queries = encoder.encode(rset.queries.texts, kind="query", batch_size=batch_size, show_progress=show_progress)
+    queries = embeddings(encoder, query_source(rset.queries.texts), cache_dir=cache_dir, batch_size=batch_size,
+                         show_progress=show_progress)
     scores, rows = search(build_index(passages, index), queries, top_k)
     ids = rset.corpus.ids_at(rows.clip(min=0).ravel())
     width = rows.shape[1]
@@ -104,9 +87,9 @@ def run(cfg: EvalConfig) -> int:
     if cfg.skip_invalid:
         print(rset.problems.summary())
     started = time.perf_counter()
-    encoder = load_encoder(cfg)
+    encoder = cfg.load_encoder(cfg.model)
     metrics = evaluate(encoder, rset, top_k=cfg.top_k, batch_size=cfg.batch_size, include_title=cfg.include_title,
-                       cache_dir=cfg.cache_dir if cfg.cache else None, index=IndexConfig(kind=cfg.index),
+                       cache_dir=cfg.cache_path, index=cfg.index_config(),
                        show_progress=cfg.show_progress)
     seconds = time.perf_counter() - started
     print(f"{len(rset.queries)} {cfg.split} queries, {len(rset.corpus)} passages, {seconds:.1f} s")

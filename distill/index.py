@@ -3,9 +3,9 @@
 `build_index` makes an inner-product index (exact `flat`, or `ivf` / `hnsw`
 for large corpora), on the GPU when faiss has GPUs; `search` queries it in
 chunks so memory stays bounded by the chunk, never a full query x corpus
-matrix. `EmbeddingCache` keeps corpus embeddings on disk, keyed by (model
-weights, encoder settings, corpus content), memory-mapped, and filled chunk by
-chunk so a killed encoding resumes where it stopped.
+matrix. `EmbeddingCache` keeps corpus (and query) embeddings on disk, keyed by
+(model weights, encoder settings, text content), memory-mapped, and filled
+chunk by chunk so a killed encoding resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,22 +114,51 @@ def search(index, queries: np.ndarray, k: int, chunk_rows: int = 4096) -> tuple[
     return scores, rows
 
 
-def encode_corpus_into(out: np.ndarray, encoder, corpus, *, rows_done: int = 0, chunk_rows: int = 16384,
-                       include_title: bool = True, batch_size: int = 64, show_progress: bool = False,
-                       after_chunk: Callable[[int], None] | None = None) -> None:
-    """Fill `out[rows_done:]` with passage embeddings, `chunk_rows` passages at a time.
+@dataclass(frozen=True)
+class TextSource:
+    """Strings to embed, as the cache needs them: a kind (query | passage), a
+    content fingerprint, a length, and their batches in order."""
 
-    Only one chunk of passage strings exists at once; `after_chunk(rows_done)`
-    runs after each chunk (the cache flushes and records progress there).
+    kind: str
+    fingerprint: str
+    length: int
+    batches: Callable[[int], Iterator[list[str]]]
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def passage_source(corpus, include_title: bool = True) -> TextSource:
+    return TextSource("passage", f"{corpus.fingerprint()}|title={include_title}", len(corpus),
+                      lambda rows: corpus.iter_passages(include_title=include_title, batch_rows=rows))
+
+
+def query_source(texts: list[str]) -> TextSource:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\x00")
+    return TextSource("query", digest.hexdigest()[:32], len(texts),
+                      lambda rows: (texts[i:i + rows] for i in range(0, len(texts), rows)))
+
+
+def encode_into(out: np.ndarray, encoder, source: TextSource, *, rows_done: int = 0, chunk_rows: int = 16384,
+                batch_size: int = 64, show_progress: bool = False,
+                after_chunk: Callable[[int], None] | None = None) -> None:
+    """Fill `out[rows_done:]` with the source's embeddings, `chunk_rows` strings at a time.
+
+    Only one chunk of strings exists at once; `after_chunk(rows_done)` runs
+    after each chunk (the cache flushes and records progress there).
     """
-    with tqdm(total=len(corpus), initial=rows_done, desc="encode corpus", unit="passage",
+    plural = {"query": "queries", "passage": "passages"}.get(source.kind, source.kind)
+    with tqdm(total=len(source), initial=rows_done, desc=f"encode {plural}", unit=source.kind,
               disable=not show_progress, dynamic_ncols=True) as bar:
         row = 0
-        for texts in corpus.iter_passages(include_title=include_title, batch_rows=chunk_rows):
+        for texts in source.batches(chunk_rows):
             end = row + len(texts)
             if end > rows_done:
                 skip = max(0, rows_done - row)
-                out[row + skip:end] = encoder.encode(texts[skip:], kind="passage", batch_size=batch_size,
+                out[row + skip:end] = encoder.encode(texts[skip:], kind=source.kind, batch_size=batch_size,
                                                      output_dtype=out.dtype)
                 if after_chunk is not None:
                     after_chunk(end)
@@ -145,57 +174,66 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class EmbeddingCache:
-    """Corpus embeddings on disk: `<root>/<key>/embeddings.npy`, memory-mapped.
+    """Embeddings on disk: `<root>/<key>/embeddings.npy`, memory-mapped.
 
-    The key hashes the encoder's weights and settings, the corpus content and
-    how passages are formatted, so any change gives a new entry. Encoding runs
-    in chunks of `chunk_rows` passages; after each chunk the rows are flushed
-    and `progress.json` records how many are done, so a killed run resumes.
+    The key hashes the encoder's weights and settings, the texts' content and
+    kind (passages also how they are formatted), so any change gives a new
+    entry. Encoding runs in chunks of `chunk_rows` strings; after each chunk
+    the rows are flushed and `progress.json` records how many are done, so a
+    killed run resumes (with the same batches, hence the same floats).
     """
 
     root: Path
     chunk_rows: int = 16384
 
-    def key(self, encoder, corpus, include_title: bool, dtype: str) -> str:
-        parts = {"weights": encoder.weights_fingerprint(), "encoder": asdict(encoder.config),
-                 "corpus": corpus.fingerprint(), "include_title": include_title, "dtype": dtype}
+    def key(self, encoder, source: TextSource, dtype: str) -> str:
+        parts = {"weights": encoder.weights_fingerprint(), "encoder": asdict(encoder.config), "kind": source.kind,
+                 "texts": source.fingerprint, "dtype": dtype}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
-    def corpus_embeddings(self, encoder, corpus, *, include_title: bool = True, batch_size: int = 64,
-                          dtype: str = "float32", show_progress: bool = False) -> np.ndarray:
-        folder = Path(self.root) / self.key(encoder, corpus, include_title, dtype)
+    def embeddings(self, encoder, source: TextSource, *, batch_size: int = 64, dtype: str = "float32",
+                   show_progress: bool = False) -> np.ndarray:
+        folder = Path(self.root) / self.key(encoder, source, dtype)
         folder.mkdir(parents=True, exist_ok=True)
         array_path, progress_path = folder / "embeddings.npy", folder / "progress.json"
-        n, dim = len(corpus), encoder.dimension
+        n, dim = len(source), encoder.dimension
         progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"rows_done": 0}
         if progress["rows_done"] == 0 or not array_path.exists():
             progress = {"rows_done": 0}
             np.lib.format.open_memmap(array_path, mode="w+", dtype=np.dtype(dtype), shape=(n, dim)).flush()
         done = progress["rows_done"]
         if done < n:
-            logger.info("encoding %d passages into %s (%d cached)", n - done, folder, done)
+            logger.info("encoding %d %ss into %s (%d cached)", n - done, source.kind, folder, done)
             out = np.load(array_path, mmap_mode="r+")
 
             def checkpoint(rows_done: int) -> None:
                 out.flush()
                 write_json_atomic(progress_path, {"rows_done": rows_done})
 
-            encode_corpus_into(out, encoder, corpus, rows_done=done, chunk_rows=self.chunk_rows,
-                               include_title=include_title, batch_size=batch_size, show_progress=show_progress,
-                               after_chunk=checkpoint)
+            encode_into(out, encoder, source, rows_done=done, chunk_rows=self.chunk_rows, batch_size=batch_size,
+                        show_progress=show_progress, after_chunk=checkpoint)
             del out
         else:
-            logger.info("corpus embeddings from cache %s", folder)
+            logger.info("%s embeddings from cache %s", source.kind, folder)
         return np.load(array_path, mmap_mode="r")
+
+    def corpus_embeddings(self, encoder, corpus, *, include_title: bool = True, **options) -> np.ndarray:
+        return self.embeddings(encoder, passage_source(corpus, include_title), **options)
+
+
+def embeddings(encoder, source: TextSource, *, cache_dir: Path | None, batch_size: int = 64,
+               show_progress: bool = False) -> np.ndarray:
+    """Embeddings of `source`, from (and into) the cache when `cache_dir` is given."""
+    if cache_dir is None:
+        out = np.empty((len(source), encoder.dimension), dtype=np.float32)
+        encode_into(out, encoder, source, batch_size=batch_size, show_progress=show_progress)
+        return out
+    return EmbeddingCache(Path(cache_dir)).embeddings(encoder, source, batch_size=batch_size,
+                                                      show_progress=show_progress)
 
 
 def corpus_embeddings(encoder, corpus, *, cache_dir: Path | None, include_title: bool = True,
                       batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
     """Corpus embeddings, from (and into) the cache when `cache_dir` is given."""
-    if cache_dir is None:
-        out = np.empty((len(corpus), encoder.dimension), dtype=np.float32)
-        encode_corpus_into(out, encoder, corpus, include_title=include_title, batch_size=batch_size,
-                           show_progress=show_progress)
-        return out
-    return EmbeddingCache(Path(cache_dir)).corpus_embeddings(
-        encoder, corpus, include_title=include_title, batch_size=batch_size, show_progress=show_progress)
+    return embeddings(encoder, passage_source(corpus, include_title), cache_dir=cache_dir, batch_size=batch_size,
+                      show_progress=show_progress)

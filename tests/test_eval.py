@@ -46,7 +46,7 @@ def test_second_eval_reads_the_cache_and_gives_the_same_metrics(tiny_bert_dir, s
         assert main(["eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--output", str(out),
                      "--cache-dir", str(cache), "--no-show-progress"]) == 0
         runs.append(json.loads(out.read_text()))
-    assert len(list(cache.iterdir())) == 1
+    assert len(list(cache.iterdir())) == 2  # one entry for the passages, one for the queries
     assert {k: v for k, v in runs[0].items() if "@" in k} == {k: v for k, v in runs[1].items() if "@" in k}
 
 

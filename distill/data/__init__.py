@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -137,6 +138,15 @@ class RetrievalSet:
     qrels: dict[str, dict[str, int]]
     split: str
     problems: ProblemLog = field(default_factory=ProblemLog)
+
+    def fingerprint(self) -> str:
+        """Digest of the corpus content, the queries file and this split's qrels: a stage's input identity."""
+        from ..files import file_digest
+
+        path = Path(self.queries.path)
+        queries = file_digest(path) if path.is_file() else str(path)
+        qrels = json.dumps(self.qrels, sort_keys=True)
+        return hashlib.sha256(f"{self.corpus.fingerprint()}|{queries}|{qrels}".encode()).hexdigest()[:32]
 
 
 def resolve_data_dir(data: str | Path) -> Path:

@@ -23,8 +23,6 @@ run, and split with `--shard i/n`.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,7 +38,9 @@ from ..config import add_dataclass_arguments, config_from_args
 from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
 from ..data.sources import iter_jsonl
 from ..files import file_digest
-from .writer import Shard, is_complete, read_progress, write_resumable
+from ..negatives import query_rng
+from ..negatives.uniform import draw_uniform
+from .writer import Shard, is_complete, write_resumable
 
 logger = logging.getLogger(__name__)
 
@@ -92,21 +92,6 @@ class LabelConfig:
                                                                       "this long before giving up"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code to run"})
     show_progress: bool = field(default=True, metadata={"help": "progress bar"})
-
-
-def query_seed(seed: int, qid: str) -> int:
-    """A 64-bit seed from (seed, query id): the same draw whatever the shard or chunk."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\x00{qid}".encode()).digest()[:8], "little")
-
-
-def random_candidates(n_passages: int, positive_rows: set[int], k: int, rng: np.random.Generator) -> list[int]:
-    """k distinct corpus rows drawn uniformly, none of them a positive (fewer if the corpus is too small)."""
-    k = min(k, n_passages - len(positive_rows))
-    if k <= 0:
-        return []
-    # k + |positives| distinct rows always hold at least k that are not positives
-    draw = rng.choice(n_passages, size=min(n_passages, k + len(positive_rows)), replace=False)
-    return [int(r) for r in draw if int(r) not in positive_rows][:k]
 
 
 def read_candidates(path: Path, rset: RetrievalSet) -> list[tuple[str, list[str]]]:
@@ -192,10 +177,9 @@ class Labeler:
         positives = [p for p, grade in self.rset.qrels[qid].items() if grade > 0]
         if listed is not None:
             return positives + [p for p in listed if p not in set(positives)], len(positives)
-        positive_rows = set(int(r) for r in self.rset.corpus.rows_of(positives))
-        rng = np.random.default_rng(query_seed(self.cfg.seed, qid))
-        rows = random_candidates(len(self.rset.corpus), positive_rows, self.cfg.num_random, rng)
-        return positives + self.rset.corpus.ids_at(np.array(rows, dtype=np.int64)), len(positives)
+        rows = draw_uniform(len(self.rset.corpus), self.rset.corpus.rows_of(positives), self.cfg.num_random,
+                            query_rng(self.cfg.seed, qid))
+        return positives + self.rset.corpus.ids_at(rows), len(positives)
 
     def process(self, start: int, stop: int) -> list[dict]:
         cfg, corpus = self.cfg, self.rset.corpus
@@ -272,38 +256,24 @@ def run_label(cfg: LabelConfig) -> dict:
     start, stop = shard.bounds(len(units))
     units = units[start:stop]
     labeler = Labeler(cfg, rset, units)
-    queries_digest = file_digest(rset.queries.path) if Path(rset.queries.path).is_file() else str(rset.queries.path)
-    data_digest = hashlib.sha256(f"{rset.corpus.fingerprint()}|{queries_digest}|"
-                                 f"{json.dumps(rset.qrels, sort_keys=True)}".encode()).hexdigest()[:32]
-    settings = job_settings(cfg, labeler, shard, data_digest)
+    settings = job_settings(cfg, labeler, shard, rset.fingerprint())
     output = Path(cfg.output)
     if not cfg.overwrite and is_complete(output, settings):
         print(f"{output}: already complete ({len(units)} queries); nothing to do")
         return {"output": str(output), "queries": len(units), "skipped": True}
 
-    bar = None
-    if cfg.show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(units), unit="query", desc="label", dynamic_ncols=True)
     started = time.perf_counter()
 
-    def on_chunk(a: int, b: int, records: list[dict]) -> None:
-        if bar is not None:
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.update(b - a)
-            bar.set_postfix_str(f"{labeler.labels / elapsed:.1f} labels/s, {labeler.tokens / elapsed:.0f} tok/s")
+    def rates(seconds: float) -> str:
+        seconds = max(seconds, 1e-9)
+        return f"{labeler.labels / seconds:.1f} labels/s, {labeler.tokens / seconds:.0f} tok/s"
 
-    progress = read_progress(output)
-    if bar is not None and progress and not cfg.overwrite and progress.get("settings") is not None:
-        bar.update(min(int(progress.get("units_done", 0)), len(units)))
     try:
         summary = write_resumable(output, len(units), labeler.process, settings=settings, chunk_size=cfg.chunk_size,
-                                  overwrite=cfg.overwrite, on_chunk=on_chunk)
+                                  overwrite=cfg.overwrite, show_progress=cfg.show_progress, desc="label",
+                                  unit="query", postfix=rates)
     finally:
         labeler.close()
-        if bar is not None:
-            bar.close()
     elapsed = time.perf_counter() - started
     report = {"output": str(output), "queries": len(units), "resumed_from": summary.resumed_from,
               "labels": labeler.labels, "tokens": labeler.tokens, "seconds": round(elapsed, 2),

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..files import write_json_atomic
 
 PROGRESS_SUFFIX = ".progress.json"
@@ -120,12 +122,15 @@ def _resume_point(output: Path, settings: dict, n_units: int, overwrite: bool) -
 
 def write_resumable(output: Path, n_units: int, process: Callable[[int, int], list[dict]], *, settings: dict[str, Any],
                     chunk_size: int = 64, overwrite: bool = False,
-                    on_chunk: Callable[[int, int, list[dict]], None] | None = None) -> JobSummary:
+                    on_chunk: Callable[[int, int, list[dict]], None] | None = None, show_progress: bool = False,
+                    desc: str = "", unit: str = "unit", postfix: Callable[[float], str] | None = None) -> JobSummary:
     """Run `process(start, stop) -> records` over units [0, n_units) in chunks, appending to `output`.
 
     `process` must be deterministic in (start, stop): the same chunk always
     yields the same records. `on_chunk(start, stop, records)` is called after
-    each chunk is safely on disk (progress bars, logs).
+    each chunk is safely on disk (logs). With `show_progress`, a progress bar
+    counts units (from where a resumed job starts) and shows `postfix(seconds
+    this run has taken)` after each chunk.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
@@ -134,7 +139,8 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
     done, kept = _resume_point(output, settings, n_units, overwrite)
     started, written = time.perf_counter(), 0
     state = {"version": FORMAT_VERSION, "settings": _canonical(settings), "units": n_units, "chunk_size": chunk_size}
-    with open(output, "r+b" if output.exists() and not overwrite else "wb") as f:
+    bar = tqdm(total=n_units, initial=done, desc=desc, unit=unit, dynamic_ncols=True, disable=not show_progress)
+    with bar, open(output, "r+b" if output.exists() and not overwrite else "wb") as f:
         f.truncate(kept)
         f.seek(kept)
         f.flush()
@@ -151,6 +157,9 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
             write_json_atomic(progress_path(output),
                                {**state, "units_done": stop, "bytes": kept, "complete": stop == n_units})
             written += len(records)
+            bar.update(stop - start)
+            if postfix is not None and show_progress:
+                bar.set_postfix_str(postfix(time.perf_counter() - started))
             if on_chunk is not None:
                 on_chunk(start, stop, records)
     return JobSummary(output, n_units, done, written, time.perf_counter() - started, True)

@@ -1,0 +1,322 @@
+"""`distill mine`: candidate negatives for each query, for the teacher to score and the student to train on.
+
+For every query of the split, `--num-negatives` passages chosen by one
+strategy of `distill.negatives` (dense top-K with rank window and margins,
+SimANS, BM25, hybrid, same-article, random), never a positive, never the
+query's own text, and, with `--labels`, never a passage the teacher rewards at
+least as highly as a positive. Output: candidates JSON Lines
+
+    {"qid", "pids", "scores", "score_kind", "source", "positives", "positive_scores"}
+
+(`scores` are the dense model's s(q, d) when a model is given, else BM25's or
+null), which `distill label --candidates` reads; optionally also training
+files in FlagEmbedding's format and as sentence-transformers n-tuple datasets.
+
+Corpus and query embeddings live in the on-disk cache (memory-mapped); faiss
+is searched one chunk of queries at a time, so memory follows the chunk, not
+the query count. Resumable and sharded through `stages.writer`: rerun after a
+kill and the file is byte-identical to an uninterrupted run's. Every random
+choice is seeded by (seed, query id), so shards and chunking do not change it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import add_dataclass_arguments, config_from_args
+from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
+from ..data.sources import iter_jsonl
+from ..encoding import EncodingSettings
+from ..files import file_digest
+from ..index import build_index, embeddings, passage_source, query_source, search
+from ..negatives import STRATEGIES, MiningBatch, Ranked, SamplingParams, query_rng, teacher_exclusions
+from ..negatives.bm25 import TOKENIZERS, BM25Index
+from .export import EXPORTERS, export_candidates
+from .writer import Shard, is_complete, write_resumable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class MineConfig(EncodingSettings):
+    data: str = field(metadata={"help": "BEIR-style folder (corpus, queries, qrels/<split>.tsv) or an embedded set name"})
+    output: Path = field(metadata={"help": "candidates JSON Lines to write"})
+    model: str | None = field(default=None, metadata={
+        "help": "dense encoder (our folder, a sentence-transformers folder or a HF name); needed by dense, simans, "
+                "hybrid and by score filters; optional for bm25, random, same_doc (then scores are BM25's or null)"})
+    split: str = field(default="train", metadata={"help": "qrels split whose queries get negatives"})
+    strategy: str = field(default="dense", metadata={"help": "how negatives are chosen", "choices": sorted(STRATEGIES)})
+    num_negatives: int = field(default=7, metadata={"help": "negatives per query, beyond its positives"})
+    range_min: int = field(default=0, metadata={"help": "skip the first N surviving candidates (likely positives)"})
+    range_max: int = field(default=100, metadata={"help": "consider surviving candidates up to this rank"})
+    absolute_margin: float | None = field(default=None, metadata={"help": "drop d if s(q,d) + m > s(q,d+)"})
+    relative_margin: float | None = field(default=None,
+                                          metadata={"help": "drop d if s(q,d) > s(q,d+) - |s(q,d+)|*m (NV-Retriever: 0.05)"})
+    max_score: float | None = field(default=None, metadata={"help": "drop d if s(q,d) > this"})
+    min_score: float | None = field(default=None, metadata={"help": "drop d if s(q,d) < this"})
+    sampling: str = field(default="top", metadata={"help": "dense/bm25/hybrid: the window's top N or N at random",
+                                                   "choices": ["top", "random"]})
+    simans_a: float = field(default=0.5, metadata={"help": "SimANS sharpness a in exp(-a(s - s+ - b)^2)"})
+    simans_b: float = field(default=0.0, metadata={"help": "SimANS shift b: the peak is at s = s+ + b"})
+    bm25_tokenizer: str = field(default="ngram", metadata={"help": "BM25 text splitting (ngram: words + CJK char "
+                                                                  "uni/bigrams)", "choices": list(TOKENIZERS)})
+    bm25_k1: float = field(default=1.5, metadata={"help": "BM25 k1"})
+    bm25_b: float = field(default=0.75, metadata={"help": "BM25 b"})
+    labels: Path | None = field(default=None, metadata={
+        "help": "teacher labels (distill label): never use a passage rewarded >= a positive as a negative"})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice (per query)"})
+    shard: str | None = field(default=None, metadata={"help": "i/n: mine only the i-th of n slices of the queries"})
+    chunk_size: int = field(default=1024, metadata={"help": "queries per search chunk and fsync'd output chunk"})
+    overwrite: bool = field(default=False, metadata={"help": "start again instead of resuming"})
+    skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
+    export: str | None = field(default=None, metadata={"help": "also write a training file in this format",
+                                                       "choices": sorted(EXPORTERS)})
+    export_output: Path | None = field(default=None, metadata={
+        "help": "where --export writes (JSONL for flagembedding, a datasets folder for n-tuple*)"})
+    show_progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def sampling_params(self) -> SamplingParams:
+        names = {f.name for f in dataclasses.fields(SamplingParams)}
+        return SamplingParams(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+def read_labels(path: Path) -> list[dict]:
+    records = []
+    for line_no, record in iter_jsonl(path):
+        if isinstance(record, Problem):
+            raise DataError(record)
+        for key, kind in (("qid", str), ("pids", list), ("rewards", list), ("n_positives", int)):
+            if not isinstance(record.get(key) if isinstance(record, dict) else None, kind):
+                raise DataError(f"{path}:{line_no}: field {key!r}: missing or not a {kind.__name__}")
+        if len(record["pids"]) != len(record["rewards"]):
+            raise DataError(f"{path}:{line_no}: field 'rewards': {len(record['rewards'])} rewards for "
+                            f"{len(record['pids'])} pids")
+        records.append(record)
+    return records
+
+
+def _rows_by_doc(rset: RetrievalSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(article code per row, rows sorted by code, start of each code's run) for same-article lookups.
+
+    The article is the passage's `doc_id`; when no passage has one, its title
+    (BEIR sets such as SQuAD's name the article in the title)."""
+    doc_ids = rset.corpus.table["doc_id"]
+    if doc_ids.null_count == len(doc_ids):
+        doc_ids = rset.corpus.table["title"]
+        if doc_ids.null_count == len(doc_ids):
+            raise DataError(f"{rset.corpus.path}: the same_doc strategy needs a 'doc_id' (or 'title') on passages")
+        logger.info("same_doc: no passage has a doc_id; grouping passages by title")
+    codes = pc.fill_null(doc_ids, "").combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    codes = np.where(pc.is_null(doc_ids).to_numpy(zero_copy_only=False), -1, codes).astype(np.int64)
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], np.arange(codes.max() + 2))
+    return codes, order, starts
+
+
+class Miner:
+    """Turns a slice of the job's queries into candidate records; deterministic in the slice."""
+
+    def __init__(self, cfg: MineConfig, rset: RetrievalSet, bounds: tuple[int, int], encoder=None):
+        self.cfg, self.rset = cfg, rset
+        self.offset = bounds[0]
+        qids = self.qids = rset.queries.ids[bounds[0]:bounds[1]]
+        self.params = cfg.sampling_params()
+        self.strategy = STRATEGIES[cfg.strategy]
+        pools = set(self.strategy.POOLS)
+        corpus = rset.corpus
+        by_id = dict(zip(rset.queries.ids, rset.queries.texts))
+        self.texts = [by_id[q] for q in qids]
+        self.positive_ids = [[p for p, grade in rset.qrels[q].items() if grade > 0] for q in qids]
+        self.positive_rows = [corpus.rows_of(p) for p in self.positive_ids]
+        own = pc.fill_null(pc.index_in(pa.array(self.texts, pa.string()), value_set=corpus.table["text"].combine_chunks()),
+                           -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        teacher = teacher_exclusions(read_labels(cfg.labels)) if cfg.labels else {}
+        self.teacher_excluded = sum(len(teacher.get(q, ())) for q in qids)
+        self.excluded = [np.unique(np.concatenate([pos, own[i:i + 1][own[i:i + 1] >= 0],
+                                                   corpus.rows_of(teacher.get(q, []))]).astype(np.int64))
+                         for i, (q, pos) in enumerate(zip(qids, self.positive_rows))]
+        # the same search depth for every chunk and shard: the window plus the most rows any query excludes
+        most_excluded = max((sum(g > 0 for g in d.values()) + 1 + len(teacher.get(q, ())) for q, d in rset.qrels.items()),
+                            default=1)
+        self.depth = self.params.range_max + most_excluded
+
+        self.encoder = encoder
+        self.passages = self.queries = self.index = None
+        if "dense" in pools or (self.params.filters_scores and encoder is None):
+            if encoder is None:
+                raise ValueError(f"--strategy {cfg.strategy}" + (" with score filters" if "dense" not in pools else "")
+                                 + " needs a dense --model")
+        if encoder is not None:
+            cache = cfg.cache_path
+            self.passages = embeddings(encoder, passage_source(corpus, cfg.include_title), cache_dir=cache,
+                                       batch_size=cfg.batch_size, show_progress=cfg.show_progress)
+            # every shard embeds all the split's queries (cached, shared): the same floats whatever the shard
+            self.queries = embeddings(encoder, query_source(rset.queries.texts), cache_dir=cache,
+                                      batch_size=cfg.batch_size, show_progress=cfg.show_progress)
+            if "dense" in pools:
+                self.index = build_index(self.passages, cfg.index_config())
+        self.bm25 = None
+        if "bm25" in pools:
+            self.bm25 = BM25Index(corpus.iter_passages(include_title=cfg.include_title), cfg.bm25_tokenizer,
+                                  cfg.bm25_k1, cfg.bm25_b)
+        self.docs = _rows_by_doc(rset) if "same_doc" in pools else None
+
+    def _scores(self, start: int, b: int, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return np.empty(0, dtype=np.float32)
+        order = np.argsort(rows)
+        vectors = np.empty((len(rows), self.passages.shape[1]), dtype=np.float32)
+        vectors[order] = self.passages[rows[order]]  # sorted reads from the memory map
+        return vectors @ np.asarray(self.queries[self.offset + start + b], dtype=np.float32)
+
+    def _rescored(self, rows: np.ndarray, batch: MiningBatch) -> Ranked:
+        """faiss's pool re-scored one query at a time and sorted by (-score, row).
+
+        faiss's floats (and so near-tie order) depend on how many queries share
+        a search call; re-scoring makes every chunk and shard agree exactly."""
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for b in range(len(rows)):
+            valid = rows[b] >= 0
+            scores[b, valid] = batch.score_rows(b, rows[b, valid])
+            order = np.lexsort((rows[b], -scores[b]))
+            rows[b], scores[b] = rows[b, order], scores[b, order]
+        rows[~np.isfinite(scores)] = -1
+        return Ranked(rows, scores)
+
+    def _same_doc(self, i: int) -> np.ndarray:
+        codes, order, starts = self.docs
+        found = [order[starts[c]:starts[c + 1]] for c in np.unique(codes[self.positive_rows[i]]) if c >= 0]
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
+    def batch(self, start: int, stop: int) -> MiningBatch:
+        n = stop - start
+        batch = MiningBatch(qids=self.qids[start:stop], excluded=self.excluded[start:stop],
+                            rngs=[query_rng(self.cfg.seed, q) for q in self.qids[start:stop]],
+                            corpus_size=len(self.rset.corpus))
+        if self.encoder is not None:
+            batch.score_rows = lambda b, rows: self._scores(start, b, rows)
+            batch.positive_scores = np.array([batch.score_rows(b, self.positive_rows[start + b]).min()
+                                              for b in range(n)], dtype=np.float32)
+        if self.index is not None:
+            queries = np.asarray(self.queries[self.offset + start:self.offset + stop], dtype=np.float32)
+            batch.dense = self._rescored(search(self.index, queries, self.depth)[1], batch)
+        if self.bm25 is not None:
+            batch.bm25 = self.bm25.search(self.texts[start:stop], self.depth)
+        if self.docs is not None:
+            batch.same_doc = [self._same_doc(i) for i in range(start, stop)]
+        return batch
+
+    def process(self, start: int, stop: int) -> list[dict]:
+        batch = self.batch(start, stop)
+        chosen = self.strategy.select(batch, self.cfg.num_negatives, self.params)
+        ids = self.rset.corpus.ids_at
+        kind = "dense" if self.encoder is not None else ("bm25" if self.cfg.strategy == "bm25" else None)
+        records = []
+        for b, c in enumerate(chosen):
+            record = {"qid": batch.qids[b], "pids": ids(c.rows) if len(c.rows) else [],
+                      "scores": None if c.scores is None else [round(float(s), 6) for s in c.scores],
+                      "score_kind": kind if c.scores is not None else None, "source": self.cfg.strategy}
+            if self.cfg.strategy == "hybrid":
+                record["sources"] = c.sources
+            record["positives"] = self.positive_ids[start + b]
+            record["positive_scores"] = (None if self.encoder is None else
+                                         [round(float(s), 6) for s in batch.score_rows(b, self.positive_rows[start + b])])
+            records.append(record)
+        return records
+
+
+def job_settings(cfg: MineConfig, rset: RetrievalSet, shard: Shard, encoder) -> dict:
+    """What the output depends on; resuming with anything else changed is refused."""
+    keys = ["model", "split", "strategy", "num_negatives", "seed", "chunk_size", "include_title", "index",
+            "bm25_tokenizer", "bm25_k1", "bm25_b"]
+    settings = {k: getattr(cfg, k) for k in keys}
+    settings.update(sampling=dataclasses.asdict(cfg.sampling_params()), shard=str(shard), data=rset.fingerprint(),
+                    labels=file_digest(cfg.labels) if cfg.labels else None)
+    if encoder is not None:
+        settings["encoder"] = hashlib.sha256(json.dumps(
+            [encoder.weights_fingerprint(), dataclasses.asdict(encoder.config)], sort_keys=True,
+            default=str).encode()).hexdigest()[:24]
+    return settings
+
+
+def summarize(output: Path, num_negatives: int) -> dict:
+    """Counts and mean scores over a finished candidates file."""
+    n, negatives, short, pos, neg = 0, 0, 0, [], []
+    for _, record in iter_jsonl(output):
+        n += 1
+        negatives += len(record["pids"])
+        short += len(record["pids"]) < num_negatives
+        if record["scores"] is not None and record["score_kind"] == "dense":
+            neg.extend(record["scores"])
+        if record["positive_scores"]:
+            pos.extend(record["positive_scores"])
+    return {"queries": n, "negatives": negatives, "mean_positive_score": float(np.mean(pos)) if pos else None,
+            "mean_negative_score": float(np.mean(neg)) if neg else None, "short": short}
+
+
+def run_mine(cfg: MineConfig) -> dict:
+    if cfg.num_negatives < 1:
+        raise ValueError("--num-negatives must be >= 1")
+    if cfg.export and not cfg.export_output:
+        raise ValueError("--export needs --export-output")
+    shard = Shard.parse(cfg.shard)
+    rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
+    qids = rset.queries.ids
+    start, stop = shard.bounds(len(qids))
+    qids = qids[start:stop]
+    started = time.perf_counter()
+    encoder = cfg.load_encoder(cfg.model) if cfg.model else None
+    settings = job_settings(cfg, rset, shard, encoder)
+    output = Path(cfg.output)
+    if not cfg.overwrite and is_complete(output, settings):
+        print(f"{output}: already complete ({len(qids)} queries); nothing to do")
+        resumed_from = len(qids)
+    else:
+        miner = Miner(cfg, rset, (start, stop), encoder)
+        summary = write_resumable(output, len(qids), miner.process, settings=settings, chunk_size=cfg.chunk_size,
+                                  overwrite=cfg.overwrite, show_progress=cfg.show_progress, desc=f"mine {cfg.strategy}",
+                                  unit="query")
+        resumed_from = summary.resumed_from
+    stats = summarize(output, cfg.num_negatives)
+    elapsed = time.perf_counter() - started
+    print(f"mined {stats['negatives']} {cfg.strategy} negatives for {stats['queries']} {cfg.split} queries in "
+          f"{elapsed:.1f} s" + (f", resumed after {resumed_from}" if 0 < resumed_from < len(qids) else "")
+          + f" -> {output}")
+    if stats["mean_positive_score"] is not None and stats["mean_negative_score"] is not None:
+        print(f"mean s(q, d+) {stats['mean_positive_score']:.4f}, mean s(q, d-) {stats['mean_negative_score']:.4f}")
+    if stats["short"]:
+        print(f"{stats['short']} queries got fewer than {cfg.num_negatives} negatives (too few candidates survive "
+              "the window and filters; widen --range-max or relax the margins)")
+    report = {"output": str(output), **stats, "seconds": round(elapsed, 2), "shard": str(shard)}
+    if cfg.export:
+        report["export"] = export_candidates(output, rset, cfg.export, Path(cfg.export_output),
+                                             include_title=cfg.include_title)
+        print(f"{cfg.export}: {report['export']['rows']} rows -> {cfg.export_output}"
+              + (f" ({report['export']['skipped']} queries with fewer than {cfg.num_negatives} negatives left out)"
+                 if report["export"].get("skipped") else ""))
+    if rset.problems.total:
+        print(rset.problems.summary())
+    return report
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("mine", help="candidate negatives per query (dense, SimANS, BM25, random...)",
+                                   description=__doc__.split("\n\n")[0])
+    add_dataclass_arguments(parser, MineConfig)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_mine(config_from_args(MineConfig, args))
+    return 0
