@@ -6,8 +6,8 @@ batch size). Each run is its own process, so its peak RSS is its own:
 
     ours cold   distill mine, empty embedding cache
     ours warm   the same command again: corpus and query embeddings from the cache
-    ST          mine_hard_negatives, no cache
-    ST warm     mine_hard_negatives with cache_folder, second call
+    ST          mine_hard_negatives with an empty cache_folder
+    ST warm     the same call again: embeddings from its cache_folder
 
 at two corpus sizes: the data set's corpus, and that corpus grown about 4x with
 passages from other sets (the queries stay the same), to show memory does not
@@ -37,12 +37,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# Each worker's clock starts before its imports: both pay for importing torch and transformers.
 def worker_ours(data: str, output: str, cache: str, model: str) -> dict:
+    started = time.perf_counter()
     from distill.stages.mine import MineConfig, run_mine
 
     cfg = MineConfig(model=model, data=data, split="train", output=Path(output), cache_dir=Path(cache),
                      overwrite=True, show_progress=False, **SETTINGS)
-    started = time.perf_counter()
     report = run_mine(cfg)
     seconds = time.perf_counter() - started
     chosen = {}
@@ -54,6 +55,7 @@ def worker_ours(data: str, output: str, cache: str, model: str) -> dict:
 
 
 def worker_st(data: str, output: str, cache: str, model: str) -> dict:
+    started = time.perf_counter()
     import numpy as np
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
@@ -70,7 +72,6 @@ def worker_st(data: str, output: str, cache: str, model: str) -> dict:
              for p, g in rset.qrels[q].items() if g > 0]
     dataset = Dataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
     del rset
-    started = time.perf_counter()
     model_st = SentenceTransformer(model, device="cpu")
     mined = mine_hard_negatives(dataset, model_st, corpus=passages, range_min=SETTINGS["range_min"],
                                 range_max=SETTINGS["range_max"], relative_margin=SETTINGS["relative_margin"],
@@ -99,9 +100,11 @@ def run_worker(name: str, data: Path, output: Path, cache: Path | None, model: s
 def grown_set(data: Path, extra: list[Path]) -> Path:
     """`data` with the passages of `extra` sets added to its corpus (ids prefixed); same queries and qrels."""
     folder = OUT / f"{data.name}_grown"
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(data, folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    # copyfile, not copytree: the shared sets are read-only and their modes must not come along
+    (folder / "qrels").mkdir(parents=True)
+    for path in [data / "corpus.jsonl", data / "queries.jsonl", *(data / "qrels").iterdir()]:
+        shutil.copyfile(path, folder / path.relative_to(data))
     with open(folder / "corpus.jsonl", "a", encoding="utf-8") as out:
         for i, other in enumerate(extra):
             for line in open(other / "corpus.jsonl", encoding="utf-8"):
@@ -137,9 +140,8 @@ def main() -> None:
         runs = {
             "ours cold": run_worker("ours", data, OUT / f"ours_{label}.jsonl", cache, args.model),
             "ours warm": run_worker("ours", data, OUT / f"ours_{label}.jsonl", cache, args.model),
-            "ST": run_worker("st", data, OUT / f"st_{label}.jsonl", None, args.model),
+            "ST": run_worker("st", data, OUT / f"st_{label}.jsonl", st_cache, args.model),  # fills its cache
         }
-        run_worker("st", data, OUT / f"st_{label}.jsonl", st_cache, args.model)  # fills ST's cache
         runs["ST warm"] = run_worker("st", data, OUT / f"st_{label}.jsonl", st_cache, args.model)
         shared, total = overlap(runs["ours cold"]["chosen"], runs["ST"]["chosen"])
         base = runs["ST"]["queries"] / runs["ST"]["seconds"]

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +27,9 @@ def _base_type(annotation: Any) -> Any:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of `cls`; fields without a default are required."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    own = cls.__dict__.get("__annotations__", {})
+    # the command's own settings first, then those inherited from shared groups (e.g. encoder flags)
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
@@ -63,3 +66,18 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     if missing:
         raise ValueError("missing required settings: " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return cls(**values)
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, cls: type[T], runner: Callable[[T], Any],
+                help: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command whose flags are `cls`'s fields and whose handler runs `runner(config)` (exit status 0)."""
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, cls)
+
+    def handler(args: argparse.Namespace) -> int:
+        runner(config_from_args(cls, args))
+        return 0
+
+    parser.set_defaults(handler=handler)
+    return parser

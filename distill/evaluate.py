@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import add_dataclass_arguments, config_from_args
+from .config import add_command
 from .data import RetrievalSet, load_retrieval_set
 from .encoding import EncodingSettings
 from .index import IndexConfig, build_index, corpus_embeddings, embeddings, query_source, search
@@ -76,10 +76,8 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="retrieval metrics of an encoder on a BEIR-style set",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(parser, EvalConfig)
-    parser.set_defaults(handler=lambda args: run(config_from_args(EvalConfig, args)))
+    add_command(subparsers, "eval", EvalConfig, run, help="retrieval metrics of an encoder on a BEIR-style set",
+                description=__doc__)
 
 
 def run(cfg: EvalConfig) -> int:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "distill_encoder.json"
 DEFAULT_MAX_LENGTH = 512
+TOKENIZE_SLICE = 1024  # texts tokenised at once by encode()
 
 
 def cls_pooling(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -244,9 +245,13 @@ class BiEncoder(torch.nn.Module):
             return out
         was_training = self.training
         self.eval()
-        token_ids = self.tokenizer(self.prefixed(texts, kind), truncation=True, max_length=self.max_length(kind),
-                                   add_special_tokens=True, return_attention_mask=False,
-                                   return_token_type_ids=False)["input_ids"]
+        prefixed = self.prefixed(texts, kind)
+        token_ids: list[np.ndarray] = []
+        for start in range(0, len(prefixed), TOKENIZE_SLICE):
+            # compact int32 arrays per slice: the tokenizer's own Encoding objects cost far more than the ids
+            token_ids.extend(np.asarray(ids, dtype=np.int32) for ids in self.tokenizer(
+                prefixed[start:start + TOKENIZE_SLICE], truncation=True, max_length=self.max_length(kind),
+                add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)["input_ids"])
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         order = np.argsort(-lengths, kind="stable")
         pad_id = self.tokenizer.pad_token_id or 0

@@ -15,6 +15,39 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SQUAD_MINI = Path(__file__).resolve().parents[1] / "distill" / "resources" / "squad_mini"
 
 
+def units_done(output: Path) -> int:
+    """Units a resumable stage has on disk, from its progress file (0 before the first chunk)."""
+    try:
+        return json.loads(Path(str(output) + ".progress.json").read_text())["units_done"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def kill_9_twice_then_finish(start, output: Path, max_pause: float) -> None:
+    """Start a stage (`start()` -> Popen) writing `output`, SIGKILL it twice at random moments once it has
+    chunks on disk (at most `max_pause` seconds after a new chunk), then run it to the end."""
+    import random
+    import signal
+    import time
+
+    kills = 0
+    for _ in range(2):
+        process = start()
+        before = units_done(output)
+        deadline = time.time() + 300
+        while units_done(output) <= before and process.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(random.uniform(0.0, max_pause))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+    assert kills >= 1, "the job finished before it could be killed; make it longer"
+    assert not json.loads(Path(str(output) + ".progress.json").read_text())["complete"]
+    process = start()
+    assert process.wait(timeout=600) == 0, process.stderr.read()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

@@ -3,23 +3,18 @@ candidates, candidates files, queries without answers, shards, and resuming
 after kill -9 to the very same bytes."""
 from __future__ import annotations
 
-import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import read_jsonl, write_jsonl
+from conftest import kill_9_twice_then_finish, read_jsonl, write_jsonl
 from distill.cli import main
 from distill.data import load_retrieval_set
-from distill.stages.writer import progress_path
 from labelers.backends.hf import HFBackend, HFBackendConfig
 from labelers.prompts import load_template
 from labelers.reward import RewardInputs
@@ -151,35 +146,10 @@ def _label_process(llm: Path, output: Path, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _units_done(output: Path) -> int:
-    try:
-        return json.loads(progress_path(output).read_text())["units_done"]
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def test_kill_9_then_rerun_gives_the_same_bytes(tiny_llama_dir, tmp_path):
     reference = tmp_path / "reference.jsonl"
     process = _label_process(tiny_llama_dir, reference)
     assert process.wait(timeout=600) == 0, process.stderr.read()
-
     killed = tmp_path / "killed.jsonl"
-    rng = random.Random()
-    kills = 0
-    for _ in range(2):  # two kills at random moments, each after some chunks are on disk
-        process = _label_process(tiny_llama_dir, killed)
-        start_units = _units_done(killed)
-        deadline = time.time() + 300
-        while _units_done(killed) <= start_units + 1 and process.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.5))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
-    assert kills >= 1, "the job finished before it could be killed; make it longer"
-    assert not json.loads(progress_path(killed).read_text())["complete"]
-
-    process = _label_process(tiny_llama_dir, killed)
-    assert process.wait(timeout=600) == 0, process.stderr.read()
+    kill_9_twice_then_finish(lambda: _label_process(tiny_llama_dir, killed), killed, max_pause=0.5)
     assert killed.read_bytes() == reference.read_bytes()

@@ -2,23 +2,17 @@
 filter, and the same negatives as sentence-transformers' miner."""
 from __future__ import annotations
 
-import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from conftest import read_jsonl, write_jsonl
+from conftest import kill_9_twice_then_finish, read_jsonl, write_jsonl
 from distill.cli import main
 from distill.data import load_retrieval_set
 from distill.model import BiEncoder
-from distill.stages.writer import progress_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,36 +73,13 @@ def _mine_process(model: Path, output: Path, cache: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _units_done(output: Path) -> int:
-    try:
-        return json.loads(progress_path(output).read_text())["units_done"]
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def test_kill_9_then_rerun_gives_the_same_bytes(tiny_bert_dir, tmp_path):
     cache = tmp_path / "cache"
     reference = tmp_path / "reference.jsonl"
     process = _mine_process(tiny_bert_dir, reference, cache)
     assert process.wait(timeout=600) == 0, process.stderr.read()
-
     killed = tmp_path / "killed.jsonl"
-    kills = 0
-    for _ in range(2):  # kill at a random moment after some chunks are on disk
-        process = _mine_process(tiny_bert_dir, killed, cache)
-        start_units = _units_done(killed)
-        deadline = time.time() + 300
-        while _units_done(killed) <= start_units and process.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        time.sleep(random.uniform(0.0, 0.05))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
-    assert kills >= 1, "the job finished before it could be killed; make it longer"
-    assert not json.loads(progress_path(killed).read_text())["complete"]
-    process = _mine_process(tiny_bert_dir, killed, cache)
-    assert process.wait(timeout=600) == 0, process.stderr.read()
+    kill_9_twice_then_finish(lambda: _mine_process(tiny_bert_dir, killed, cache), killed, max_pause=0.05)
     assert killed.read_bytes() == reference.read_bytes()
 
 
@@ -194,3 +165,16 @@ def test_same_negatives_as_sentence_transformers(minilm_dir, tmp_path):
     shared = sum(len(set(v) & set(ours[q])) for q, v in theirs.items())
     assert total > 0.9 * 5 * len(theirs)
     assert shared / total >= 0.99, f"{shared}/{total}"
+
+
+def test_label_scores_the_mined_candidates(tiny_bert_dir, tiny_llama_dir, tmp_path):
+    candidates = tmp_path / "cand.jsonl"
+    assert main(mine_args(tiny_bert_dir, candidates, tmp_path / "cache", "--num-negatives", "3")) == 0
+    labels = tmp_path / "labels.jsonl"
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", "squad-mini", "--split", "train", "--candidates",
+                 str(candidates), "--output", str(labels), "--shard", "0/24", "--dtype", "float32",
+                 "--no-show-progress"]) == 0
+    mined = {r["qid"]: r for r in read_jsonl(candidates)}
+    for record in read_jsonl(labels):
+        m = mined[record["qid"]]
+        assert record["pids"] == m["positives"] + m["pids"] and len(record["rewards"]) == len(record["pids"])

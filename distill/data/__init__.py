@@ -66,6 +66,11 @@ class Corpus:
         found = pc.index_in(pa.array(ids, pa.string()), value_set=self._id_array)
         return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
+    def rows_of_each(self, id_lists: list[list[str]]) -> list[np.ndarray]:
+        """`rows_of` for many id lists with one lookup (per-list calls each rebuild the id hash table)."""
+        flat = self.rows_of([i for ids in id_lists for i in ids])
+        return np.split(flat, np.cumsum([len(ids) for ids in id_lists])[:-1]) if id_lists else []
+
     def passages_at(self, rows: np.ndarray, include_title: bool = True) -> list[str]:
         """Passage strings (see `format_passage`) at the given rows, in that order."""
         taken = self.table.select(["title", "text"]).take(pa.array(np.asarray(rows, dtype=np.int64)))

@@ -34,7 +34,7 @@ from labelers.backends import BACKENDS, create_backend
 from labelers.prompts import load_template
 from labelers.reward import Group, RewardInputs, score_groups
 
-from ..config import add_dataclass_arguments, config_from_args
+from ..config import add_command
 from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
 from ..data.sources import iter_jsonl
 from ..files import file_digest
@@ -287,12 +287,5 @@ def run_label(cfg: LabelConfig) -> dict:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("label", help="score candidate passages with a teacher LLM (soft labels)",
-                                   description=__doc__.split("\n\n")[0])
-    add_dataclass_arguments(parser, LabelConfig)
-    parser.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    run_label(config_from_args(LabelConfig, args))
-    return 0
+    add_command(subparsers, "label", LabelConfig, run_label, help="score candidate passages with a teacher LLM (soft labels)",
+                description=__doc__.split("\n\n")[0])

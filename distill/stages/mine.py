@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import add_dataclass_arguments, config_from_args
+from ..config import add_command
 from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
 from ..data.sources import iter_jsonl
 from ..encoding import EncodingSettings
@@ -137,14 +137,15 @@ class Miner:
         by_id = dict(zip(rset.queries.ids, rset.queries.texts))
         self.texts = [by_id[q] for q in qids]
         self.positive_ids = [[p for p, grade in rset.qrels[q].items() if grade > 0] for q in qids]
-        self.positive_rows = [corpus.rows_of(p) for p in self.positive_ids]
+        self.positive_rows = corpus.rows_of_each(self.positive_ids)
         own = pc.fill_null(pc.index_in(pa.array(self.texts, pa.string()), value_set=corpus.table["text"].combine_chunks()),
                            -1).to_numpy(zero_copy_only=False).astype(np.int64)
         teacher = teacher_exclusions(read_labels(cfg.labels)) if cfg.labels else {}
         self.teacher_excluded = sum(len(teacher.get(q, ())) for q in qids)
-        self.excluded = [np.unique(np.concatenate([pos, own[i:i + 1][own[i:i + 1] >= 0],
-                                                   corpus.rows_of(teacher.get(q, []))]).astype(np.int64))
-                         for i, (q, pos) in enumerate(zip(qids, self.positive_rows))]
+        teacher_rows = corpus.rows_of_each([teacher.get(q, []) for q in qids])
+        self.excluded = [np.unique(np.concatenate([pos, own[i:i + 1], teacher_rows[i]]))
+                         for i, pos in enumerate(self.positive_rows)]
+        self.excluded = [e[e >= 0] for e in self.excluded]  # -1: no passage is the query's text / unknown id
         # the same search depth for every chunk and shard: the window plus the most rows any query excludes
         most_excluded = max((sum(g > 0 for g in d.values()) + 1 + len(teacher.get(q, ())) for q, d in rset.qrels.items()),
                             default=1)
@@ -311,12 +312,5 @@ def run_mine(cfg: MineConfig) -> dict:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("mine", help="candidate negatives per query (dense, SimANS, BM25, random...)",
-                                   description=__doc__.split("\n\n")[0])
-    add_dataclass_arguments(parser, MineConfig)
-    parser.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    run_mine(config_from_args(MineConfig, args))
-    return 0
+    add_command(subparsers, "mine", MineConfig, run_mine, help="candidate negatives per query (dense, SimANS, BM25, random...)",
+                description=__doc__.split("\n\n")[0])
