@@ -287,5 +287,6 @@ def run_label(cfg: LabelConfig) -> dict:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    add_command(subparsers, "label", LabelConfig, run_label, help="score candidate passages with a teacher LLM (soft labels)",
+    add_command(subparsers, "label", LabelConfig, run_label,
+                help="score candidate passages with a teacher LLM (soft labels)",
                 description=__doc__.split("\n\n")[0])

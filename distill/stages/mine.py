@@ -312,5 +312,6 @@ def run_mine(cfg: MineConfig) -> dict:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    add_command(subparsers, "mine", MineConfig, run_mine, help="candidate negatives per query (dense, SimANS, BM25, random...)",
+    add_command(subparsers, "mine", MineConfig, run_mine,
+                help="candidate negatives per query (dense, SimANS, BM25, random...)",
                 description=__doc__.split("\n\n")[0])
