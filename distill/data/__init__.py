@@ -144,6 +144,10 @@ class RetrievalSet:
     split: str
     problems: ProblemLog = field(default_factory=ProblemLog)
 
+    def positives(self, qid: str) -> list[str]:
+        """The query's relevant passage ids (qrels grade > 0), in qrels order."""
+        return [pid for pid, grade in self.qrels[qid].items() if grade > 0]
+
     def fingerprint(self) -> str:
         """Digest of the corpus content, the queries file and this split's qrels: a stage's input identity."""
         from ..files import file_digest

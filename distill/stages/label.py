@@ -174,7 +174,7 @@ class Labeler:
 
     def candidates_of(self, qid: str, listed: list[str] | None) -> tuple[list[str], int]:
         """(pids with the positives first, number of positives)."""
-        positives = [p for p, grade in self.rset.qrels[qid].items() if grade > 0]
+        positives = self.rset.positives(qid)
         if listed is not None:
             return positives + [p for p in listed if p not in set(positives)], len(positives)
         rows = draw_uniform(len(self.rset.corpus), self.rset.corpus.rows_of(positives), self.cfg.num_random,

@@ -136,27 +136,24 @@ class Miner:
         corpus = rset.corpus
         by_id = dict(zip(rset.queries.ids, rset.queries.texts))
         self.texts = [by_id[q] for q in qids]
-        self.positive_ids = [[p for p, grade in rset.qrels[q].items() if grade > 0] for q in qids]
+        self.positive_ids = [rset.positives(q) for q in qids]
         self.positive_rows = corpus.rows_of_each(self.positive_ids)
         own = pc.fill_null(pc.index_in(pa.array(self.texts, pa.string()), value_set=corpus.table["text"].combine_chunks()),
                            -1).to_numpy(zero_copy_only=False).astype(np.int64)
         teacher = teacher_exclusions(read_labels(cfg.labels)) if cfg.labels else {}
-        self.teacher_excluded = sum(len(teacher.get(q, ())) for q in qids)
         teacher_rows = corpus.rows_of_each([teacher.get(q, []) for q in qids])
         self.excluded = [np.unique(np.concatenate([pos, own[i:i + 1], teacher_rows[i]]))
                          for i, pos in enumerate(self.positive_rows)]
         self.excluded = [e[e >= 0] for e in self.excluded]  # -1: no passage is the query's text / unknown id
         # the same search depth for every chunk and shard: the window plus the most rows any query excludes
-        most_excluded = max((sum(g > 0 for g in d.values()) + 1 + len(teacher.get(q, ())) for q, d in rset.qrels.items()),
-                            default=1)
+        most_excluded = max((len(rset.positives(q)) + 1 + len(teacher.get(q, ())) for q in rset.qrels), default=1)
         self.depth = self.params.range_max + most_excluded
 
         self.encoder = encoder
         self.passages = self.queries = self.index = None
-        if "dense" in pools or (self.params.filters_scores and encoder is None):
-            if encoder is None:
-                raise ValueError(f"--strategy {cfg.strategy}" + (" with score filters" if "dense" not in pools else "")
-                                 + " needs a dense --model")
+        if encoder is None and ("dense" in pools or self.params.filters_scores):
+            raise ValueError(f"--strategy {cfg.strategy}" + (" with score filters" if "dense" not in pools else "")
+                             + " needs a dense --model")
         if encoder is not None:
             cache = cfg.cache_path
             self.passages = embeddings(encoder, passage_source(corpus, cfg.include_title), cache_dir=cache,

@@ -121,16 +121,14 @@ def _resume_point(output: Path, settings: dict, n_units: int, overwrite: bool) -
 
 
 def write_resumable(output: Path, n_units: int, process: Callable[[int, int], list[dict]], *, settings: dict[str, Any],
-                    chunk_size: int = 64, overwrite: bool = False,
-                    on_chunk: Callable[[int, int, list[dict]], None] | None = None, show_progress: bool = False,
+                    chunk_size: int = 64, overwrite: bool = False, show_progress: bool = False,
                     desc: str = "", unit: str = "unit", postfix: Callable[[float], str] | None = None) -> JobSummary:
     """Run `process(start, stop) -> records` over units [0, n_units) in chunks, appending to `output`.
 
     `process` must be deterministic in (start, stop): the same chunk always
-    yields the same records. `on_chunk(start, stop, records)` is called after
-    each chunk is safely on disk (logs). With `show_progress`, a progress bar
-    counts units (from where a resumed job starts) and shows `postfix(seconds
-    this run has taken)` after each chunk.
+    yields the same records. With `show_progress`, a progress bar counts units
+    (from where a resumed job starts) and shows `postfix(seconds this run has
+    taken)` after each chunk.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
@@ -160,6 +158,4 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
             bar.update(stop - start)
             if postfix is not None and show_progress:
                 bar.set_postfix_str(postfix(time.perf_counter() - started))
-            if on_chunk is not None:
-                on_chunk(start, stop, records)
     return JobSummary(output, n_units, done, written, time.perf_counter() - started, True)
