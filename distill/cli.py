@@ -15,10 +15,11 @@ from labelers.backends import BackendError
 
 from . import evaluate
 from .data import DataError
+from . import train
 from .stages import label, mine
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
-COMMANDS = [evaluate, mine, label]
+COMMANDS = [evaluate, mine, label, train]
 EXIT_BAD_INPUT = 2
 EXIT_BACKEND_REFUSED = 1
 

@@ -36,6 +36,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         options: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:  # list[str] / list[Path]: one or more values
+            item = typing.get_args(kind)[0]
+            options.update(nargs="+", type=Path if item is Path else item, metavar=f.metadata.get("metavar", f.name.upper()))
         else:
             options["type"] = Path if kind is Path else kind
             if "choices" in f.metadata:

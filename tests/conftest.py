@@ -149,3 +149,26 @@ def tiny_llama_dir(tmp_path_factory):
     LlamaForCausalLM(config).eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def squad_mini_train_labels(tiny_llama_dir, tmp_path_factory) -> Path:
+    """Teacher labels for squad-mini's train queries: `distill label` with the tiny Llama (hf, fp32),
+    each query's positive plus 7 seeded random passages."""
+    from distill.cli import main
+
+    out = tmp_path_factory.mktemp("labels") / "labels.jsonl"
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", "squad-mini", "--split", "train", "--output",
+                 str(out), "--dtype", "float32", "--device", "cpu", "--no-show-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with dropout off, so runs that split a batch differently are comparable."""
+    out = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    shutil.copytree(tiny_bert_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out

@@ -1,0 +1,89 @@
+"""Training examples: one query, its labelled positive, and a pool of candidate negatives.
+
+Read from teacher labels (`distill label`: positives first, then candidates,
+each with a reward), from candidates (`distill mine`: negatives without
+rewards, i.e. plain triples), or from the qrels alone (pairs; in-batch
+negatives only). A candidate that is a positive of the query in the qrels is
+never a negative.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data import DataError, RetrievalSet
+
+
+@dataclass
+class Example:
+    qid: str
+    query: str
+    positive: int                      # corpus row of slot 0
+    pool: np.ndarray                   # candidate negative rows (int64)
+    positive_reward: float | None = None
+    pool_rewards: np.ndarray | None = None  # aligned with `pool`
+    task: int = 0
+    labelled: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (rows, rewards) as read
+
+
+@dataclass
+class ExampleSet:
+    examples: list[Example]
+    skipped: dict[str, int]            # reason -> count (reported, never silent)
+
+
+def _positive_rows(rset: RetrievalSet, qid: str) -> np.ndarray:
+    return rset.corpus.rows_of(rset.positives(qid))
+
+
+def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, positive_choice: str,
+                         task: int = 0) -> ExampleSet:
+    """Labels lines -> examples; slot 0 is the first positive, or with `teacher` the best-rewarded one."""
+    texts = dict(zip(rset.queries.ids, rset.queries.texts))
+    out, skipped = [], {"not in split": 0, "no negatives": 0}
+    rows_each = rset.corpus.rows_of_each([r["pids"] for r in records])
+    for line_no, (record, rows) in enumerate(zip(records, rows_each), start=1):
+        qid = record["qid"]
+        if qid not in rset.qrels:
+            skipped["not in split"] += 1
+            continue
+        if (rows < 0).any():
+            bad = record["pids"][int(np.argmax(rows < 0))]
+            raise DataError(f"{path}:{line_no}: field 'pids': unknown passage id {bad!r}")
+        rewards = np.asarray(record["rewards"], dtype=np.float64)
+        n_pos = record["n_positives"]
+        if n_pos < 1:
+            raise DataError(f"{path}:{line_no}: field 'n_positives': the line has no positive")
+        chosen = int(np.argmax(rewards[:n_pos])) if positive_choice == "teacher" else 0
+        negative = ~np.isin(rows, _positive_rows(rset, qid))
+        negative[:n_pos] = False
+        if not negative.any():
+            skipped["no negatives"] += 1
+            continue
+        out.append(Example(qid, texts[qid], int(rows[chosen]), rows[negative], float(rewards[chosen]),
+                           rewards[negative], task, labelled=(rows[negative], rewards[negative])))
+    return ExampleSet(out, skipped)
+
+
+def examples_from_candidates(records: list[tuple[str, list[str]]], rset: RetrievalSet, task: int = 0) -> ExampleSet:
+    """Candidates (qid, negative pids) -> examples without rewards; slot 0 is the first qrels positive."""
+    texts = dict(zip(rset.queries.ids, rset.queries.texts))
+    out, skipped = [], {"no negatives": 0}
+    rows_each = rset.corpus.rows_of_each([pids for _, pids in records])
+    for (qid, _), rows in zip(records, rows_each):
+        positives = _positive_rows(rset, qid)
+        pool = rows[~np.isin(rows, positives)]
+        if not len(pool):
+            skipped["no negatives"] += 1
+            continue
+        out.append(Example(qid, texts[qid], int(positives[0]), pool, task=task))
+    return ExampleSet(out, skipped)
+
+
+def examples_from_qrels(rset: RetrievalSet, task: int = 0) -> ExampleSet:
+    """(query, first positive) pairs: in-batch negatives only."""
+    out = [Example(qid, text, int(_positive_rows(rset, qid)[0]), np.empty(0, dtype=np.int64), task=task)
+           for qid, text in zip(rset.queries.ids, rset.queries.texts) if rset.positives(qid)]
+    return ExampleSet(out, {})
