@@ -331,6 +331,7 @@ class Trainer:
     def log(self, record: dict) -> None:
         if not self.ctx.is_main:
             return
+        self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -368,12 +369,16 @@ class Trainer:
                 f.truncate(self.state["log_bytes"])
 
     def save_model(self, folder: Path) -> None:
+        """A sentence-transformers folder; a sub-folder (best/) is replaced whole, OUTDIR itself file by file."""
         if self.ctx.is_main:
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.encoder.save(tmp)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            if folder == self.out:
+                self.encoder.save(folder)  # the run is marked done only after this (training_summary.json)
+            else:
+                tmp = folder.with_name(folder.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.encoder.save(tmp)
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
         barrier(self.ctx)
 
     # ----- re-mining -----------------------------------------------------------------------------

@@ -103,3 +103,115 @@ def test_two_gloo_processes_equal_one_process(tiny_bert_no_dropout, squad_mini_t
             continue
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
         torch.testing.assert_close(c, a, rtol=0, atol=1e-5)
+
+
+def wait_for_new_checkpoint(path: Path, process, after: float) -> None:
+    import time
+
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if path.exists() and path.stat().st_mtime > after:
+            return
+        time.sleep(0.01)
+
+
+def test_kill_9_then_resume_reaches_the_same_metrics(tiny_bert_dir, squad_mini_train_labels, tmp_path):
+    import random
+    import signal
+
+    flags = train_flags(tiny_bert_dir, squad_mini_train_labels, "--max-steps", "60", "--save-steps", "5",
+                        "--eval-split", "test", "--eval-steps", "20", "--logging-steps", "5", "--seed", "1")
+    whole = tmp_path / "whole"
+    assert main(["train", *flags, "--output", str(whole)]) == 0
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "distill", "train", *flags, "--output", str(killed)]
+    kills = 0
+    for attempt in range(2):
+        process = subprocess.Popen(command + (["--resume"] if attempt else []), env=ENV, stderr=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, text=True)
+        checkpoint = killed / "checkpoint.pt"
+        wait_for_new_checkpoint(checkpoint, process, checkpoint.stat().st_mtime if checkpoint.exists() else 0)
+        import time
+        time.sleep(random.uniform(0, 0.5))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+    assert kills >= 1 and not (killed / "training_summary.json").exists()
+    finished = subprocess.run(command + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    want = json.loads((whole / "training_summary.json").read_text())
+    got = json.loads((killed / "training_summary.json").read_text())
+    assert got["steps"] == want["steps"] == 60
+    assert want["after"]["ndcg@10"] != want["before"]["ndcg@10"]  # training changed the model
+    assert abs(got["after"]["ndcg@10"] - want["after"]["ndcg@10"]) <= 0.001  # within 0.1 points
+    log = read_jsonl(killed / "train_log.jsonl")
+    steps = [r["step"] for r in log if r["kind"] == "train"]
+    assert steps == list(range(5, 61, 5))  # nothing lost, nothing logged twice
+    want_losses = [r["loss"] for r in read_jsonl(whole / "train_log.jsonl") if r["kind"] == "train"]
+    np.testing.assert_allclose([r["loss"] for r in log if r["kind"] == "train"], want_losses, atol=1e-4)
+
+
+def test_trained_folder_loads_in_sentence_transformers_with_card_log_and_plot(tiny_bert_dir, squad_mini_train_labels,
+                                                                             tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from distill.model import BiEncoder
+
+    out = tmp_path / "model"
+    flags = [*train_flags(tiny_bert_dir, squad_mini_train_labels, "--max-steps", "12", "--eval-split", "test",
+                          "--eval-steps", "6", "--logging-steps", "3", "--loss", "kl:1.0,infonce:0.2"),
+             "--output", str(out)]
+    assert main(["train", *flags]) == 0
+    texts = ["who wrote the treaty?", "The treaty was signed in 1648."]
+    ours = BiEncoder.load(out, device="cpu").encode(texts, kind="passage")
+    theirs = SentenceTransformer(str(out), device="cpu").encode(texts)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert not np.allclose(ours, BiEncoder.load(tiny_bert_dir, device="cpu").encode(texts, kind="passage"), atol=1e-4)
+    card = (out / "README.md").read_text()
+    assert "kl:1,infonce:0.2" in card and "library_name: sentence-transformers" in card and "| trained |" in card
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "best" / "modules.json").exists() and not (out / "checkpoint.pt").exists()
+    log = read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in log if r["kind"] == "eval"] == [0, 6, 12]
+    assert all(set(r["terms"]) == {"kl", "infonce"} for r in log if r["kind"] == "train")
+    capsys.readouterr()
+    assert main(["train", *flags]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(["train", *flags[:-1], str(tmp_path / "other"), "--labels", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_remining_follows_the_student(tiny_bert_dir, squad_mini_train_labels, tmp_path):
+    from distill.train import TrainConfig, Trainer
+    from distill.training.distributed import Distributed
+
+    cfg = TrainConfig(model=str(tiny_bert_dir), data=["squad-mini"], labels=[squad_mini_train_labels],
+                      output=tmp_path / "r", loss="infonce", device="cpu", cache=False, train_batch_size=8,
+                      num_negatives=3, remine_pool_size=4, range_min=1, range_max=20, show_progress=False)
+    trainer = Trainer(cfg, Distributed())
+    before = [e.pool.copy() for e in trainer.examples]
+    trainer.remine(list(range(len(trainer.examples))), "refresh")
+    rset = trainer.rsets[0]
+    passages = trainer.encoder.encode(rset.corpus.passages_at(np.arange(len(rset.corpus))), kind="passage")
+    queries = trainer.encoder.encode([e.query for e in trainer.examples], kind="query")
+    changed = 0
+    for example, q, old in zip(trainer.examples, queries, before):
+        scores = passages @ q
+        positives = set(rset.corpus.rows_of(rset.positives(example.qid)).tolist())
+        ranking = [r for r in np.lexsort((np.arange(len(scores)), -scores)).tolist() if r not in positives]
+        assert sorted(example.pool.tolist()) == sorted(ranking[1:5])  # the window [1, 5) of the student's ranking
+        changed += not np.array_equal(np.sort(old), np.sort(example.pool))
+    assert changed > len(before) // 2
+    # the rest of the epoch is planned with the new pools
+    pools = {i: set(e.pool.tolist()) for i, e in enumerate(trainer.examples)}
+    assert all(set(g.negatives.tolist()) <= pools[g.example] for b in trainer.plan.batches for g in b)
+
+
+def test_bad_labels_line_names_file_line_and_field(tiny_bert_dir, squad_mini_train_labels, tmp_path, capsys):
+    records = read_jsonl(squad_mini_train_labels)
+    records[3]["pids"][2] = "no-such-passage"
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, records)
+    assert main(["train", *train_flags(tiny_bert_dir, bad), "--output", str(tmp_path / "o")]) == 2
+    assert f"{bad}:4: field 'pids'" in capsys.readouterr().err
