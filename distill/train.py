@@ -44,7 +44,8 @@ from .negatives import STRATEGIES, SamplingParams
 from .stages.label import read_candidates
 from .stages.mine import read_labels
 from .training.batches import EpochPlan, Group, plan_epoch
-from .training.distributed import Distributed, barrier, gather_with_local_grad, init_distributed, sum_gradients
+from .training.distributed import (Distributed, barrier, broadcast_object, gather_with_local_grad, init_distributed,
+                                   sum_gradients)
 from .training.examples import ExampleSet, examples_from_candidates, examples_from_labels, examples_from_qrels
 from .training.remine import RemineSettings, ScoreTracker, remine
 from .training.report import model_card, plot_training, read_log
@@ -325,8 +326,7 @@ class Trainer:
             metrics = evaluate(self.encoder, self.eval_rset, batch_size=self.cfg.batch_size,
                                include_title=self.cfg.include_title, cache_dir=None, index=self.cfg.index_config())
         self.encoder.train()
-        barrier(self.ctx)
-        return metrics
+        return broadcast_object(metrics, self.ctx)  # every rank takes the same best-checkpoint decision
 
     def log(self, record: dict) -> None:
         if not self.ctx.is_main:
