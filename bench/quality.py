@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-5)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--max-passage-length", type=int, default=256)
+    parser.add_argument("--batch-dedup", default="none",
+                        help="none: the first squad_dev train queries share one article, so the dedup rules cannot "
+                             "fill batches; own positives are masked in-batch whatever the mode")
     parser.add_argument("--only", nargs="*", help="loss names to run (default: all rows)")
     args = parser.parse_args()
     if args.model is None:
@@ -67,7 +70,7 @@ def main() -> None:
                     args.labels, "--output", str(folder), "--loss", loss, "--epochs", str(args.epochs),
                     "--train-batch-size", str(args.batch), "--num-negatives", str(args.num_negatives),
                     "--learning-rate", str(args.learning_rate), "--temperature", str(args.temperature),
-                    "--max-passage-length", str(args.max_passage_length), "--no-cache", "--no-show-progress",
+                    "--max-passage-length", str(args.max_passage_length), "--batch-dedup", args.batch_dedup, "--no-cache", "--no-show-progress",
                     "--resume", "--save-steps", "10")
         seconds[label] = round(time.perf_counter() - started, 1)
         table[label] = evaluate(str(folder), args.data, args.eval_split, args.out / f"{loss}.json")

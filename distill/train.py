@@ -43,7 +43,7 @@ from .losses import LOSSES, LossInputs, Objective
 from .negatives import STRATEGIES, SamplingParams
 from .stages.label import read_candidates
 from .stages.mine import read_labels
-from .training.batches import EpochPlan, Group, plan_epoch
+from .training.batches import EpochPlan, Group, false_negative_mask, plan_epoch
 from .training.distributed import (Distributed, barrier, broadcast_object, gather_with_local_grad, init_distributed,
                                    sum_gradients)
 from .training.examples import ExampleSet, examples_from_candidates, examples_from_labels, examples_from_qrels
@@ -78,7 +78,8 @@ class TrainConfig(EncodingSettings):
                                                        "choices": ["first", "teacher"]})
     batch_dedup: str = field(default="positives", metadata={
         "help": "what may not repeat within a batch: positives (no positive is another query's key) or strict "
-                "(no passage twice)", "choices": ["positives", "strict"]})
+                "(no passage twice) or none; a query's own positives are masked out of its in-batch keys in every mode",
+                "choices": ["positives", "strict", "none"]})
     train_batch_size: int = field(default=32, metadata={"help": "queries per step over all devices"})
     epochs: int = field(default=1, metadata={"help": "passes over the examples"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
@@ -218,7 +219,8 @@ class Trainer:
         self.plan = self.new_plan(0)
         per_epoch = len(self.plan.batches) // cfg.gradient_accumulation_steps
         if per_epoch < 1:
-            raise ValueError(f"{len(self.examples)} examples make no full batch of {cfg.train_batch_size}")
+            raise ValueError(f"{len(self.examples)} examples make no full batch of {cfg.train_batch_size} under "
+                             f"--batch-dedup {cfg.batch_dedup} (topically clustered data: try --batch-dedup none)")
         self.total_steps = cfg.max_steps or per_epoch * cfg.epochs
         self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.remine_settings = RemineSettings(
@@ -259,11 +261,12 @@ class Trainer:
         with self.autocast():
             return self.encoder(**self.encoder.tokenize(texts, kind)).float()
 
-    def loss_of(self, queries: torch.Tensor, keys: torch.Tensor, rewards: torch.Tensor | None):
+    def loss_of(self, queries: torch.Tensor, keys: torch.Tensor, rewards: torch.Tensor | None,
+                masked: torch.Tensor):
         """The global batch's loss from this rank's embeddings (others' gathered without gradients)."""
         q = gather_with_local_grad(queries, self.ctx)
         k = gather_with_local_grad(keys, self.ctx)
-        scores = q @ k.T / self.cfg.temperature
+        scores = (q @ k.T / self.cfg.temperature).masked_fill(masked, float("-inf"))
         n = self.group_size
         group = torch.arange(len(q), device=q.device)[:, None] * n + torch.arange(n, device=q.device)
         inputs = LossInputs(scores, group, rewards, self.cfg.teacher_temperature, self.cfg.student_temperature)
@@ -279,10 +282,12 @@ class Trainer:
         rewards = None
         if self.objective.needs_rewards:
             rewards = torch.tensor(np.stack([g.rewards for g in groups]), dtype=torch.float32, device=self.device)
+        masked = torch.from_numpy(false_negative_mask(self.examples, groups)).to(self.device)
         scale = 1.0 / self.cfg.gradient_accumulation_steps
         chunk = self.cfg.grad_cache_chunk_size
         if not chunk:
-            total, parts, negative = self.loss_of(self.embed(queries, "query"), self.embed(keys, "passage"), rewards)
+            total, parts, negative = self.loss_of(self.embed(queries, "query"), self.embed(keys, "passage"), rewards,
+                                                    masked)
             self.scaler.scale(total * scale).backward()
             return float(total.detach()), parts, negative
         # GradCache: embeddings without a graph, the loss's gradients w.r.t. them, then chunk-wise re-encoding
@@ -294,7 +299,7 @@ class Trainer:
                     states.append(rng_state())
                     pieces.append(self.embed(texts[start:start + chunk], kind))
             cached[kind] = (torch.cat(pieces).requires_grad_(), states)
-        total, parts, negative = self.loss_of(cached["query"][0], cached["passage"][0], rewards)
+        total, parts, negative = self.loss_of(cached["query"][0], cached["passage"][0], rewards, masked)
         self.scaler.scale(total * scale).backward()
         after = rng_state()
         for kind, texts in (("query", queries), ("passage", keys)):

@@ -64,6 +64,21 @@ def test_batches_never_reuse_a_positive_and_are_deterministic(squad_mini_train_l
     assert {examples[b[0].example].task for b in plan.batches} == {0, 1}
 
 
+def test_in_batch_keys_equal_to_a_querys_positive_are_masked(squad_mini_train_labels):
+    from distill.training.batches import false_negative_mask
+
+    rset, examples = squad_mini_examples(squad_mini_train_labels)
+    plan = plan_epoch(examples, epoch=0, seed=0, batch_size=8, num_negatives=3, dedup="none")
+    batch = plan.batches[0]
+    batch[1].negatives[0] = examples[batch[0].example].positive  # query 0's positive as query 1's negative
+    mask = false_negative_mask(examples, batch)
+    key_rows = [r for g in batch for r in [examples[g.example].positive, *g.negatives.tolist()]]
+    for b, g in enumerate(batch):
+        own = set(examples[g.example].positives.tolist())
+        assert mask[b].tolist() == [r in own and k != 4 * b for k, r in enumerate(key_rows)]
+    assert mask[0, 4 + 1] and not mask[0, 0]
+
+
 def test_dynamic_rule_flags_examples_whose_negatives_got_easy():
     tracker = ScoreTracker()
     for example, first, later in [(0, 0.6, 0.5), (1, 0.6, 0.55), (2, 0.9, 0.7), (3, -0.2, -0.3), (4, 0.95, 0.85)]:

@@ -10,7 +10,11 @@ Collisions (`dedup`):
   positive and any key of another (it would be a false negative). Hard
   negatives shared by two queries are allowed: they are negatives for both.
 - "strict": no passage and no query text twice in a batch at all (feasible
-  when hard negatives are spread over a large corpus). With several tasks each batch holds one task, and the batches
+  when hard negatives are spread over a large corpus).
+- "none": any order (for topically clustered data, where the rules above
+  cannot fill batches).
+Whatever the mode, the trainer masks out of a query's denominator every
+in-batch key that is one of its own positives (`false_negative_mask`). With several tasks each batch holds one task, and the batches
 of all tasks are then shuffled together. The last incomplete batch of each
 task is left out (counted).
 """
@@ -53,7 +57,7 @@ def draw_group(example: Example, index: int, num_negatives: int, rng: np.random.
     return Group(index, negatives, rewards)
 
 
-DEDUP_MODES = ("positives", "strict")
+DEDUP_MODES = ("positives", "strict", "none")
 
 
 def plan_epoch(examples: list[Example], *, epoch: int, seed: int, batch_size: int, num_negatives: int,
@@ -68,14 +72,14 @@ def plan_epoch(examples: list[Example], *, epoch: int, seed: int, batch_size: in
         order = members[query_rng(seed, f"epoch {epoch} task {task}").permutation(len(members))]
         groups = [draw_group(examples[i], int(i), num_negatives, query_rng(seed, f"epoch {epoch} {examples[i].qid}"))
                   for i in order]
-        batches, rest = _fill_without_duplicates(groups, examples, batch_size, dedup == "strict")
+        batches, rest = _fill_without_duplicates(groups, examples, batch_size, dedup)
         per_task.extend(batches)
         left_out += rest
     shuffle = query_rng(seed, f"epoch {epoch} batches").permutation(len(per_task))
     return EpochPlan([per_task[i] for i in shuffle], left_out)
 
 
-def _fill_without_duplicates(groups: list[Group], examples: list[Example], batch_size: int, strict: bool):
+def _fill_without_duplicates(groups: list[Group], examples: list[Example], batch_size: int, mode: str):
     batches, remaining = [], groups
     while len(remaining) >= batch_size:
         batch, positives, keys, queries, deferred = [], set(), set(), set(), []
@@ -83,8 +87,8 @@ def _fill_without_duplicates(groups: list[Group], examples: list[Example], batch
             example = examples[group.example]
             negatives = set(group.negatives.tolist())
             own_keys = negatives | {example.positive}
-            clash = (example.query in queries or example.positive in keys or positives & negatives
-                     or (strict and keys & own_keys))
+            clash = mode != "none" and (example.query in queries or example.positive in keys or positives & negatives
+                                        or (mode == "strict" and keys & own_keys))
             if clash:
                 deferred.append(group)
                 continue
@@ -100,3 +104,16 @@ def _fill_without_duplicates(groups: list[Group], examples: list[Example], batch
         batches.append(batch)
         remaining = deferred
     return batches, len(remaining)
+
+
+def false_negative_mask(examples: list[Example], batch: list[Group]) -> np.ndarray:
+    """[B, B·(1+n)] True where key k is one of query b's positives but not b's own slot 0."""
+    key_rows = np.concatenate([np.concatenate([[examples[g.example].positive], g.negatives]) for g in batch])
+    size = len(key_rows) // len(batch)
+    mask = np.zeros((len(batch), len(key_rows)), dtype=bool)
+    for b, group in enumerate(batch):
+        positives = examples[group.example].positives
+        if positives is not None:
+            mask[b] = np.isin(key_rows, positives)
+        mask[b, b * size] = False
+    return mask

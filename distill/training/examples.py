@@ -26,6 +26,7 @@ class Example:
     pool_rewards: np.ndarray | None = None  # aligned with `pool`
     task: int = 0
     labelled: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (rows, rewards) as read
+    positives: np.ndarray | None = field(default=None, repr=False)  # every qrels positive row (masked in-batch)
 
 
 @dataclass
@@ -63,7 +64,8 @@ def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, po
             skipped["no negatives"] += 1
             continue
         out.append(Example(qid, texts[qid], int(rows[chosen]), rows[negative], float(rewards[chosen]),
-                           rewards[negative], task, labelled=(rows[negative], rewards[negative])))
+                           rewards[negative], task, labelled=(rows[negative], rewards[negative]),
+                           positives=np.union1d(_positive_rows(rset, qid), rows[:n_pos])))
     return ExampleSet(out, skipped)
 
 
@@ -78,12 +80,16 @@ def examples_from_candidates(records: list[tuple[str, list[str]]], rset: Retriev
         if not len(pool):
             skipped["no negatives"] += 1
             continue
-        out.append(Example(qid, texts[qid], int(positives[0]), pool, task=task))
+        out.append(Example(qid, texts[qid], int(positives[0]), pool, task=task, positives=positives))
     return ExampleSet(out, skipped)
 
 
 def examples_from_qrels(rset: RetrievalSet, task: int = 0) -> ExampleSet:
     """(query, first positive) pairs: in-batch negatives only."""
-    out = [Example(qid, text, int(_positive_rows(rset, qid)[0]), np.empty(0, dtype=np.int64), task=task)
-           for qid, text in zip(rset.queries.ids, rset.queries.texts) if rset.positives(qid)]
+    out = []
+    for qid, text in zip(rset.queries.ids, rset.queries.texts):
+        positives = _positive_rows(rset, qid)
+        if len(positives):
+            out.append(Example(qid, text, int(positives[0]), np.empty(0, dtype=np.int64), task=task,
+                               positives=positives))
     return ExampleSet(out, {})
