@@ -423,6 +423,9 @@ class Trainer:
                 state["epoch"] += 1
                 state["batch"] = 0
                 self.plan = self.new_plan(state["epoch"])
+                if len(self.plan.batches) < cfg.gradient_accumulation_steps:
+                    raise ValueError(f"epoch {state['epoch']} makes {len(self.plan.batches)} batches, fewer than "
+                                     f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps}")
                 continue
             terms: dict[str, float] = {}
             for _ in range(cfg.gradient_accumulation_steps):
@@ -511,6 +514,8 @@ def run_train(cfg: TrainConfig) -> dict:
         print(f"{len(trainer.examples)} examples ({', '.join(f'{v} {k}' for k, v in trainer.skipped.items() if v) or 'none skipped'})"
               f", groups of {trainer.group_size}, batch {cfg.train_batch_size} x {ctx.world_size} process(es), "
               f"{trainer.total_steps} steps, objective {trainer.objective}{teacher_note}"
+              + (f"; {trainer.plan.left_out} examples do not fill the last batch of an epoch"
+                 if trainer.plan.left_out else "")
               + (f"; resumed at step {trainer.state['step']}" if resumed else ""))
     after = trainer.train()
     trainer.save_model(out)
