@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -36,19 +35,18 @@ import numpy as np
 import torch
 
 from .config import add_command
-from .data import DataError, RetrievalSet, load_retrieval_set
+from .data import load_retrieval_set
 from .encoding import EncodingSettings
 from .evaluate import evaluate, format_table
 from .losses import LOSSES, LossInputs, Objective
-from .negatives import STRATEGIES, SamplingParams
-from .stages.label import read_candidates
+from .negatives import SamplingParams
 from .stages.mine import read_labels
 from .training.batches import EpochPlan, Group, false_negative_mask, plan_epoch
 from .training.distributed import (Distributed, barrier, broadcast_object, gather_with_local_grad, init_distributed,
                                    sum_gradients)
-from .training.examples import ExampleSet, examples_from_candidates, examples_from_labels, examples_from_qrels
 from .training.remine import RemineSettings, ScoreTracker, remine
 from .training.report import model_card, plot_training, read_log
+from .training.setup import autocast_dtype, load_examples, make_optimizer, make_scheduler, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -135,66 +133,6 @@ class TrainConfig(EncodingSettings):
                              "--num-negatives >= 0")
 
 
-# ----- pieces ---------------------------------------------------------------------------------
-
-def load_examples(cfg: TrainConfig) -> tuple[list[RetrievalSet], list, dict[str, int]]:
-    rsets, examples, skipped = [], [], {}
-    for task, data in enumerate(cfg.data):
-        rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid)
-        if cfg.labels:
-            found: ExampleSet = examples_from_labels(read_labels(cfg.labels[task]), rset, cfg.labels[task],
-                                                     cfg.positive, task)
-        elif cfg.candidates:
-            found = examples_from_candidates(read_candidates(cfg.candidates[task], rset), rset, task)
-        else:
-            found = examples_from_qrels(rset, task)
-        for reason, count in found.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + count
-        rsets.append(rset)
-        examples.extend(found.examples)
-    if not examples:
-        raise DataError(f"no training examples in {cfg.data} (split {cfg.split!r})")
-    return rsets, examples, skipped
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def make_optimizer(encoder, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, parameter in encoder.backbone.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    from transformers import get_scheduler
-
-    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
-
-
-def rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: Distributed):
         self.cfg, self.ctx = cfg, ctx
@@ -231,7 +169,7 @@ class Trainer:
             batch_size=cfg.batch_size)
         self.tracker = ScoreTracker()
         self.state = {"step": 0, "epoch": 0, "batch": 0, "remine_rounds": 0, "best": None, "before": None,
-                      "log_bytes": 0, "examples_seen": 0}
+                      "log_bytes": 0}
         self.eval_rset = (load_retrieval_set(cfg.eval_data or cfg.data[0], cfg.eval_split,
                                              skip_invalid=cfg.skip_invalid) if cfg.eval_split else None)
         self.out = Path(cfg.output)
@@ -441,7 +379,6 @@ class Trainer:
                 window_samples += len(groups)
             self.optimizer_step()
             state["step"] += 1
-            state["examples_seen"] += cfg.train_batch_size * cfg.gradient_accumulation_steps
             bar.update(1)
             step = state["step"]
             if step % cfg.logging_steps == 0 or step == self.total_steps:

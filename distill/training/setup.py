@@ -1,0 +1,67 @@
+"""What a training run is set up from: its examples, optimizer, schedule, precision and random state."""
+from __future__ import annotations
+
+import torch
+
+from ..data import DataError, RetrievalSet, load_retrieval_set
+from ..stages.label import read_candidates
+from ..stages.mine import read_labels
+from .examples import ExampleSet, examples_from_candidates, examples_from_labels, examples_from_qrels
+
+
+def load_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int]]:
+    rsets, examples, skipped = [], [], {}
+    for task, data in enumerate(cfg.data):
+        rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid)
+        if cfg.labels:
+            found: ExampleSet = examples_from_labels(read_labels(cfg.labels[task]), rset, cfg.labels[task],
+                                                     cfg.positive, task)
+        elif cfg.candidates:
+            found = examples_from_candidates(read_candidates(cfg.candidates[task], rset), rset, task)
+        else:
+            found = examples_from_qrels(rset, task)
+        for reason, count in found.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+        rsets.append(rset)
+        examples.extend(found.examples)
+    if not examples:
+        raise DataError(f"no training examples in {cfg.data} (split {cfg.split!r})")
+    return rsets, examples, skipped
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def make_optimizer(encoder, cfg) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, parameter in encoder.backbone.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
