@@ -16,10 +16,10 @@ from labelers.backends import BackendError
 from . import evaluate
 from .data import DataError
 from . import train
-from .stages import label, mine
+from .stages import generate, label, mine
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
-COMMANDS = [evaluate, mine, label, train]
+COMMANDS = [generate, mine, label, train, evaluate]
 EXIT_BAD_INPUT = 2
 EXIT_BACKEND_REFUSED = 1
 

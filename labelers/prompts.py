@@ -5,11 +5,16 @@ setting lines (`## key: value`):
 
 - `chat`: true to wrap the filled prompt in the tokenizer's chat template as
   the user turn (the continuation is then the assistant's reply);
-- `continuation`: `answer` (answer-likelihood reward) or `question` (query
-  likelihood, UPR);
-- `separator`: JSON string put between prompt and continuation, e.g. `" "`.
+- `continuation`: `answer` (answer-likelihood reward), `question` (query
+  likelihood, UPR) or `pair` (the LLM writes a question and its answer:
+  query generation);
+- `separator`: JSON string put between prompt and continuation, e.g. `" "`;
+- `question_label`, `answer_label` (pair templates): JSON strings that start
+  the generated question (the prompt ends with it) and the answer, e.g.
+  `"Question:"` and `"Answer:"`.
 
-The rest is the body, with `{passage}` and, for answer templates, `{question}`.
+The rest is the body, with `{passage}`; answer templates also hold
+`{question}`, pair templates `{examples}` (the few-shot block).
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SETTINGS = {"chat", "continuation", "separator"}
+SETTINGS = {"chat", "continuation", "separator", "question_label", "answer_label"}
+CONTINUATIONS = ("answer", "question", "pair")
 
 
 @dataclass(frozen=True)
@@ -25,12 +31,16 @@ class PromptTemplate:
     name: str
     body: str
     chat: bool
-    continuation: str  # "answer" | "question"
+    continuation: str  # "answer" | "question" | "pair"
     separator: str
+    question_label: str = "Question:"
+    answer_label: str = "Answer:"
 
-    def fill(self, passage: str, question: str) -> str:
-        # replace, not str.format: passages may hold braces
-        return self.body.replace("{passage}", passage).replace("{question}", question)
+    def fill(self, passage: str, question: str = "", examples: str = "") -> str:
+        # replace, not str.format: passages may hold braces; the passage goes in last so its text is never read
+        # as a placeholder
+        filled = self.body.replace("{question}", question).replace("{examples}", examples)
+        return filled.replace("{passage}", passage)
 
 
 def packaged_templates() -> dict[str, Path]:
@@ -55,12 +65,13 @@ def parse_template(text: str, name: str) -> PromptTemplate:
             body_lines.append(line)
     body = "\n".join(body_lines).strip("\n")
     continuation = settings.get("continuation", "answer")
-    if continuation not in ("answer", "question"):
-        raise ValueError(f"{name}: continuation must be answer or question, got {continuation!r}")
+    if continuation not in CONTINUATIONS:
+        raise ValueError(f"{name}: continuation must be one of {CONTINUATIONS}, got {continuation!r}")
     if "{passage}" not in body or (continuation == "answer" and "{question}" not in body):
         raise ValueError(f"{name}: the body must contain {{passage}}" + (" and {question}" if continuation == "answer" else ""))
     return PromptTemplate(name=name, body=body, chat=settings.get("chat", "false").lower() == "true",
-                          continuation=continuation, separator=json.loads(settings.get("separator", '""')))
+                          continuation=continuation, separator=json.loads(settings.get("separator", '""')),
+                          **{k: json.loads(settings[k]) for k in ("question_label", "answer_label") if k in settings})
 
 
 def load_template(name_or_path: str) -> PromptTemplate:

@@ -172,3 +172,11 @@ def tiny_bert_no_dropout(tiny_bert_dir, tmp_path_factory) -> Path:
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct (fp32 folder dequantised from its pip package's GGUF)."""
+    from labelers.models import smollm2_135m_instruct
+
+    return smollm2_135m_instruct(tmp_path_factory.mktemp("smollm2"))

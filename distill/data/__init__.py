@@ -25,7 +25,7 @@ from .tables import (CORPUS_FIELDS, QRELS_FIELDS, QUERY_FIELDS, drop_duplicate_i
                      read_table)
 
 __all__ = ["Corpus", "Queries", "RetrievalSet", "DataError", "Problem", "ProblemLog", "EMBEDDED_SETS",
-           "load_corpus", "load_queries", "load_retrieval_set", "resolve_data_dir", "format_passage"]
+           "load_corpus", "load_corpus_of", "load_queries", "load_retrieval_set", "resolve_data_dir", "format_passage"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,12 @@ def load_queries(path: Path, log: ProblemLog | None = None) -> Queries:
     """A queries table from one file or datasets folder."""
     log = log if log is not None else ProblemLog()
     return Queries(_read_checked(path, QUERY_FIELDS, log), path)
+
+
+def load_corpus_of(data: str | Path, skip_invalid: bool = False) -> tuple[Corpus, ProblemLog]:
+    """The corpus of a BEIR-style folder (or embedded set) alone: raw text needs no queries or qrels."""
+    log = ProblemLog(skip_invalid=skip_invalid)
+    return load_corpus(_find_table(resolve_data_dir(data), "corpus"), log), log
 
 
 def load_retrieval_set(data: str | Path, split: str = "test", skip_invalid: bool = False) -> RetrievalSet:

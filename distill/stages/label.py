@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from labelers.backends import BACKENDS, create_backend
 from labelers.prompts import load_template
 from labelers.reward import Group, RewardInputs, score_groups
 
@@ -40,6 +39,7 @@ from ..data.sources import iter_jsonl
 from ..files import file_digest
 from ..negatives import query_rng
 from ..negatives.uniform import draw_uniform
+from .teacher import TeacherSettings, default_template
 from .writer import Shard, is_complete, write_resumable
 
 logger = logging.getLogger(__name__)
@@ -47,17 +47,10 @@ logger = logging.getLogger(__name__)
 MISSING_ANSWERS = ("query", "generate", "error")
 
 
-@dataclass
-class LabelConfig:
-    llm: str = field(metadata={"help": "teacher LLM: local folder or hub name (its tokenizer is used by every backend)"})
+@dataclass(kw_only=True)
+class LabelConfig(TeacherSettings):
     data: str = field(metadata={"help": "BEIR-style folder or embedded set name"})
     output: Path = field(metadata={"help": "labels JSON Lines file to write (resumes if partly written)"})
-    backend: str = field(default="hf", metadata={"help": "LLM backend", "choices": sorted(BACKENDS)})
-    base_url: str = field(default="http://localhost:8000/v1", metadata={"help": "openai backend: server URL"})
-    served_model: str | None = field(default=None,
-                                     metadata={"help": "openai backend: model name on the server (default: --llm)"})
-    api_key_env: str = field(default="OPENAI_API_KEY",
-                             metadata={"help": "openai backend: environment variable holding the API key"})
     split: str = field(default="train", metadata={"help": "qrels split whose queries are labelled"})
     candidates: Path | None = field(default=None, metadata={"help": "candidates JSONL from `distill mine`; "
                                                                     "default: positives + --num-random random passages"})
@@ -80,17 +73,6 @@ class LabelConfig:
     chunk_size: int = field(default=16, metadata={"help": "queries per fsync'd output chunk (and per backend call)"})
     overwrite: bool = field(default=False, metadata={"help": "discard an existing output instead of resuming it"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
-    device: str | None = field(default=None, metadata={"help": "hf backend: torch device"})
-    dtype: str | None = field(default=None, metadata={"help": "hf/vllm backends: float32|bfloat16|float16 "
-                                                             "(default: bf16 on GPUs that have it, fp32 on CPU)"})
-    token_budget: int = field(default=8192, metadata={"help": "hf backend: padded tokens per forward pass"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length"})
-    enforce_eager: bool = field(default=False, metadata={
-        "help": "vllm backend: no graph compilation (starts in seconds; use where compilation fails)"})
-    concurrency: int = field(default=4, metadata={"help": "openai backend: requests in flight"})
-    max_retry_seconds: float = field(default=600.0, metadata={"help": "openai backend: retry a failing request "
-                                                                      "this long before giving up"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code to run"})
     show_progress: bool = field(default=True, metadata={"help": "progress bar"})
 
 
@@ -120,24 +102,12 @@ def read_candidates(path: Path, rset: RetrievalSet) -> list[tuple[str, list[str]
     return out
 
 
-def default_template(language: str, kind: str, chat: bool) -> str:
-    return f"{kind}_{language}_chat" if chat and f"{kind}_{language}_chat" in _packaged() else f"{kind}_{language}"
-
-
-def _packaged() -> set[str]:
-    from labelers.prompts import packaged_templates
-
-    return set(packaged_templates())
-
-
 class Labeler:
     """Turns a slice of the job's queries into label records; deterministic in the slice."""
 
     def __init__(self, cfg: LabelConfig, rset: RetrievalSet, units: list[tuple[str, list[str] | None]]):
-        from transformers import AutoTokenizer
-
         self.cfg, self.rset, self.units = cfg, rset, units
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.llm, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = cfg.load_tokenizer()
         chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.answer_inputs = RewardInputs(self.tokenizer, load_template(
             cfg.prompt or default_template(cfg.language, "reward", chat)), cfg.max_passage_tokens)
@@ -159,12 +129,7 @@ class Labeler:
 
     def _backend(self):
         if self.backend is None:
-            c = self.cfg
-            self.backend = create_backend(
-                c.backend, model=(c.served_model or c.llm) if c.backend == "openai" else c.llm, device=c.device,
-                dtype=c.dtype, token_budget=c.token_budget, trust_remote_code=c.trust_remote_code,
-                max_model_len=c.max_model_len, enforce_eager=c.enforce_eager, base_url=c.base_url,
-                api_key_env=c.api_key_env, concurrency=c.concurrency, max_retry_seconds=c.max_retry_seconds, seed=c.seed)
+            self.backend = self.cfg.create_backend(self.cfg.seed)
         return self.backend
 
     def close(self) -> None:
@@ -223,7 +188,7 @@ class Labeler:
             return
         prompts = [self.tokenizer(self.answer_inputs.prompt_text(j["question"], j["passages"][0]),
                                   add_special_tokens=not self.answer_inputs.template.chat)["input_ids"] for j in jobs]
-        for job, answer in zip(jobs, self._backend().generate(prompts, self.cfg.max_answer_tokens)):
+        for job, (answer,) in zip(jobs, self._backend().generate(prompts, self.cfg.max_answer_tokens)):
             if answer:
                 job["answers"] = [answer]
             else:

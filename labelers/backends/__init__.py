@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from .base import Backend, BackendError, Score
+from .base import GREEDY, Backend, BackendError, Sampling, Score
 
 # name -> (module, config class, backend class)
 BACKENDS = {
@@ -31,4 +31,4 @@ def create_backend(name: str, **options) -> Backend:
     return getattr(module, backend_name)(config)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "Score", "create_backend"]
+__all__ = ["BACKENDS", "GREEDY", "Backend", "BackendError", "Sampling", "Score", "create_backend"]

@@ -4,7 +4,7 @@ A backend scores continuations given prompts, both as token ids from the
 teacher's own tokenizer, so that every backend scores the very same tokens:
 
     score(prompts, continuations) -> [Score(logprob_sum, n_tokens)]
-    generate(prompts, max_new_tokens) -> [text]          (greedy)
+    generate(prompts, max_new_tokens, sampling) -> [[text] * sampling.n]
     close()
 
 where logprob_sum = Σ_i log p(c_i | prompt, c_<i) in nats over the
@@ -29,6 +29,30 @@ class Score:
         return self.logprob_sum / self.n_tokens if self.n_tokens else 0.0
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How `generate` decodes: temperature 0 is greedy; otherwise nucleus sampling (top_p) at that
+    temperature, `n` completions per prompt, repeatable for a given seed and call."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.n < 1:
+            raise ValueError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and n >= 1, got {self}")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("greedy decoding (temperature 0) gives one completion per prompt; set a temperature")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
 class Backend(Protocol):
     name: str
 
@@ -36,8 +60,9 @@ class Backend(Protocol):
         """Σ log p(continuation | prompt) for each pair, in input order."""
         ...
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
-        """Greedy completion of each prompt, as text without special tokens."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling = GREEDY) -> list[list[str]]:
+        """`sampling.n` completions of each prompt, as text without special tokens, in input order."""
         ...
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import Score, check_pairs
+from .base import GREEDY, Sampling, Score, check_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -118,31 +118,39 @@ class HFBackend:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
-        """Greedy decoding, left-padded batches of similar length."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling = GREEDY) -> list[list[str]]:
+        """Left-padded batches of similar length; sampling draws from torch's RNG seeded with
+        `sampling.seed` at the start of the call (the caller's RNG state is restored after)."""
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
-        texts: list[str | None] = [None] * len(prompts)
-        lengths = [len(p) + max_new_tokens for p in prompts]
-        for batch in length_buckets(lengths, self.cfg.token_budget, self.cfg.max_batch_rows):
-            width = max(len(prompts[i]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]))
-                mask[r, width - len(prompts[i]):] = 1
-            eos = self.model.generation_config.eos_token_id
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                      eos_token_id=eos)
-            stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-            for r, i in enumerate(batch):
-                new = out[r, width:].tolist()
-                end = next((k for k, t in enumerate(new) if t in stops), len(new))  # padding follows EOS
-                texts[i] = self.tokenizer.decode(new[:end], skip_special_tokens=True).strip()
-        return texts  # type: ignore[return-value]
+        texts: list[list[str]] = [[] for _ in prompts]
+        lengths = [(len(p) + max_new_tokens) * sampling.n for p in prompts]
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        options = dict(do_sample=False) if sampling.greedy else dict(
+            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+            num_return_sequences=sampling.n)
+        devices = [torch.device(self.device)] if str(self.device).startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(sampling.seed)
+            for batch in length_buckets(lengths, self.cfg.token_budget, max(1, self.cfg.max_batch_rows // sampling.n)):
+                width = max(len(prompts[i]) for i in batch)
+                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]))
+                    mask[r, width - len(prompts[i]):] = 1
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                          eos_token_id=eos, **options)
+                for row in range(out.shape[0]):  # num_return_sequences rows per prompt, in prompt order
+                    new = out[row, width:].tolist()
+                    end = next((k for k, t in enumerate(new) if t in stops), len(new))  # padding follows EOS
+                    texts[batch[row // sampling.n]].append(self.tokenizer.decode(new[:end], skip_special_tokens=True).strip())
+        return texts
 
     def close(self) -> None:
         """Drop the model so its memory is freed before the next stage loads one."""

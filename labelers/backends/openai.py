@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import httpx
 from tenacity import (before_sleep_log, retry, retry_if_exception, stop_after_delay, wait_exponential)
 
-from .base import BackendError, Score, check_pairs
+from .base import GREEDY, BackendError, Sampling, Score, check_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -83,20 +83,23 @@ class OpenAIBackend:
                                f"{_server_message(response)}")
         return response.json()
 
-    def _completions(self, prompts: list[list[int]], **options) -> list[dict]:
-        """One choice per prompt, in order, over the pool; the first refusal stops everything."""
+    def _completions(self, prompts: list[list[int]], n: int = 1, **options) -> list[dict]:
+        """`n` choices per prompt, in order, over the pool; the first refusal stops everything."""
         size = max(1, self.cfg.prompts_per_request)
         requests = [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
-        def send(batch: list[list[int]]) -> list[dict]:
-            body = self._post({"model": self.cfg.model, "prompt": batch, **options})
-            choices = sorted(body["choices"], key=lambda c: c["index"])
-            if len(choices) != len(batch):
-                raise BackendError(f"server answered {len(choices)} choices for {len(batch)} prompts")
+        def send(k: int, batch: list[list[int]]) -> list[dict]:
+            extra = {"n": n} if n > 1 else {}
+            if "seed" in options:  # one seed per request, so a prompt's samples do not depend on the pool
+                extra["seed"] = options["seed"] + k
+            body = self._post({"model": self.cfg.model, "prompt": batch, **options, **extra})
+            choices = sorted(body["choices"], key=lambda c: c["index"])  # prompt i's j-th is index i*n + j
+            if len(choices) != len(batch) * n:
+                raise BackendError(f"server answered {len(choices)} choices for {len(batch)} prompts x {n}")
             return choices
 
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
-            futures = [pool.submit(send, batch) for batch in requests]
+            futures = [pool.submit(send, k, batch) for k, batch in enumerate(requests)]
             try:
                 return [choice for future in futures for choice in future.result()]
             except BaseException:
@@ -118,6 +121,11 @@ class OpenAIBackend:
             scores.append(Score(float(sum(tail)), len(sequence) - len(prompt)))
         return scores
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
-        choices = self._completions([list(p) for p in prompts], max_tokens=max_new_tokens, temperature=0.0)
-        return [c["text"].strip() for c in choices]
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling = GREEDY) -> list[list[str]]:
+        options = dict(max_tokens=max_new_tokens, temperature=sampling.temperature)
+        if not sampling.greedy:
+            options.update(top_p=sampling.top_p, seed=sampling.seed)
+        choices = self._completions([list(p) for p in prompts], n=sampling.n, **options)
+        n = sampling.n
+        return [[c["text"].strip() for c in choices[i * n:(i + 1) * n]] for i in range(len(prompts))]

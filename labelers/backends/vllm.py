@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .base import BackendError, Score, check_pairs
+from .base import GREEDY, BackendError, Sampling, Score, check_pairs
 
 ENGINES_STARTED = 0  # in-process engines built so far (the CLI exits hard after one ran; see distill.cli)
 
@@ -81,10 +81,14 @@ class VLLMBackend:
             scores.append(Score(float(total), len(sequence) - len(prompt)))
         return scores
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
-        params = self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-        return [out.outputs[0].text.strip() for out in self._run(prompts, params)]
-
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling = GREEDY) -> list[list[str]]:
+        """Prompt i is sampled with seed `sampling.seed + i`: repeatable whatever else is in the batch."""
+        params = [self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=sampling.temperature,
+                                           top_p=sampling.top_p, n=sampling.n,
+                                           seed=None if sampling.greedy else sampling.seed + i)
+                  for i in range(len(prompts))]
+        return [[c.text.strip() for c in sorted(out.outputs, key=lambda c: c.index)] for out in self._run(prompts, params)]
 
     def close(self) -> None:
         """Stop the engine-core process now. Left to interpreter exit, its shutdown races the

@@ -1,0 +1,364 @@
+"""`distill generate`: synthetic (query, answer) supervision from raw passages.
+
+For each passage (all of them, or `--max-passages` drawn with `--seed`) the
+teacher LLM samples `--questions-per-passage` completions of a query-generation
+template (`prompts/generate_<language>[_chat].txt`, with few-shot examples),
+each parsed into a question and a short answer. Filters (`labelers.filters`)
+then remove, in order, and count: parse failures, length outliers, questions
+copied from the passage, answers the teacher finds unlikely given their own
+passage (`--min-support`), duplicate questions, and pairs failing Promptagator's
+round-trip check (the source passage not in `--retriever`'s top `--round-trip-k`).
+
+Output folder (`--output DIR`), a BEIR folder the next stages take as `--data`:
+
+    DIR/corpus.jsonl            the input corpus
+    DIR/queries.jsonl           {"_id", "text", "answers": [answer], "positives": [pid], "support"}
+    DIR/qrels/train.tsv         query-id, corpus-id, score (1)
+    DIR/generations.jsonl       every sample per passage, with its filter verdict (resumable, sharded)
+    DIR/generate_summary.json   counts per filter and the job's settings (written last)
+
+The per-passage work (sampling, parsing, the first four filters) goes through
+`stages.writer`: resumable after a kill with identical output, and split with
+`--shard i/n` (shard i writes `generations.<i>of<n>.jsonl`; an unsharded run
+over the same folder then uses the complete shard files instead of sampling
+again). The corpus-wide filters and the folder are written at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from labelers.backends import Sampling
+from labelers.filters import FILTERS, FilterSettings, Pair, apply_filters
+from labelers.generation import PairPrompts, generate_pairs, load_examples, packaged_examples
+from labelers.prompts import load_template
+from labelers.reward import Group, RewardInputs, score_groups
+
+from ..config import add_command
+from ..data import Corpus, load_corpus_of
+from ..data.sources import iter_jsonl
+from ..encoding import EncodingSettings
+from ..files import file_digest, write_json_atomic
+from ..index import build_index, corpus_embeddings, embeddings, query_source, search
+from .teacher import TeacherSettings, default_template
+from .writer import Shard, is_complete, read_progress, write_resumable
+
+logger = logging.getLogger(__name__)
+
+PASSAGE_FILTERS = ("parse", "length", "copied", "unsupported")  # decided per passage, while sampling
+CORPUS_FILTERS = ("duplicate", "round_trip")                    # need every pair (or the retriever)
+SUMMARY = "generate_summary.json"
+_F = FilterSettings()
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(TeacherSettings):
+    data: str = field(metadata={"help": "BEIR-style folder (only its corpus is read) or an embedded set name"})
+    output: Path = field(metadata={"help": "folder to write: corpus, synthetic queries, qrels/train.tsv"})
+    language: str = field(default="en", metadata={"help": "language of the default prompts", "choices": ["en", "zh"]})
+    prompt: str | None = field(default=None, metadata={
+        "help": "query-generation template: packaged name or file (default: generate_<language>[_chat])"})
+    few_shot: Path | None = field(default=None, metadata={
+        "help": "few-shot examples, JSON Lines {passage, question, answer} (default: the packaged ones)"})
+    num_few_shot: int = field(default=2, metadata={"help": "few-shot examples shown in each prompt (0: none)"})
+    questions_per_passage: int = field(default=2, metadata={"help": "completions sampled per passage"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0: greedy, one per passage)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling top-p"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per completion"})
+    max_passages: int | None = field(default=None, metadata={"help": "sample this many passages (default: all)"})
+    min_passage_chars: int = field(default=50, metadata={"help": "passages shorter than this get no questions"})
+    seed: int = field(default=0, metadata={"help": "seed of the passage sample and of sampling"})
+    filters: list[str] = field(default_factory=lambda: list(FILTERS), metadata={
+        "help": f"filters to apply, from {', '.join(FILTERS)} (parse always runs: an unparsed sample has no pair)"})
+    min_question_chars: int = field(default=_F.min_question_chars, metadata={"help": "length filter"})
+    max_question_chars: int = field(default=_F.max_question_chars, metadata={"help": "length filter"})
+    min_answer_chars: int = field(default=_F.min_answer_chars, metadata={"help": "length filter"})
+    max_answer_chars: int = field(default=_F.max_answer_chars, metadata={"help": "length filter"})
+    max_copy_overlap: float = field(default=_F.max_copy_overlap, metadata={
+        "help": "copied filter: remove when one span of the passage covers this share of the question"})
+    min_support: float = field(default=_F.min_support, metadata={
+        "help": "unsupported filter: least mean log-prob (nats/token) of the answer given its passage"})
+    round_trip_k: int = field(default=_F.round_trip_k, metadata={
+        "help": "round_trip filter: the source passage must be in the retriever's top k"})
+    retriever: str = field(default="sentence-transformers/all-MiniLM-L6-v2", metadata={
+        "help": "dense encoder for the round_trip filter (usually the student to be trained)"})
+    support_prompt: str | None = field(default=None, metadata={
+        "help": "answer-likelihood template for the unsupported filter (default: reward_<language>[_chat])"})
+    max_passage_tokens: int = field(default=384, metadata={"help": "passages are cut to this many teacher tokens"})
+    include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
+    shard: str | None = field(default=None, metadata={"help": "i/n: sample only the i-th of n slices of the passages"})
+    chunk_size: int = field(default=16, metadata={"help": "passages per fsync'd output chunk (and per backend call)"})
+    batch_size: int = field(default=64, metadata={"help": "retriever: texts per encoder batch"})
+    overwrite: bool = field(default=False, metadata={"help": "discard earlier output instead of resuming it"})
+    skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
+    show_progress: bool = field(default=True, metadata={"help": "progress bar"})
+
+    def filter_settings(self) -> FilterSettings:
+        return FilterSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilterSettings)})
+
+    def sampling(self) -> Sampling:
+        n = 1 if self.temperature == 0 else self.questions_per_passage
+        return Sampling(temperature=self.temperature, top_p=self.top_p, n=n, seed=self.seed)
+
+
+def selected_rows(corpus: Corpus, cfg: GenerateConfig) -> np.ndarray:
+    """Rows of the passages to write questions for, in corpus order: long enough, then sampled with the seed."""
+    from pyarrow import compute as pc
+
+    lengths = pc.utf8_length(corpus.table["text"]).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(lengths >= cfg.min_passage_chars)
+    if cfg.max_passages is not None and cfg.max_passages < len(rows):
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, cfg.max_passages, replace=False))
+    return rows
+
+
+class PairWriter:
+    """Samples, parses and filters pairs for a slice of the job's passages; deterministic in the slice."""
+
+    def __init__(self, cfg: GenerateConfig, corpus: Corpus, rows: np.ndarray):
+        self.cfg, self.corpus, self.rows = cfg, corpus, rows
+        tokenizer = cfg.load_tokenizer()
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        template = load_template(cfg.prompt or default_template(cfg.language, "generate", chat))
+        few_shot = load_examples(cfg.few_shot or packaged_examples(cfg.language))[:cfg.num_few_shot]
+        self.prompts = PairPrompts(tokenizer, template, few_shot, cfg.max_passage_tokens)
+        self.support = RewardInputs(tokenizer, load_template(
+            cfg.support_prompt or default_template(cfg.language, "reward", chat)), cfg.max_passage_tokens)
+        if self.support.template.continuation != "answer":
+            raise ValueError(f"--support-prompt {self.support.template.name} must score answers")
+        self.filters = [f for f in PASSAGE_FILTERS if f in cfg.filters]
+        self.settings = cfg.filter_settings()
+        self.backend = None
+        self.generated = 0
+
+    def template_names(self) -> dict[str, str]:
+        return {"generate": self.prompts.template.name, "support": self.support.template.name}
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def process(self, start: int, stop: int) -> list[dict]:
+        cfg = self.cfg
+        if self.backend is None:
+            self.backend = cfg.create_backend(cfg.seed)
+        rows = self.rows[start:stop]
+        passages = self.corpus.passages_at(rows, include_title=cfg.include_title)
+        sampling = dataclasses.replace(cfg.sampling(), seed=cfg.seed + start)  # each chunk its own, repeatable draw
+        generations = generate_pairs(self.backend, self.prompts, passages, sampling, cfg.max_new_tokens)
+        self.generated += len(generations)
+        pairs = [Pair(g.question, g.answer, passages[g.passage_index]) for g in generations]
+        cheap = [f for f in self.filters if f != "unsupported"]
+        reasons, _ = apply_filters(pairs, cheap, self.settings)
+        alive = [i for i, r in enumerate(reasons) if r is None]
+        if alive and "unsupported" in self.filters:
+            groups = [Group(pairs[i].question, [pairs[i].answer], [pairs[i].passage]) for i in alive]
+            for i, (reward,) in zip(alive, score_groups(self.backend, self.support, groups, "mean")):
+                pairs[i].support = reward.value
+            reasons, _ = apply_filters(pairs, ["unsupported"], self.settings, reasons)
+        ids = self.corpus.ids_at(rows)
+        records = [{"pid": pid, "samples": []} for pid in ids]
+        for g, pair, reason in zip(generations, pairs, reasons):
+            records[g.passage_index]["samples"].append(
+                {"question": g.question, "answer": g.answer,
+                 "support": None if pair.support is None else round(pair.support, 6), "rejected": reason,
+                 "raw": g.raw})
+        return records
+
+
+def job_settings(cfg: GenerateConfig, writer: PairWriter, data_digest: str, shard: Shard) -> dict:
+    keys = ["llm", "backend", "language", "num_few_shot", "questions_per_passage", "temperature", "top_p",
+            "max_new_tokens", "max_passages", "min_passage_chars", "seed", "max_passage_tokens", "include_title",
+            "chunk_size", "min_question_chars", "max_question_chars", "min_answer_chars", "max_answer_chars",
+            "max_copy_overlap", "min_support"]
+    settings = {k: getattr(cfg, k) for k in keys}
+    settings.update(templates=writer.template_names(), data=data_digest, shard=str(shard),
+                    filters=[f for f in PASSAGE_FILTERS if f in cfg.filters],
+                    few_shot=file_digest(cfg.few_shot) if cfg.few_shot else None)
+    return settings
+
+
+def final_settings(cfg: GenerateConfig, passage_settings: dict) -> dict:
+    """What the finished folder depends on: the sampling job plus the corpus-wide filters."""
+    return {**passage_settings, "shard": None, "filters": list(cfg.filters), "round_trip_k": cfg.round_trip_k,
+            "retriever": cfg.retriever if "round_trip" in cfg.filters else None}
+
+
+def shard_output(folder: Path, shard: Shard) -> Path:
+    return folder / ("generations.jsonl" if shard.count == 1 else f"generations.{shard.index}of{shard.count}.jsonl")
+
+
+def complete_shards(folder: Path, settings: dict) -> list[Path] | None:
+    """Complete shard files covering the job (same settings but the shard), in order; None when there are none."""
+    for progress in sorted(folder.glob("generations.*of*.jsonl.progress.json")):
+        count = int(progress.name.split("of")[1].split(".")[0])
+        paths = [folder / f"generations.{i}of{count}.jsonl" for i in range(count)]
+        if all(is_complete(p, {**settings, "shard": f"{i}/{count}"}) for i, p in enumerate(paths)):
+            return paths
+    return None
+
+
+def read_generations(paths: list[Path]) -> list[dict]:
+    return [record for path in paths for _, record in iter_jsonl(path)]
+
+
+def round_trip_ranks(cfg: GenerateConfig, corpus: Corpus, questions: list[str], source_rows: list[int]) -> list[int | None]:
+    """Rank of each question's source passage in the retriever's top `round_trip_k` (None when absent)."""
+    if not questions:
+        return []
+    settings = EncodingSettings(batch_size=cfg.batch_size, include_title=cfg.include_title,
+                                trust_remote_code=cfg.trust_remote_code)
+    encoder = settings.load_encoder(cfg.retriever)
+    passages = corpus_embeddings(encoder, corpus, cache_dir=settings.cache_path, include_title=cfg.include_title,
+                                 batch_size=cfg.batch_size, show_progress=cfg.show_progress)
+    queries = embeddings(encoder, query_source(questions), cache_dir=None, batch_size=cfg.batch_size)
+    _, rows = search(build_index(passages), queries, cfg.round_trip_k)
+    ranks = []
+    for found, source in zip(rows, source_rows):
+        hit = np.flatnonzero(found == source)
+        ranks.append(int(hit[0]) if len(hit) else None)
+    return ranks
+
+
+def _write_lines(path: Path, lines) -> None:
+    """Write a text file whole or not at all (temp file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        for line in lines:
+            f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_folder(folder: Path, corpus: Corpus, kept: list[dict]) -> None:
+    """corpus.jsonl (the input's passages), queries.jsonl and qrels/train.tsv."""
+    def corpus_lines():
+        for batch in corpus.table.select(["id", "title", "text", "doc_id"]).to_batches(max_chunksize=65536):
+            for row in batch.to_pylist():
+                record = {"_id": row["id"], "title": row["title"] or "", "text": row["text"]}
+                if row["doc_id"] is not None:
+                    record["doc_id"] = row["doc_id"]
+                yield json.dumps(record, ensure_ascii=False) + "\n"
+
+    _write_lines(folder / "corpus.jsonl", corpus_lines())
+    _write_lines(folder / "queries.jsonl", (json.dumps(
+        {"_id": q["id"], "text": q["question"], "answers": [q["answer"]], "positives": [q["pid"]],
+         "support": q["support"]}, ensure_ascii=False) + "\n" for q in kept))
+    (folder / "qrels").mkdir(exist_ok=True)
+    _write_lines(folder / "qrels" / "train.tsv",
+                 ["query-id\tcorpus-id\tscore\n"] + [f"{q['id']}\t{q['pid']}\t1\n" for q in kept])
+
+
+def finish(cfg: GenerateConfig, corpus: Corpus, records: list[dict], settings: dict, seconds: float) -> dict:
+    """Corpus-wide filters, the BEIR folder and the summary (written last: its presence means done)."""
+    folder = Path(cfg.output)
+    samples, counts = [], {name: 0 for name in cfg.filters}
+    for record in records:
+        for k, s in enumerate(record["samples"]):
+            samples.append({"id": f"gen-{record['pid']}-{k}", "pid": record["pid"], **s})
+            if s["rejected"]:
+                counts[s["rejected"]] += 1
+    reasons = [s["rejected"] for s in samples]
+    pairs = [Pair(s["question"], s["answer"], "", s["support"]) for s in samples]
+    filter_settings = cfg.filter_settings()
+    if "duplicate" in cfg.filters:
+        reasons, found = apply_filters(pairs, ["duplicate"], filter_settings, reasons)
+        counts.update(found)
+    if "round_trip" in cfg.filters:
+        alive = [i for i, r in enumerate(reasons) if r is None]
+        rows = corpus.rows_of([samples[i]["pid"] for i in alive])
+        for i, rank in zip(alive, round_trip_ranks(cfg, corpus, [samples[i]["question"] for i in alive], list(rows))):
+            pairs[i].rank = rank
+        reasons, found = apply_filters(pairs, ["round_trip"], filter_settings, reasons)
+        counts.update(found)
+    kept = [s for s, r in zip(samples, reasons) if r is None]
+    write_folder(folder, corpus, kept)
+    summary = {"passages": len(records), "generated": len(samples), "removed": counts, "kept": len(kept),
+               "seconds": round(seconds, 1), "settings": settings, "complete": True,
+               "examples": [{"question": q["question"], "answer": q["answer"], "pid": q["pid"]} for q in kept[:3]]}
+    write_json_atomic(folder / SUMMARY, summary)
+    return summary
+
+
+def print_summary(summary: dict, folder: Path) -> None:
+    print(f"generate: {summary['passages']} passages, {summary['generated']} samples -> {summary['kept']} kept "
+          f"({summary['kept'] / max(summary['generated'], 1):.0%}) in {summary['seconds']:.0f} s")
+    for name, removed in summary["removed"].items():
+        print(f"  {name:<12} removed {removed}")
+    for example in summary["examples"]:
+        print(f"  e.g. Q: {example['question']}  A: {example['answer']}")
+    print(f"-> {folder} (corpus.jsonl, queries.jsonl, qrels/train.tsv)")
+
+
+def is_generated(folder: Path, settings: dict | None = None) -> bool:
+    path = Path(folder) / SUMMARY
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return bool(summary.get("complete")) and (settings is None or summary.get("settings") == json.loads(
+        json.dumps(settings, sort_keys=True, default=str)))
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    shard = Shard.parse(cfg.shard)
+    unknown = [f for f in cfg.filters if f not in FILTERS]
+    if unknown:
+        raise ValueError(f"--filters: unknown {unknown}; known: {list(FILTERS)}")
+    if "parse" not in cfg.filters:
+        cfg = dataclasses.replace(cfg, filters=["parse", *cfg.filters])
+    if cfg.questions_per_passage < 1:
+        raise ValueError("--questions-per-passage must be >= 1")
+    folder = Path(cfg.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus, problems = load_corpus_of(cfg.data, cfg.skip_invalid)
+    rows = selected_rows(corpus, cfg)
+    start, stop = shard.bounds(len(rows))
+    writer = PairWriter(cfg, corpus, rows[start:stop])
+    settings = job_settings(cfg, writer, corpus.fingerprint(), shard)
+    done = final_settings(cfg, settings)
+    if not cfg.overwrite and shard.count == 1 and is_generated(folder, done):
+        print(f"{folder}: already complete; nothing to do")
+        return json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+    if cfg.overwrite:
+        (folder / SUMMARY).unlink(missing_ok=True)
+    started = time.perf_counter()
+    paths = None if (cfg.overwrite or shard.count > 1) else complete_shards(folder, settings)
+    if paths is None:
+        output = shard_output(folder, shard)
+
+        def rates(seconds: float) -> str:
+            return f"{writer.generated / max(seconds, 1e-9):.2f} samples/s"
+
+        try:
+            write_resumable(output, len(writer.rows), writer.process, settings=settings, chunk_size=cfg.chunk_size,
+                            overwrite=cfg.overwrite, show_progress=cfg.show_progress, desc="generate",
+                            unit="passage", postfix=rates)
+        finally:
+            writer.close()
+        paths = [output]
+        if shard.count > 1:
+            progress = read_progress(output)
+            print(f"shard {shard}: {progress['units_done']} passages -> {output}; run without --shard over the same "
+                  "--output to finish the folder")
+            return {"output": str(output), "shard": str(shard), "passages": len(writer.rows)}
+    summary = finish(cfg, corpus, read_generations(paths), done, time.perf_counter() - started)
+    print_summary(summary, folder)
+    if problems.total:
+        print(problems.summary())
+    return summary
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    add_command(subparsers, "generate", GenerateConfig, run_generate,
+                help="have the teacher LLM write (query, answer) pairs for raw passages",
+                description=__doc__.split("\n\n")[0])
