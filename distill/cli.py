@@ -15,11 +15,11 @@ from labelers.backends import BackendError
 
 from . import evaluate
 from .data import DataError
-from . import train
+from . import pipeline, train
 from .stages import generate, label, mine
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
-COMMANDS = [generate, mine, label, train, evaluate]
+COMMANDS = [generate, mine, label, train, evaluate, pipeline]
 EXIT_BAD_INPUT = 2
 EXIT_BACKEND_REFUSED = 1
 

@@ -50,6 +50,29 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, **options)
 
 
+def config_from_mapping(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """Build `cls` from a dict of settings named like its fields (or its flags: `learning-rate`);
+    unknown or missing settings are errors naming `where` (e.g. "run.yaml: train")."""
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {unknown}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():  # YAML gives strings for paths
+        kind = _base_type(hints[name])
+        if kind is Path and value is not None:
+            values[name] = Path(value)
+        elif typing.get_origin(kind) is list and value is not None:
+            items = value if isinstance(value, list) else [value]
+            values[name] = [Path(v) for v in items] if typing.get_args(kind)[0] is Path else list(items)
+    missing = [n for n, f in names.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing required settings {missing}")
+    return cls(**values)
+
+
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """Build `cls` from YAML (`args.config`, if any) overlaid with the flags given."""
     values: dict[str, Any] = {}

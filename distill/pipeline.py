@@ -1,0 +1,280 @@
+"""`distill run CONFIG.yaml`: generate → eval (before) → mine → label → train → eval (after) → report.
+
+One YAML file holds every stage's settings. Top-level keys (`RunSettings`)
+name the data, the student, the teacher and the run folder; a section per
+stage (`generate:`, `mine:`, `label:`, `train:`, `eval:`) holds that stage's
+own settings under the names of its command-line flags (`learning_rate` is
+`distill train --learning-rate`), so the defaults live in one place, the
+stage's config dataclass. Any setting can be given on the command line too:
+`distill run run.yaml --train.learning-rate 3e-5 --output-dir runs/b`.
+
+`generate` runs when `generate: true` (or a `generate:` section) is set, or
+when the data has no training queries; then the stages after it train on the
+generated folder and evaluate on the original data's `eval_split`.
+
+Each stage writes `OUTPUT_DIR/stages/<name>.json` with a fingerprint of its
+settings and its inputs' fingerprints: "started" before it runs, "complete"
+after. A complete stage whose fingerprint is unchanged is skipped; a started
+one with the same fingerprint is resumed (the stages resume themselves);
+anything else is run from scratch. So a run killed at any point finishes when
+started again, redoing no completed stage, and changing a setting reruns that
+stage and those after it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import config_from_mapping
+from .data import DataError, load_retrieval_set, resolve_data_dir
+from .evaluate import EvalConfig, format_table
+from .evaluate import run as run_eval
+from .files import write_json_atomic
+from .stages.generate import GenerateConfig, run_generate
+from .stages.label import LabelConfig, run_label
+from .stages.mine import MineConfig, run_mine
+from .train import TrainConfig, run_train
+
+SECTIONS = ("generate", "mine", "label", "train", "eval")
+VOLATILE = {"show_progress", "overwrite", "resume"}  # do not change a stage's output
+
+
+@dataclass
+class RunSettings:
+    output_dir: Path = field(metadata={"help": "folder for every stage's output"})
+    data: str = field(metadata={"help": "BEIR-style folder or embedded set: labelled queries, or raw passages"})
+    model: str = field(metadata={"help": "student encoder to start from (also the retriever that mines and filters)"})
+    llm: str = field(metadata={"help": "teacher LLM (folder or hub name)"})
+    backend: str = field(default="hf", metadata={"help": "teacher backend for generate and label"})
+    language: str = field(default="en", metadata={"help": "language of the default prompts"})
+    split: str = field(default="train", metadata={"help": "training queries' qrels split"})
+    eval_data: str | None = field(default=None, metadata={"help": "evaluation set (default: data)"})
+    eval_split: str = field(default="test", metadata={"help": "qrels split evaluated before and after"})
+    generate: bool | None = field(default=None, metadata={
+        "help": "write synthetic queries first (default: only when the data has no training queries)"})
+    seed: int = field(default=0, metadata={"help": "seed for every stage"})
+    show_progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+@dataclass
+class Stage:
+    name: str
+    config_cls: type
+    runner: Callable[[Any], Any]
+    values: Callable[[RunSettings, dict], dict]   # the pipeline's settings for this stage, before its section's
+    section: str
+    done: Callable[[Any], bool] = lambda cfg: True  # the stage's own check that its output is whole
+
+
+def _train_data(run: RunSettings) -> str:
+    return str(run.output_dir / "generated") if run.generate else run.data
+
+
+def _stages(run: RunSettings) -> list[Stage]:
+    out = run.output_dir
+    teacher = dict(llm=run.llm, backend=run.backend, language=run.language, seed=run.seed)
+    eval_data = run.eval_data or run.data
+    stages = []
+    if run.generate:
+        stages.append(Stage("generate", GenerateConfig, run_generate, lambda r, s: dict(
+            **teacher, data=r.data, output=out / "generated", retriever=r.model), "generate",
+            lambda cfg: (Path(cfg.output) / "generate_summary.json").is_file()))
+    stages += [
+        Stage("eval_before", EvalConfig, run_eval, lambda r, s: dict(
+            model=r.model, data=eval_data, split=r.eval_split, output=out / "eval" / "before.json"), "eval",
+            lambda cfg: Path(cfg.output).is_file()),
+        Stage("mine", MineConfig, run_mine, lambda r, s: dict(
+            model=r.model, data=_train_data(r), split=r.split, seed=r.seed, output=out / "candidates.jsonl"), "mine",
+            lambda cfg: Path(cfg.output).is_file()),
+        Stage("label", LabelConfig, run_label, lambda r, s: dict(
+            **teacher, data=_train_data(r), split=r.split, candidates=out / "candidates.jsonl",
+            output=out / "labels.jsonl"), "label", lambda cfg: Path(cfg.output).is_file()),
+        Stage("train", TrainConfig, run_train, lambda r, s: dict(
+            model=r.model, data=[_train_data(r)], labels=[out / "labels.jsonl"], split=r.split, seed=r.seed,
+            output=out / "model"), "train", lambda cfg: (Path(cfg.output) / "training_summary.json").is_file()),
+        Stage("eval_after", EvalConfig, run_eval, lambda r, s: dict(
+            model=str(out / "model"), data=eval_data, split=r.eval_split, output=out / "eval" / "after.json"), "eval",
+            lambda cfg: Path(cfg.output).is_file()),
+    ]
+    return stages
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def data_fingerprint(data: str) -> str:
+    """Cheap identity of an input folder: every file's relative path, size and modification time."""
+    folder = resolve_data_dir(data)
+    entries = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
+
+
+def fingerprint(name: str, cfg: Any, upstream: list[str]) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in VOLATILE}
+    return hashlib.sha256(json.dumps(_jsonable({"stage": name, "settings": settings, "upstream": upstream}),
+                                     sort_keys=True).encode()).hexdigest()[:24]
+
+
+def has_training_queries(data: str, split: str) -> bool:
+    try:
+        return len(load_retrieval_set(data, split).queries) > 0
+    except DataError:
+        return False
+
+
+def load_run(path: Path, overrides: dict[str, Any]) -> tuple[RunSettings, dict[str, dict]]:
+    """(top-level settings, each stage section) from the YAML file with command-line overrides applied."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of settings")
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        target = loaded.setdefault(section, {}) if section else loaded
+        if section and not isinstance(target, dict):
+            target = loaded[section] = {}
+        target[name] = value
+    sections: dict[str, dict] = {}
+    for name in SECTIONS:
+        value = loaded.pop(name, None)
+        if name == "generate" and isinstance(value, bool):
+            loaded["generate"] = value
+            value = None
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{path}: section {name!r} must be a mapping of {name} settings")
+        sections[name] = dict(value or {})
+        if name == "generate" and value is not None and "generate" not in loaded:
+            loaded["generate"] = True
+    run = config_from_mapping(RunSettings, loaded, f"{path}")
+    run = dataclasses.replace(run, output_dir=Path(run.output_dir))
+    return run, sections
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`--train.learning-rate 3e-5 --output-dir=x` -> {"train.learning_rate": 3e-05, "output_dir": "x"} (YAML-typed)."""
+    import yaml
+
+    out, i = {}, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ValueError(f"unexpected argument {token!r}: settings look like --key value or --section.key value")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                # a bare flag switches a setting on; --no-x / --section.no-x off, as the stages' flags do
+                section, _, name = key.rpartition(".")
+                negated = name.startswith(("no-", "no_"))
+                key, value = (section + "." if section else "") + (name[3:] if negated else name), str(not negated)
+            else:
+                i += 1
+                value = tokens[i]
+        section, _, name = key.rpartition(".")
+        out[(section + "." if section else "") + name.replace("-", "_")] = yaml.safe_load(value)
+        i += 1
+    return out
+
+
+class StageLedger:
+    """OUTPUT_DIR/stages/<name>.json: a stage's fingerprint and whether it started or completed."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder / "stages"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def read(self, name: str) -> dict | None:
+        path = self.folder / f"{name}.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def write(self, name: str, record: dict) -> None:
+        write_json_atomic(self.folder / f"{name}.json", record)
+
+
+def stage_config(stage: Stage, run: RunSettings, section: dict, where: str):
+    values = stage.values(run, section)
+    known = {f.name for f in dataclasses.fields(stage.config_cls)}
+    if "show_progress" in known:
+        values["show_progress"] = run.show_progress
+    values.update(section)
+    return config_from_mapping(stage.config_cls, values, where)
+
+
+def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> dict:
+    run, sections = load_run(config_path, overrides or {})
+    if run.generate is None:
+        run = dataclasses.replace(run, generate=not has_training_queries(run.data, run.split))
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    ledger = StageLedger(run.output_dir)
+    stages = _stages(run)
+    upstream = [data_fingerprint(run.data)] + ([data_fingerprint(run.eval_data)] if run.eval_data else [])
+    reports: dict[str, Any] = {}
+    started_run = time.perf_counter()
+    for number, stage in enumerate(stages, 1):
+        cfg = stage_config(stage, run, sections[stage.section], f"{config_path}: {stage.section}")
+        fp = fingerprint(stage.name, cfg, upstream)
+        state = ledger.read(stage.name)
+        header = f"== [{number}/{len(stages) + 1}] {stage.name}"
+        if state and state.get("fingerprint") == fp and state.get("status") == "complete" and stage.done(cfg):
+            print(f"{header}: complete, skipped ({state.get('seconds', 0):.0f} s when it ran)")
+            reports[stage.name] = state.get("report")
+            upstream.append(fp)
+            continue
+        # Settings changed since this stage last ran here: start it again. Otherwise let the stage resume its
+        # own partial output (each stage checks that output's settings itself, and reuses a finished one).
+        changed = bool(state and state.get("fingerprint") != fp)
+        print(header + (": settings changed, running again" if changed else ": resuming" if state else ""), flush=True)
+        known = {f.name for f in dataclasses.fields(cfg)}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in (("overwrite", changed), ("resume", not changed))
+                                         if k in known})
+        if state is None or changed:
+            ledger.write(stage.name, {"fingerprint": fp, "status": "started", "started_at": time.time()})
+        began = time.perf_counter()
+        report = stage.runner(cfg)
+        seconds = time.perf_counter() - began
+        ledger.write(stage.name, {"fingerprint": fp, "status": "complete", "finished_at": time.time(),
+                                  "seconds": round(seconds, 1), "report": _jsonable(report) if isinstance(report, dict)
+                                  else None})
+        reports[stage.name] = report
+        upstream.append(fp)
+    from .stages.report import write_run_report
+
+    print(f"== [{len(stages) + 1}/{len(stages) + 1}] report")
+    before = json.loads((run.output_dir / "eval" / "before.json").read_text(encoding="utf-8"))
+    after = json.loads((run.output_dir / "eval" / "after.json").read_text(encoding="utf-8"))
+    png = write_run_report(run.output_dir, before, after)
+    rows = {"before": before, "after": after}
+    print(f"{run.eval_split} split of {run.eval_data or run.data}: {before['num_queries']} queries")
+    print(format_table(rows))
+    print(f"nDCG@10 {100 * (after['ndcg@10'] - before['ndcg@10']):+.2f} points; report: {png}; "
+          f"{time.perf_counter() - started_run:.0f} s this run")
+    return {"before": before, "after": after, "report": str(png)}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run", help="the whole pipeline from one YAML config (resumable; completed stages are skipped)",
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings: top-level " + ", ".join(f.name for f in dataclasses.fields(RunSettings))
+        + "; sections " + ", ".join(SECTIONS) + " take the flags of `distill <stage> --help` (eval's apply to both "
+        "evaluations). Override any on the command line: --section.key value.")
+    parser.add_argument("run_config", metavar="CONFIG.yaml", type=Path)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value / --section.key value")
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    run_pipeline(args.run_config, parse_overrides(args.overrides))
+    return 0

@@ -1,0 +1,58 @@
+"""The run report: one PNG with the teacher's reward distributions, the training curve and before/after metrics."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.sources import iter_jsonl
+from ..training.report import read_log
+
+METRICS = ("ndcg@10", "recall@1", "recall@10", "mrr@10")
+
+
+def reward_split(labels: Path) -> tuple[list[float], list[float]]:
+    """(rewards of labelled positives, rewards of the other candidates) over a labels file."""
+    positives, negatives = [], []
+    for _, record in iter_jsonl(labels):
+        n = record["n_positives"]
+        positives += record["rewards"][:n]
+        negatives += record["rewards"][n:]
+    return positives, negatives
+
+
+def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    output = output or run_dir / "report.png"
+    fig, (rewards, curve, bars) = plt.subplots(1, 3, figsize=(15, 4))
+    labels = run_dir / "labels.jsonl"
+    if labels.is_file():
+        positives, negatives = reward_split(labels)
+        if positives or negatives:
+            low, high = min(positives + negatives), max(positives + negatives)
+            bins = [low + (high - low) * i / 40 for i in range(41)]
+            rewards.hist(negatives, bins=bins, alpha=0.6, density=True, label=f"negatives ({len(negatives)})")
+            rewards.hist(positives, bins=bins, alpha=0.6, density=True, label=f"positives ({len(positives)})")
+            rewards.legend()
+    rewards.set_title("teacher reward (mean answer log-prob)")
+    rewards.set_xlabel("nats / token")
+    log = [r for r in read_log(run_dir / "model" / "train_log.jsonl") if r.get("kind") == "train"]
+    if log:
+        curve.plot([r["step"] for r in log], [r["loss"] for r in log], color="black", marker=".")
+    curve.set_title("training loss")
+    curve.set_xlabel("step")
+    x = range(len(METRICS))
+    bars.bar([i - 0.2 for i in x], [100 * before[m] for m in METRICS], width=0.4, label="before")
+    bars.bar([i + 0.2 for i in x], [100 * after[m] for m in METRICS], width=0.4, label="after")
+    for i, m in enumerate(METRICS):
+        bars.text(i + 0.2, 100 * after[m], f"{100 * (after[m] - before[m]):+.1f}", ha="center", va="bottom", fontsize=8)
+    bars.set_xticks(list(x), METRICS)
+    bars.set_title("test metrics before / after")
+    bars.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
