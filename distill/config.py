@@ -59,9 +59,15 @@ def config_from_mapping(cls: type[T], values: dict[str, Any], where: str) -> T:
     if unknown:
         raise ValueError(f"{where}: unknown settings {unknown}; known: {sorted(names)}")
     hints = typing.get_type_hints(cls)
-    for name, value in values.items():  # YAML gives strings for paths
+    for name, value in values.items():  # YAML gives strings for paths (and for floats like 3e-5)
         kind = _base_type(hints[name])
-        if kind is Path and value is not None:
+        if kind in (int, float) and isinstance(value, str):
+            try:
+                values[name] = kind(value)
+            except ValueError:
+                raise ValueError(f"{where}: setting {name!r}: {value!r} is not a{'n' if kind is int else ''} "
+                                 f"{kind.__name__}") from None
+        elif kind is Path and value is not None:
             values[name] = Path(value)
         elif typing.get_origin(kind) is list and value is not None:
             items = value if isinstance(value, list) else [value]

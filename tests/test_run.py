@@ -1,0 +1,133 @@
+"""`distill run`: one YAML drives every stage; a killed run finishes when rerun, redoing no completed stage."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from distill.cli import main
+from distill.pipeline import load_run, parse_overrides
+
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+
+def write_config(path: Path, out: Path, model: Path, llm: Path, **extra_sections) -> Path:
+    import yaml
+
+    config = {"output_dir": str(out), "data": "squad-mini", "model": str(model), "llm": str(llm),
+              "show_progress": False,
+              "label": {"dtype": "float32", "device": "cpu", "chunk_size": 16},
+              "mine": {"num_negatives": 3, "cache": False},
+              "eval": {"cache": False},
+              "train": {"train_batch_size": 8, "num_negatives": 3, "max_steps": 40, "save_steps": 5,
+                        "logging_steps": 5, "batch_dedup": "none", "learning_rate": 1e-4, "cache": False}}
+    for section, values in extra_sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_overrides_reach_their_section_and_unknown_settings_are_named(tmp_path, tiny_bert_dir, tiny_llama_dir):
+    config = write_config(tmp_path / "run.yaml", tmp_path / "out", tiny_bert_dir, tiny_llama_dir)
+    overrides = parse_overrides(["--train.learning-rate", "3e-5", "--output-dir=elsewhere", "--no-show-progress",
+                                 "--generate.temperature", "0.5"])
+    assert overrides == {"train.learning_rate": "3e-5", "output_dir": "elsewhere", "show_progress": False,
+                         "generate.temperature": 0.5}  # YAML reads 3e-5 as a string; the stage's field makes it a float
+    run, sections = load_run(config, overrides)
+    assert run.output_dir == Path("elsewhere") and run.generate is True  # a generate section turns it on
+    assert sections["train"]["learning_rate"] == "3e-5" and sections["train"]["max_steps"] == 40
+    from distill.config import config_from_mapping
+    from distill.train import TrainConfig
+
+    train = config_from_mapping(TrainConfig, {"model": "m", "data": "d", "output": "o", **sections["train"]}, "train")
+    assert train.learning_rate == 3e-5 and train.data == ["d"] and train.output == Path("o")
+    with pytest.raises(ValueError, match="train: setting 'max_steps': 'many' is not an int"):
+        config_from_mapping(TrainConfig, {"model": "m", "data": "d", "output": "o", "max_steps": "many"}, "train")
+    with pytest.raises(ValueError, match=r"run.yaml: train: unknown settings \['learning_rat'\]"):
+        from distill.pipeline import run_pipeline
+
+        run_pipeline(config, {"train.learning_rat": 1.0})
+
+
+def _run_process(config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distill", "run", str(config)], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _ledger(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*.json"))}
+
+
+def test_killed_run_finishes_redoing_no_completed_stage(tiny_bert_dir, tiny_llama_dir, tmp_path):
+    whole = tmp_path / "whole"
+    assert main(["run", str(write_config(tmp_path / "whole.yaml", whole, tiny_bert_dir, tiny_llama_dir))]) == 0
+    config = write_config(tmp_path / "killed.yaml", tmp_path / "killed", tiny_bert_dir, tiny_llama_dir)
+    out = tmp_path / "killed"
+    completed: dict[str, dict] = {}
+    kills = 0
+    for pause in (random.uniform(2, 6), random.uniform(4, 10), random.uniform(6, 14)):
+        process = _run_process(config)
+        time.sleep(pause)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+        ledger = _ledger(out) if (out / "stages").exists() else {}
+        for name, state in completed.items():  # a completed stage is never run again
+            assert ledger[name] == state, name
+        completed.update({n: s for n, s in ledger.items() if s["status"] == "complete"})
+    assert kills >= 1, "the run finished before it could be killed"
+    process = _run_process(config)
+    printed = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, printed[-3000:]
+    ledger = _ledger(out)
+    for name, state in completed.items():
+        assert ledger[name] == state, name
+        assert f"{name}: complete, skipped" in printed
+    assert set(ledger) == {"eval_before", "mine", "label", "train", "eval_after"}
+    want = json.loads((whole / "eval" / "after.json").read_text())
+    got = json.loads((out / "eval" / "after.json").read_text())
+    before = json.loads((out / "eval" / "before.json").read_text())
+    assert want["ndcg@10"] != before["ndcg@10"]  # training changed the student
+    assert abs(got["ndcg@10"] - want["ndcg@10"]) <= 0.001
+    assert (out / "labels.jsonl").read_bytes() == (whole / "labels.jsonl").read_bytes()
+    assert (out / "report.png").stat().st_size > 10_000
+    # a finished run does nothing again
+    again = subprocess.run([sys.executable, "-m", "distill", "run", str(config)], env=ENV, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 5
+    assert _ledger(out) == ledger
+    # a changed setting reruns that stage and the ones after it, not those before
+    changed = subprocess.run([sys.executable, "-m", "distill", "run", str(config), "--train.max-steps", "10"], env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0, changed.stdout[-3000:]
+    assert "train: settings changed" in changed.stdout and "label: complete, skipped" in changed.stdout
+    assert json.loads((out / "model" / "training_summary.json").read_text())["steps"] == 10
+
+
+def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm2_dir, minilm_dir, tmp_path):
+    """Passages only (squad-mini's corpus): generate with the real SmolLM2, train on the synthetic folder,
+    evaluate on squad-mini's real test questions."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_jsonl(raw / "corpus.jsonl", read_jsonl(SQUAD_MINI / "corpus.jsonl"))
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "raw.yaml", out, minilm_dir, smollm2_dir,
+                          generate={"max_passages": 12, "dtype": "float32", "filters": ["length", "copied", "duplicate"]},
+                          train={"max_steps": 2, "train_batch_size": 4})
+    text = config.read_text().replace("data: squad-mini", f"data: {raw}\neval_data: squad-mini")
+    config.write_text(text)
+    assert main(["run", str(config)]) == 0
+    summary = json.loads((out / "generated" / "generate_summary.json").read_text())
+    queries = read_jsonl(out / "generated" / "queries.jsonl")
+    assert summary["kept"] == len(queries) > 0 and all(q["_id"].startswith("gen-") for q in queries)
+    assert [r["qid"] for r in read_jsonl(out / "labels.jsonl")] == [q["_id"] for q in queries]
+    after = json.loads((out / "eval" / "after.json").read_text())
+    assert after["num_queries"] == 200  # squad-mini's real test questions
