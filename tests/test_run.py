@@ -26,7 +26,7 @@ def write_config(path: Path, out: Path, model: Path, llm: Path, **extra_sections
               "label": {"dtype": "float32", "device": "cpu", "chunk_size": 16},
               "mine": {"num_negatives": 3, "cache": False},
               "eval": {"cache": False},
-              "train": {"train_batch_size": 8, "num_negatives": 3, "max_steps": 40, "save_steps": 5,
+              "train": {"train_batch_size": 8, "num_negatives": 3, "max_steps": 24, "save_steps": 4,
                         "logging_steps": 5, "batch_dedup": "none", "learning_rate": 1e-4, "cache": False}}
     for section, values in extra_sections.items():
         config.setdefault(section, {}).update(values)
@@ -42,7 +42,7 @@ def test_overrides_reach_their_section_and_unknown_settings_are_named(tmp_path, 
                          "generate.temperature": 0.5}  # YAML reads 3e-5 as a string; the stage's field makes it a float
     run, sections = load_run(config, overrides)
     assert run.output_dir == Path("elsewhere") and run.generate is True  # a generate section turns it on
-    assert sections["train"]["learning_rate"] == "3e-5" and sections["train"]["max_steps"] == 40
+    assert sections["train"]["learning_rate"] == "3e-5" and sections["train"]["max_steps"] == 24
     from distill.config import config_from_mapping
     from distill.train import TrainConfig
 
@@ -120,8 +120,8 @@ def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm
     write_jsonl(raw / "corpus.jsonl", read_jsonl(SQUAD_MINI / "corpus.jsonl"))
     out = tmp_path / "out"
     config = write_config(tmp_path / "raw.yaml", out, minilm_dir, smollm2_dir,
-                          generate={"max_passages": 12, "dtype": "float32", "filters": ["length", "copied", "duplicate"]},
-                          train={"max_steps": 2, "train_batch_size": 4})
+                          generate={"max_passages": 6, "dtype": "float32", "filters": ["length", "copied", "duplicate"]},
+                          train={"max_steps": 1, "train_batch_size": 2}, mine={"num_negatives": 2})
     text = config.read_text().replace("data: squad-mini", f"data: {raw}\neval_data: squad-mini")
     config.write_text(text)
     assert main(["run", str(config)]) == 0
