@@ -136,6 +136,30 @@ def test_a_refused_request_stops_the_job_with_the_servers_message(tiny_llama_dir
     assert out.read_bytes() == b""  # nothing half-written
 
 
+def test_the_server_samples_n_completions_per_prompt_repeatably(tiny_llama_dir, tiny_server, small_beir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from labelers.backends import Sampling, create_backend
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [tokenizer(t)["input_ids"] for t in ("The river", "A passage about the city", "Question:")]
+    backend = create_backend("openai", model=str(tiny_llama_dir), base_url=tiny_server.url)
+    first = backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=3))
+    assert [len(c) for c in first] == [2, 2, 2]
+    assert backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=3)) == first
+    assert backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=4)) != first
+    greedy = backend.generate(prompts, 12)
+    hf = create_backend("hf", model=str(tiny_llama_dir), dtype="float32").generate(prompts, 12)
+    assert greedy == hf  # the same greedy continuation from both backends
+    # the stage on the server: every passage sampled twice, counted by the filters
+    out = tmp_path / "generated"
+    assert main(["generate", "--llm", str(tiny_llama_dir), "--backend", "openai", "--base-url", tiny_server.url,
+                 "--data", str(small_beir), "--output", str(out), "--max-passages", "4", "--num-few-shot", "0",
+                 "--max-passage-tokens", "128", "--filters", "length", "duplicate", "--no-show-progress"]) == 0
+    summary = json.loads((out / "generate_summary.json").read_text())
+    assert summary["generated"] == 8 and summary["kept"] + sum(summary["removed"].values()) == 8
+
+
 def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(vllm_python, tiny_llama_dir, tmp_path):
     data = ["--shard", "0/10", "--chunk-size", "1", "--num-random", "15"]
     assert main(label_args(tiny_llama_dir, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "float32", *data)) == 0

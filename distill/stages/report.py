@@ -49,6 +49,8 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
     bars.bar([i + 0.2 for i in x], [100 * after[m] for m in METRICS], width=0.4, label="after")
     for i, m in enumerate(METRICS):
         bars.text(i + 0.2, 100 * after[m], f"{100 * (after[m] - before[m]):+.1f}", ha="center", va="bottom", fontsize=8)
+    lowest = min(100 * min(before[m], after[m]) for m in METRICS)
+    bars.set_ylim(max(0.0, lowest - 10), 100)
     bars.set_xticks(list(x), METRICS)
     bars.set_title("test metrics before / after")
     bars.legend(loc="lower right")

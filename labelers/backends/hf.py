@@ -149,7 +149,9 @@ class HFBackend:
                 for row in range(out.shape[0]):  # num_return_sequences rows per prompt, in prompt order
                     new = out[row, width:].tolist()
                     end = next((k for k, t in enumerate(new) if t in stops), len(new))  # padding follows EOS
-                    texts[batch[row // sampling.n]].append(self.tokenizer.decode(new[:end], skip_special_tokens=True).strip())
+                    text = self.tokenizer.decode(new[:end], skip_special_tokens=True)
+                    # a character cut by max_new_tokens decodes to U+FFFD; vLLM holds such bytes back: drop it too
+                    texts[batch[row // sampling.n]].append(text.rstrip("\ufffd").strip())
         return texts
 
     def close(self) -> None:
