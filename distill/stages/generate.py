@@ -293,8 +293,9 @@ def finish(cfg: GenerateConfig, corpus: Corpus, records: list[dict], settings: d
 def print_summary(summary: dict, folder: Path) -> None:
     print(f"generate: {summary['passages']} passages, {summary['generated']} samples -> {summary['kept']} kept "
           f"({summary['kept'] / max(summary['generated'], 1):.0%}) in {summary['seconds']:.0f} s")
-    for name, removed in summary["removed"].items():
-        print(f"  {name:<12} removed {removed}")
+    for name in FILTERS:  # in the order they ran
+        if name in summary["removed"]:
+            print(f"  {name:<12} removed {summary['removed'][name]}")
     for example in summary["examples"]:
         print(f"  e.g. Q: {example['question']}  A: {example['answer']}")
     print(f"-> {folder} (corpus.jsonl, queries.jsonl, qrels/train.tsv)")
@@ -327,8 +328,10 @@ def run_generate(cfg: GenerateConfig) -> dict:
     settings = job_settings(cfg, writer, corpus.fingerprint(), shard)
     done = final_settings(cfg, settings)
     if not cfg.overwrite and shard.count == 1 and is_generated(folder, done):
+        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
         print(f"{folder}: already complete; nothing to do")
-        return json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+        print_summary(summary, folder)
+        return summary
     if cfg.overwrite:
         (folder / SUMMARY).unlink(missing_ok=True)
     started = time.perf_counter()
