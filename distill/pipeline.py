@@ -68,7 +68,7 @@ class Stage:
     name: str
     config_cls: type
     runner: Callable[[Any], Any]
-    values: Callable[[RunSettings, dict], dict]   # the pipeline's settings for this stage, before its section's
+    values: Callable[[RunSettings], dict]   # the pipeline's settings for this stage, before its section's
     section: str
     done: Callable[[Any], bool] = lambda cfg: True  # the stage's own check that its output is whole
 
@@ -83,23 +83,23 @@ def _stages(run: RunSettings) -> list[Stage]:
     eval_data = run.eval_data or run.data
     stages = []
     if run.generate:
-        stages.append(Stage("generate", GenerateConfig, run_generate, lambda r, s: dict(
+        stages.append(Stage("generate", GenerateConfig, run_generate, lambda r: dict(
             **teacher, data=r.data, output=out / "generated", retriever=r.model), "generate",
             lambda cfg: (Path(cfg.output) / "generate_summary.json").is_file()))
     stages += [
-        Stage("eval_before", EvalConfig, run_eval, lambda r, s: dict(
+        Stage("eval_before", EvalConfig, run_eval, lambda r: dict(
             model=r.model, data=eval_data, split=r.eval_split, output=out / "eval" / "before.json"), "eval",
             lambda cfg: Path(cfg.output).is_file()),
-        Stage("mine", MineConfig, run_mine, lambda r, s: dict(
+        Stage("mine", MineConfig, run_mine, lambda r: dict(
             model=r.model, data=_train_data(r), split=r.split, seed=r.seed, output=out / "candidates.jsonl"), "mine",
             lambda cfg: Path(cfg.output).is_file()),
-        Stage("label", LabelConfig, run_label, lambda r, s: dict(
+        Stage("label", LabelConfig, run_label, lambda r: dict(
             **teacher, data=_train_data(r), split=r.split, candidates=out / "candidates.jsonl",
             output=out / "labels.jsonl"), "label", lambda cfg: Path(cfg.output).is_file()),
-        Stage("train", TrainConfig, run_train, lambda r, s: dict(
+        Stage("train", TrainConfig, run_train, lambda r: dict(
             model=r.model, data=[_train_data(r)], labels=[out / "labels.jsonl"], split=r.split, seed=r.seed,
             output=out / "model"), "train", lambda cfg: (Path(cfg.output) / "training_summary.json").is_file()),
-        Stage("eval_after", EvalConfig, run_eval, lambda r, s: dict(
+        Stage("eval_after", EvalConfig, run_eval, lambda r: dict(
             model=str(out / "model"), data=eval_data, split=r.eval_split, output=out / "eval" / "after.json"), "eval",
             lambda cfg: Path(cfg.output).is_file()),
     ]
@@ -204,7 +204,7 @@ class StageLedger:
 
 
 def stage_config(stage: Stage, run: RunSettings, section: dict, where: str):
-    values = stage.values(run, section)
+    values = stage.values(run)
     known = {f.name for f in dataclasses.fields(stage.config_cls)}
     if "show_progress" in known:
         values["show_progress"] = run.show_progress
@@ -240,7 +240,6 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
     ledger = StageLedger(run.output_dir)
     stages = [stage for stage, _ in planned]
     upstream = [data_fingerprint(run.data)] + ([data_fingerprint(run.eval_data)] if run.eval_data else [])
-    reports: dict[str, Any] = {}
     started_run = time.perf_counter()
     for number, (stage, cfg) in enumerate(planned, 1):
         fp = fingerprint(stage.name, cfg, upstream)
@@ -248,7 +247,6 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
         header = f"== [{number}/{len(stages) + 1}] {stage.name}"
         if state and state.get("fingerprint") == fp and state.get("status") == "complete" and stage.done(cfg):
             print(f"{header}: complete, skipped ({state.get('seconds', 0):.0f} s when it ran)")
-            reports[stage.name] = state.get("report")
             upstream.append(fp)
             continue
         # Settings changed since this stage last ran here: start it again. Otherwise let the stage resume its
@@ -266,7 +264,6 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
         ledger.write(stage.name, {"fingerprint": fp, "status": "complete", "finished_at": time.time(),
                                   "seconds": round(seconds, 1), "report": _jsonable(report) if isinstance(report, dict)
                                   else None})
-        reports[stage.name] = report
         upstream.append(fp)
     from .stages.report import write_run_report
 

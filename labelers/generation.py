@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .backends.base import Backend, Sampling
 from .prompts import PromptTemplate
+from .reward import as_user_turn, truncate_to_tokens
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,7 @@ class PairPrompts:
             raise ValueError(f"template {self.template.name} is not a query-generation (pair) template")
 
     def truncate(self, passage: str) -> str:
-        offsets = self.tokenizer(passage, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return passage if len(offsets) <= self.max_passage_tokens else passage[: offsets[self.max_passage_tokens - 1][1]]
+        return truncate_to_tokens(self.tokenizer, passage, self.max_passage_tokens)
 
     def examples_block(self) -> str:
         """Each example as the passage the prompt will show, then its question and answer lines."""
@@ -82,15 +82,7 @@ class PairPrompts:
     def text(self, passage: str) -> str:
         t = self.template
         filled = t.fill(self.truncate(passage), examples=self.examples_block())
-        if t.chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"template {t.name} needs a chat template, and this tokenizer has none; "
-                                 "use a template without _chat")
-            filled = self.tokenizer.apply_chat_template([{"role": "user", "content": filled}], tokenize=False,
-                                                        add_generation_prompt=True)
-        else:
-            filled += "\n"
-        return filled + t.question_label
+        return as_user_turn(self.tokenizer, t, filled if t.chat else filled + "\n") + t.question_label
 
     def build(self, passage: str) -> list[int]:
         return self.tokenizer(self.text(passage), add_special_tokens=not self.template.chat)["input_ids"]

@@ -29,6 +29,23 @@ logger = logging.getLogger(__name__)
 NORMALIZATIONS = {"mean": lambda s: s.logprob_mean, "sum": lambda s: s.logprob_sum}
 
 
+def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """`text` cut after its first `max_tokens` tokens, at a character boundary."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
+
+
+def as_user_turn(tokenizer, template: PromptTemplate, filled: str) -> str:
+    """A chat template's user turn holding `filled`, ready for the reply (plain templates pass through)."""
+    if not template.chat:
+        return filled
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"template {template.name} needs a chat template, and this tokenizer has none; "
+                         "use a template without _chat")
+    return tokenizer.apply_chat_template([{"role": "user", "content": filled}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 @dataclass
 class RewardInputs:
     """Builds (prompt ids, continuation ids) for one teacher tokenizer and template."""
@@ -40,21 +57,10 @@ class RewardInputs:
     tokens_built: int = field(default=0, init=False)  # prompt + continuation tokens handed out
 
     def truncate_passage(self, passage: str) -> str:
-        encoded = self.tokenizer(passage, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
-        if len(offsets) <= self.max_passage_tokens:
-            return passage
-        return passage[: offsets[self.max_passage_tokens - 1][1]]
+        return truncate_to_tokens(self.tokenizer, passage, self.max_passage_tokens)
 
     def prompt_text(self, question: str, passage: str) -> str:
-        filled = self.template.fill(self.truncate_passage(passage), question)
-        if not self.template.chat:
-            return filled
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"template {self.template.name} needs a chat template, and this tokenizer has none; "
-                             "use a template without _chat")
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": filled}], tokenize=False,
-                                                  add_generation_prompt=True)
+        return as_user_turn(self.tokenizer, self.template, self.template.fill(self.truncate_passage(passage), question))
 
     def build(self, question: str, passage: str, answer: str | None = None) -> tuple[list[int], list[int]]:
         continuation = answer if self.template.continuation == "answer" else question
