@@ -34,14 +34,17 @@ def plot_training(log: list[dict], output: Path, metric: str = "ndcg@10") -> Pat
                 left.axvline(r["step"], color="grey", alpha=0.3, linestyle=":")
     left.set_xlabel("step")
     left.set_title("training loss")
-    left.legend()
     if evals:
         steps = [r["step"] for r in evals]
         for name in (metric, "recall@10", "mrr@10"):
             right.plot(steps, [100 * r["metrics"][name] for r in evals], marker="o", label=name)
+    else:
+        right.text(0.5, 0.5, "no dev split evaluated", ha="center", va="center", transform=right.transAxes)
     right.set_xlabel("step")
     right.set_title("dev metrics (%)")
-    right.legend()
+    for axes in (left, right):
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
     fig.tight_layout()
     fig.savefig(output, dpi=110)
     plt.close(fig)
