@@ -13,12 +13,16 @@ when the data has no training queries; then the stages after it train on the
 generated folder and evaluate on the original data's `eval_split`.
 
 Each stage writes `OUTPUT_DIR/stages/<name>.json` with a fingerprint of its
-settings and its inputs' fingerprints: "started" before it runs, "complete"
-after. A complete stage whose fingerprint is unchanged is skipped; a started
-one with the same fingerprint is resumed (the stages resume themselves);
-anything else is run from scratch. So a run killed at any point finishes when
-started again, redoing no completed stage, and changing a setting reruns that
-stage and those after it.
+settings, the content of the data it reads (a hash of the data files, so a
+copied or touched folder is still the same data) and the fingerprints of the
+stages whose output it reads: "started" before it runs, "complete" after. A
+complete stage whose fingerprint is unchanged is skipped; a started one with
+the same fingerprint is resumed (the stages resume themselves); anything else
+is run from scratch, and the run says why (which settings, which data, which
+earlier stage). So a run killed at any point finishes when started again,
+redoing no completed stage, and changing a setting reruns that stage and those
+that read its output, not the others (a new `eval_data` reruns only the
+evaluations).
 """
 from __future__ import annotations
 
@@ -71,6 +75,8 @@ class Stage:
     values: Callable[[RunSettings], dict]   # the pipeline's settings for this stage, before its section's
     section: str
     done: Callable[[Any], bool] = lambda cfg: True  # the stage's own check that its output is whole
+    reads: Callable[[RunSettings], list[str]] = lambda run: []  # data sets it reads (not other stages' output)
+    after: tuple[str, ...] = ()  # earlier stages whose output it reads
 
 
 def _train_data(run: RunSettings) -> str:
@@ -81,27 +87,33 @@ def _stages(run: RunSettings) -> list[Stage]:
     out = run.output_dir
     teacher = dict(llm=run.llm, backend=run.backend, language=run.language, seed=run.seed)
     eval_data = run.eval_data or run.data
+    evaluated = lambda r: [eval_data]  # noqa: E731
+    # the training stages read the user's data, or the generated folder (then they depend on generate)
+    trains_on = (lambda r: []) if run.generate else (lambda r: [r.data])
+    generated = ("generate",) if run.generate else ()
     stages = []
     if run.generate:
         stages.append(Stage("generate", GenerateConfig, run_generate, lambda r: dict(
             **teacher, data=r.data, output=out / "generated", retriever=r.model), "generate",
-            lambda cfg: (Path(cfg.output) / "generate_summary.json").is_file()))
+            lambda cfg: (Path(cfg.output) / "generate_summary.json").is_file(), reads=lambda r: [r.data]))
     stages += [
         Stage("eval_before", EvalConfig, run_eval, lambda r: dict(
             model=r.model, data=eval_data, split=r.eval_split, output=out / "eval" / "before.json"), "eval",
-            lambda cfg: Path(cfg.output).is_file()),
+            lambda cfg: Path(cfg.output).is_file(), reads=evaluated),
         Stage("mine", MineConfig, run_mine, lambda r: dict(
             model=r.model, data=_train_data(r), split=r.split, seed=r.seed, output=out / "candidates.jsonl"), "mine",
-            lambda cfg: Path(cfg.output).is_file()),
+            lambda cfg: Path(cfg.output).is_file(), reads=trains_on, after=generated),
         Stage("label", LabelConfig, run_label, lambda r: dict(
             **teacher, data=_train_data(r), split=r.split, candidates=out / "candidates.jsonl",
-            output=out / "labels.jsonl"), "label", lambda cfg: Path(cfg.output).is_file()),
+            output=out / "labels.jsonl"), "label", lambda cfg: Path(cfg.output).is_file(), reads=trains_on,
+            after=generated + ("mine",)),
         Stage("train", TrainConfig, run_train, lambda r: dict(
             model=r.model, data=[_train_data(r)], labels=[out / "labels.jsonl"], split=r.split, seed=r.seed,
-            output=out / "model"), "train", lambda cfg: (Path(cfg.output) / "training_summary.json").is_file()),
+            output=out / "model"), "train", lambda cfg: (Path(cfg.output) / "training_summary.json").is_file(),
+            reads=trains_on, after=generated + ("label",)),
         Stage("eval_after", EvalConfig, run_eval, lambda r: dict(
             model=str(out / "model"), data=eval_data, split=r.eval_split, output=out / "eval" / "after.json"), "eval",
-            lambda cfg: Path(cfg.output).is_file()),
+            lambda cfg: Path(cfg.output).is_file(), reads=evaluated, after=("train",)),
     ]
     return stages
 
@@ -110,18 +122,68 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def data_fingerprint(data: str) -> str:
-    """Cheap identity of an input folder: every file's relative path, size and modification time."""
-    folder = resolve_data_dir(data)
-    entries = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                     for p in folder.rglob("*") if p.is_file())
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
+def _data_files(folder: Path) -> list[Path]:
+    """The files a retrieval set is read from: corpus, queries and qrels tables."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(("corpus.", "queries."))]
+    if (folder / "qrels").is_dir():
+        files += [p for p in (folder / "qrels").iterdir() if p.is_file()]
+    return sorted(files)
 
 
-def fingerprint(name: str, cfg: Any, upstream: list[str]) -> str:
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in VOLATILE}
-    return hashlib.sha256(json.dumps(_jsonable({"stage": name, "settings": settings, "upstream": upstream}),
-                                     sort_keys=True).encode()).hexdigest()[:24]
+class DataHashes:
+    """Content hashes of data sets, remembered per file (path, size, mtime) in `cache` so that an
+    unchanged file is hashed once; a copied or touched file with the same bytes hashes the same."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self.known: dict[str, list] = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
+
+    def file(self, path: Path) -> str:
+        stat = path.stat()
+        key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+        if key in self.known and self.known[key][:2] == seen:
+            return self.known[key][2]
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        self.known[key] = [*seen, digest.hexdigest()]
+        write_json_atomic(self.cache, self.known)
+        return digest.hexdigest()
+
+    def __call__(self, data: str) -> str:
+        folder = resolve_data_dir(data)
+        entries = [(str(p.relative_to(folder)), self.file(p)) for p in _data_files(folder)]
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
+
+
+def stage_record(stage: Stage, cfg: Any, run: RunSettings, data_hash: Callable[[str], str],
+                 fingerprints: dict[str, str]) -> dict:
+    """What a stage's output depends on: its settings, the data it reads, the stages it reads from,
+    and the fingerprint of all three."""
+    settings = _jsonable({k: v for k, v in dataclasses.asdict(cfg).items() if k not in VOLATILE})
+    inputs = {str(data): data_hash(str(data)) for data in stage.reads(run)}
+    upstream = {name: fingerprints[name] for name in stage.after}
+    fp = hashlib.sha256(json.dumps({"stage": stage.name, "settings": settings, "inputs": inputs,
+                                    "upstream": upstream}, sort_keys=True).encode()).hexdigest()[:24]
+    return {"fingerprint": fp, "settings": settings, "inputs": inputs, "upstream": upstream}
+
+
+def why_changed(old: dict, new: dict) -> str:
+    """One line saying what differs between a stage's recorded dependencies and its current ones."""
+    if "settings" not in old:
+        return "recorded by an older version"
+    reasons = []
+    for kind, label in (("settings", "settings changed"), ("inputs", "data changed"),
+                        ("upstream", "earlier stage redone")):
+        keys = sorted(k for k in set(old[kind]) | set(new[kind]) if old[kind].get(k) != new[kind].get(k))
+        if not keys:
+            continue
+        if kind == "settings":
+            keys = [f"{k} {old[kind].get(k)!r} -> {new[kind].get(k)!r}" for k in keys[:3]] + (
+                [f"+{len(keys) - 3} more"] if len(keys) > 3 else [])
+        reasons.append(f"{label}: {', '.join(keys)}")
+    return "; ".join(reasons) or "fingerprint changed"
 
 
 def has_training_queries(data: str, split: str) -> bool:
@@ -239,32 +301,33 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
     run.output_dir.mkdir(parents=True, exist_ok=True)
     ledger = StageLedger(run.output_dir)
     stages = [stage for stage, _ in planned]
-    upstream = [data_fingerprint(run.data)] + ([data_fingerprint(run.eval_data)] if run.eval_data else [])
+    data_hash = DataHashes(run.output_dir / "data_hashes.json")
+    fingerprints: dict[str, str] = {}
     started_run = time.perf_counter()
     for number, (stage, cfg) in enumerate(planned, 1):
-        fp = fingerprint(stage.name, cfg, upstream)
+        record = stage_record(stage, cfg, run, data_hash, fingerprints)
+        fp = fingerprints[stage.name] = record["fingerprint"]
         state = ledger.read(stage.name)
         header = f"== [{number}/{len(stages) + 1}] {stage.name}"
         if state and state.get("fingerprint") == fp and state.get("status") == "complete" and stage.done(cfg):
             print(f"{header}: complete, skipped ({state.get('seconds', 0):.0f} s when it ran)")
-            upstream.append(fp)
             continue
-        # Settings changed since this stage last ran here: start it again. Otherwise let the stage resume its
-        # own partial output (each stage checks that output's settings itself, and reuses a finished one).
+        # Changed since this stage last ran here: start it again. Otherwise let the stage resume its own
+        # partial output (each stage checks that output's settings itself, and reuses a finished one).
         changed = bool(state and state.get("fingerprint") != fp)
-        print(header + (": settings changed, running again" if changed else ": resuming" if state else ""), flush=True)
+        print(header + (f": {why_changed(state, record)}; running again" if changed else ": resuming" if state
+                        else ""), flush=True)
         known = {f.name for f in dataclasses.fields(cfg)}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in (("overwrite", changed), ("resume", not changed))
                                          if k in known})
         if state is None or changed:
-            ledger.write(stage.name, {"fingerprint": fp, "status": "started", "started_at": time.time()})
+            ledger.write(stage.name, {**record, "status": "started", "started_at": time.time()})
         began = time.perf_counter()
         report = stage.runner(cfg)
         seconds = time.perf_counter() - began
-        ledger.write(stage.name, {"fingerprint": fp, "status": "complete", "finished_at": time.time(),
+        ledger.write(stage.name, {**record, "status": "complete", "finished_at": time.time(),
                                   "seconds": round(seconds, 1), "report": _jsonable(report) if isinstance(report, dict)
                                   else None})
-        upstream.append(fp)
     from .stages.report import write_run_report
 
     print(f"== [{len(stages) + 1}/{len(stages) + 1}] report")

@@ -146,3 +146,64 @@ def test_example_configs_name_only_real_settings(example):
     assert names[-3:] == ["label", "train", "eval_after"] and ("generate" in names) == bool(run.generate)
     train = next(cfg for stage, cfg in stages if stage.name == "train")
     assert train.labels == [run.output_dir / "labels.jsonl"]
+
+
+def _copy_set(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_data_hash_follows_the_bytes_not_the_file_times(tmp_path):
+    """A copied or touched data set is the same data (no stage reruns); one changed byte is not."""
+    import os
+
+    from distill.pipeline import DataHashes
+
+    data = _copy_set(SQUAD_MINI, tmp_path / "a")
+    hashes = DataHashes(tmp_path / "hashes.json")
+    first = hashes(str(data))
+    assert first == DataHashes(tmp_path / "other.json")(str(_copy_set(SQUAD_MINI, tmp_path / "b")))
+    for path in data.rglob("*"):
+        os.utime(path, ns=(1, 1))
+    (data / "notes.txt").write_text("not part of the data set")
+    assert hashes(str(data)) == first
+    assert json.loads((tmp_path / "hashes.json").read_text())  # remembered, so an unchanged file is read once
+    qrels = data / "qrels" / "train.tsv"
+    qrels.write_text(qrels.read_text().replace("\t1\n", "\t2\n", 1))
+    assert hashes(str(data)) != first
+
+
+def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert_dir, tiny_llama_dir):
+    from distill.pipeline import DataHashes, plan, stage_record, why_changed
+
+    train_data, eval_data = _copy_set(SQUAD_MINI, tmp_path / "train"), _copy_set(SQUAD_MINI, tmp_path / "eval")
+    config = write_config(tmp_path / "run.yaml", tmp_path / "out", tiny_bert_dir, tiny_llama_dir)
+    config.write_text(config.read_text().replace("data: squad-mini", f"data: {train_data}\neval_data: {eval_data}"))
+
+    def records(**overrides):
+        run, planned = plan(config, overrides)
+        fingerprints, out = {}, {}
+        for stage, cfg in planned:
+            out[stage.name] = stage_record(stage, cfg, run, DataHashes(tmp_path / "hashes.json"), fingerprints)
+            fingerprints[stage.name] = out[stage.name]["fingerprint"]
+        return out
+
+    def redone(old, new):
+        return {name for name in new if old.get(name, {}).get("fingerprint") != new[name]["fingerprint"]}
+
+    base = records()
+    queries = eval_data / "queries.jsonl"
+    queries.write_text(queries.read_text().replace("?", " ?", 1))
+    new_eval = records()
+    assert redone(base, new_eval) == {"eval_before", "eval_after"}
+    assert why_changed(base["eval_before"], new_eval["eval_before"]) == f"data changed: {eval_data}"
+    assert redone(new_eval, records(**{"label.max_passage_tokens": 64})) == {"label", "train", "eval_after"}
+    assert why_changed(new_eval["train"], records(**{"label.max_passage_tokens": 64})["train"]) == \
+        "earlier stage redone: label"
+    assert why_changed(new_eval["mine"], records(**{"mine.num_negatives": 2})["mine"]) == \
+        "settings changed: num_negatives 3 -> 2"
+    with_generate = records(**{"generate.temperature": 0.5})
+    assert redone(with_generate, records(**{"generate.temperature": 0.9})) == {
+        "generate", "mine", "label", "train", "eval_after"}  # the evaluation before training does not read it
