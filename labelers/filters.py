@@ -7,7 +7,8 @@ counts what each removed, so a report can say "copied: 31 removed".
 
 - parse:       the completion had no question or no answer (the answer label never came);
 - length:      question or answer shorter or longer than the limits (characters);
-- copied:      the question is (nearly) a verbatim span of its passage: the longest
+- copied:      the question is (nearly) a verbatim span of its passage, or of one of the
+               prompt's few-shot questions (small LLMs repeat the last example): the longest
                common substring covers >= max_copy_overlap of the normalised question;
 - duplicate:   the same normalised question as an earlier pair (anywhere in the corpus);
 - unsupported: the answer is unlikely given its own passage, i.e. the teacher's mean
@@ -45,6 +46,7 @@ class FilterSettings:
     max_copy_overlap: float = 0.9
     min_support: float = -4.0  # SmolLM2-135M-Instruct keeps 82% of SQuAD's gold answers at -4 (bench/RESULTS.md)
     round_trip_k: int = 20
+    example_questions: tuple[str, ...] = ()  # the few-shot questions the prompt showed (copied filter)
 
 
 def normalise(text: str) -> str:
@@ -61,16 +63,19 @@ def length_outliers(pairs: Sequence[Pair], s: FilterSettings) -> list[bool]:
                  and s.min_answer_chars <= len(p.answer) <= s.max_answer_chars) for p in pairs]
 
 
+def _covered(question: str, text: str) -> int:
+    """Length of the longest common substring of two normalised texts."""
+    return difflib.SequenceMatcher(None, question, text, autojunk=False).find_longest_match(
+        0, len(question), 0, len(text)).size
+
+
 def copied_questions(pairs: Sequence[Pair], s: FilterSettings) -> list[bool]:
+    examples = [normalise(q) for q in s.example_questions]
     out = []
     for p in pairs:
-        question, passage = normalise(p.question), normalise(p.passage)
-        if not question:
-            out.append(True)
-            continue
-        match = difflib.SequenceMatcher(None, question, passage, autojunk=False).find_longest_match(
-            0, len(question), 0, len(passage))
-        out.append(match.size >= s.max_copy_overlap * len(question))
+        question = normalise(p.question)
+        out.append(not question or any(_covered(question, text) >= s.max_copy_overlap * len(question)
+                                       for text in [normalise(p.passage), *examples]))
     return out
 
 

@@ -52,6 +52,21 @@ def test_copied_filter_removes_questions_lifted_from_the_passage():
     assert verdicts("copied", [GOOD, lifted, recased]) == [None, "copied", "copied"]
 
 
+def test_copied_filter_removes_a_repeated_few_shot_question():
+    """SmolLM2 wrote the last few-shot question for 172 of 600 scifact samples; the copied filter drops them."""
+    from dataclasses import replace
+
+    from labelers.generation import load_examples, packaged_examples
+
+    examples = tuple(e.question for e in load_examples(packaged_examples("en")))
+    repeated = Pair(examples[-1].upper().rstrip("?"), "1911", PASSAGE)
+    same_start = Pair(examples[-1].split(" win ")[0] + " cross the Amazon River?", "1911", PASSAGE)
+    settings = replace(SETTINGS, example_questions=examples)
+    own = Pair("How long is the river that flows from the Andes?", "6,400 km", PASSAGE)
+    assert verdicts("copied", [own, repeated, same_start], settings) == [None, "copied", None]
+    assert verdicts("copied", [own, repeated]) == [None, None]  # without the examples it is a new question
+
+
 def test_duplicate_filter_keeps_the_first_of_equal_questions():
     again = Pair("where does the amazon river END", "the Atlantic", PASSAGE)
     other = Pair("How long is the Amazon River?", "6,400 km", PASSAGE)

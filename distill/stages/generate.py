@@ -102,7 +102,9 @@ class GenerateConfig(TeacherSettings):
     show_progress: bool = field(default=True, metadata={"help": "progress bar"})
 
     def filter_settings(self) -> FilterSettings:
-        return FilterSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilterSettings)})
+        few_shot = load_examples(self.few_shot or packaged_examples(self.language))[:self.num_few_shot]
+        return FilterSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilterSettings)
+                                 if hasattr(self, f.name)}, example_questions=tuple(e.question for e in few_shot))
 
     def sampling(self) -> Sampling:
         n = 1 if self.temperature == 0 else self.questions_per_passage
