@@ -148,6 +148,8 @@ def test_the_server_samples_n_completions_per_prompt_repeatably(tiny_llama_dir, 
     assert [len(c) for c in first] == [2, 2, 2]
     assert backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=3)) == first
     assert backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=4)) != first
+    _samples_are_their_own(first, backend.generate(prompts[1:], 12, Sampling(temperature=1.0, top_p=0.95, n=2,
+                                                                             seed=5)))
     greedy = backend.generate(prompts, 12)
     hf = create_backend("hf", model=str(tiny_llama_dir), dtype="float32").generate(prompts, 12)
     assert greedy == hf  # the same greedy continuation from both backends
@@ -158,6 +160,48 @@ def test_the_server_samples_n_completions_per_prompt_repeatably(tiny_llama_dir, 
                  "--max-passage-tokens", "128", "--filters", "length", "duplicate", "--no-show-progress"]) == 0
     summary = json.loads((out / "generate_summary.json").read_text())
     assert summary["generated"] == 8 and summary["kept"] + sum(summary["removed"].values()) == 8
+
+
+SAMPLE_OFFLINE = """
+import json, sys
+from transformers import AutoTokenizer
+from labelers.backends import Sampling, create_backend
+
+if __name__ == "__main__":
+    llm = sys.argv[1]
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    prompts = [tokenizer(t)["input_ids"] for t in ("The river", "A passage about the city", "Question:")]
+    backend = create_backend("vllm", model=llm, dtype="float32", max_model_len=512, enforce_eager=True)
+    sampling = Sampling(temperature=1.0, top_p=0.95, n=2, seed=3)
+    out = {"first": backend.generate(prompts, 12, sampling), "again": backend.generate(prompts, 12, sampling),
+           "tail": backend.generate(prompts[1:], 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=5)),
+           "greedy": backend.generate(prompts, 12)}
+    backend.close()
+    print(json.dumps(out))
+"""
+
+
+def _samples_are_their_own(first: list[list[str]], tail: list[list[str]]) -> None:
+    """Prompt i's samples depend on its seed alone (not on the batch), and no two prompts share draws."""
+    assert tail == first[1:]  # the same prompts with the seeds they had as prompts 1 and 2 (seed 3 + i x n)
+    texts = [t for samples in first for t in samples]
+    assert len(set(texts)) == len(texts)
+
+
+def test_vllm_offline_samples_each_prompt_from_its_own_seed(vllm_python, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from labelers.backends import create_backend
+
+    done = subprocess.run([vllm_python, "-c", SAMPLE_OFFLINE, str(tiny_llama_dir)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [len(c) for c in out["first"]] == [2, 2, 2] and out["again"] == out["first"]
+    _samples_are_their_own(out["first"], out["tail"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [tokenizer(t)["input_ids"] for t in ("The river", "A passage about the city", "Question:")]
+    assert out["greedy"] == create_backend("hf", model=str(tiny_llama_dir), dtype="float32").generate(prompts, 12)
 
 
 def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(vllm_python, tiny_llama_dir, tmp_path):

@@ -155,7 +155,8 @@ class PairWriter:
             self.backend = cfg.create_backend(cfg.seed)
         rows = self.rows[start:stop]
         passages = self.corpus.passages_at(rows, include_title=cfg.include_title)
-        sampling = dataclasses.replace(cfg.sampling(), seed=cfg.seed + start)  # each chunk its own, repeatable draw
+        sampling = cfg.sampling()  # vllm/openai: passage p's j-th sample draws from seed + p * n + j
+        sampling = dataclasses.replace(sampling, seed=cfg.seed + start * sampling.n)
         generations = generate_pairs(self.backend, self.prompts, passages, sampling, cfg.max_new_tokens)
         self.generated += len(generations)
         pairs = [Pair(g.question, g.answer, passages[g.passage_index]) for g in generations]
@@ -183,7 +184,7 @@ def job_settings(cfg: GenerateConfig, writer: PairWriter, data_digest: str, shar
             "chunk_size", "min_question_chars", "max_question_chars", "min_answer_chars", "max_answer_chars",
             "max_copy_overlap", "min_support"]
     settings = {k: getattr(cfg, k) for k in keys}
-    settings.update(templates=writer.template_names(), data=data_digest, shard=str(shard),
+    settings.update(templates=writer.template_names(), data=data_digest, shard=str(shard), seeding="per-sample",
                     filters=[f for f in PASSAGE_FILTERS if f in cfg.filters],
                     few_shot=file_digest(cfg.few_shot) if cfg.few_shot else None)
     return settings

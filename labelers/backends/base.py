@@ -49,6 +49,12 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def prompt_seed(self, index: int) -> int:
+        """Seed of prompt `index` in a call. vLLM seeds a prompt's j-th completion with its seed + j, so
+        prompts step by n: every (prompt, completion) of a call, and of calls whose seeds step by
+        n x their prompt count, draws from its own seed."""
+        return self.seed + index * self.n
+
 
 GREEDY = Sampling()
 

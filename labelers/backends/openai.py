@@ -83,15 +83,17 @@ class OpenAIBackend:
                                f"{_server_message(response)}")
         return response.json()
 
-    def _completions(self, prompts: list[list[int]], n: int = 1, **options) -> list[dict]:
-        """`n` choices per prompt, in order, over the pool; the first refusal stops everything."""
-        size = max(1, self.cfg.prompts_per_request)
+    def _completions(self, prompts: list[list[int]], n: int = 1, seeds: list[int] | None = None,
+                     **options) -> list[dict]:
+        """`n` choices per prompt, in order, over the pool; the first refusal stops everything. With
+        `seeds`, one prompt per request (a request has one seed), so each prompt's samples are its own."""
+        size = 1 if seeds is not None else max(1, self.cfg.prompts_per_request)
         requests = [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
         def send(k: int, batch: list[list[int]]) -> list[dict]:
             extra = {"n": n} if n > 1 else {}
-            if "seed" in options:  # one seed per request, so a prompt's samples do not depend on the pool
-                extra["seed"] = options["seed"] + k
+            if seeds is not None:
+                extra["seed"] = seeds[k]
             body = self._post({"model": self.cfg.model, "prompt": batch, **options, **extra})
             choices = sorted(body["choices"], key=lambda c: c["index"])  # prompt i's j-th is index i*n + j
             if len(choices) != len(batch) * n:
@@ -124,8 +126,10 @@ class OpenAIBackend:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = GREEDY) -> list[list[str]]:
         options = dict(max_tokens=max_new_tokens, temperature=sampling.temperature)
+        seeds = None
         if not sampling.greedy:
-            options.update(top_p=sampling.top_p, seed=sampling.seed)
-        choices = self._completions([list(p) for p in prompts], n=sampling.n, **options)
+            options.update(top_p=sampling.top_p)
+            seeds = [sampling.prompt_seed(i) for i in range(len(prompts))]
+        choices = self._completions([list(p) for p in prompts], n=sampling.n, seeds=seeds, **options)
         n = sampling.n
         return [[c["text"].strip() for c in choices[i * n:(i + 1) * n]] for i in range(len(prompts))]

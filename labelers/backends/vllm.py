@@ -83,10 +83,11 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = GREEDY) -> list[list[str]]:
-        """Prompt i is sampled with seed `sampling.seed + i`: repeatable whatever else is in the batch."""
+        """Prompt i is sampled with its own seed (`Sampling.prompt_seed`): repeatable whatever else is in
+        the batch."""
         params = [self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=sampling.temperature,
                                            top_p=sampling.top_p, n=sampling.n,
-                                           seed=None if sampling.greedy else sampling.seed + i)
+                                           seed=None if sampling.greedy else sampling.prompt_seed(i))
                   for i in range(len(prompts))]
         return [[c.text.strip() for c in sorted(out.outputs, key=lambda c: c.index)] for out in self._run(prompts, params)]
 
