@@ -101,8 +101,11 @@ class GenerateConfig(TeacherSettings):
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
     show_progress: bool = field(default=True, metadata={"help": "progress bar"})
 
-    def filter_settings(self) -> FilterSettings:
-        few_shot = load_examples(self.few_shot or packaged_examples(self.language))[:self.num_few_shot]
+    def few_shot_examples(self) -> list:
+        """The examples each prompt shows (the packaged ones unless --few-shot names a file)."""
+        return load_examples(self.few_shot or packaged_examples(self.language))[:self.num_few_shot]
+
+    def filter_settings(self, few_shot: list) -> FilterSettings:
         return FilterSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilterSettings)
                                  if hasattr(self, f.name)}, example_questions=tuple(e.question for e in few_shot))
 
@@ -130,14 +133,14 @@ class PairWriter:
         tokenizer = cfg.load_tokenizer()
         chat = bool(getattr(tokenizer, "chat_template", None))
         template = load_template(cfg.prompt or default_template(cfg.language, "generate", chat))
-        few_shot = load_examples(cfg.few_shot or packaged_examples(cfg.language))[:cfg.num_few_shot]
+        few_shot = cfg.few_shot_examples()
         self.prompts = PairPrompts(tokenizer, template, few_shot, cfg.max_passage_tokens)
         self.support = RewardInputs(tokenizer, load_template(
             cfg.support_prompt or default_template(cfg.language, "reward", chat)), cfg.max_passage_tokens)
         if self.support.template.continuation != "answer":
             raise ValueError(f"--support-prompt {self.support.template.name} must score answers")
         self.filters = [f for f in PASSAGE_FILTERS if f in cfg.filters]
-        self.settings = cfg.filter_settings()
+        self.settings = cfg.filter_settings(few_shot)
         self.backend = None
         self.generated = 0
 
@@ -273,7 +276,7 @@ def finish(cfg: GenerateConfig, corpus: Corpus, records: list[dict], settings: d
                 counts[s["rejected"]] += 1
     reasons = [s["rejected"] for s in samples]
     pairs = [Pair(s["question"], s["answer"], "", s["support"]) for s in samples]
-    filter_settings = cfg.filter_settings()
+    filter_settings = cfg.filter_settings([])  # duplicate and round_trip do not look at the examples
     if "duplicate" in cfg.filters:
         reasons, found = apply_filters(pairs, ["duplicate"], filter_settings, reasons)
         counts.update(found)
