@@ -8,7 +8,8 @@ counts what each removed, so a report can say "copied: 31 removed".
 - parse:       the completion had no question or no answer (the answer label never came);
 - length:      question or answer shorter or longer than the limits (characters);
 - copied:      the question is (nearly) a verbatim span of its passage, or of one of the
-               prompt's few-shot questions (small LLMs repeat the last example): the longest
+               prompt's few-shot questions or passages (small LLMs repeat the last example
+               question, or recite an example's passage as a "question"): the longest
                common substring covers >= max_copy_overlap of the normalised question;
 - duplicate:   the same normalised question as an earlier pair (anywhere in the corpus);
 - unsupported: the answer is unlikely given its own passage, i.e. the teacher's mean
@@ -46,7 +47,7 @@ class FilterSettings:
     max_copy_overlap: float = 0.9
     min_support: float = -4.0  # SmolLM2-135M-Instruct keeps 82% of SQuAD's gold answers at -4 (bench/RESULTS.md)
     round_trip_k: int = 20
-    example_questions: tuple[str, ...] = ()  # the few-shot questions the prompt showed (copied filter)
+    example_texts: tuple[str, ...] = ()  # the few-shot questions and passages the prompt showed (copied filter)
 
 
 def normalise(text: str) -> str:
@@ -70,7 +71,7 @@ def _covered(question: str, text: str) -> int:
 
 
 def copied_questions(pairs: Sequence[Pair], s: FilterSettings) -> list[bool]:
-    examples = [normalise(q) for q in s.example_questions]
+    examples = [normalise(t) for t in s.example_texts]
     out = []
     for p in pairs:
         question = normalise(p.question)

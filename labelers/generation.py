@@ -14,6 +14,7 @@ files is `distill.stages.generate`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,13 +72,27 @@ class PairPrompts:
     def truncate(self, passage: str) -> str:
         return truncate_to_tokens(self.tokenizer, passage, self.max_passage_tokens)
 
+    @property
+    def passage_label(self) -> str:
+        return "文章：" if "文章：" in self.template.body else "Passage: "
+
     def examples_block(self) -> str:
         """Each example as the passage the prompt will show, then its question and answer lines."""
         t = self.template
-        passage_label = "文章：" if "文章：" in t.body else "Passage: "
-        blocks = [f"\n{passage_label}{self.truncate(e.passage)}\n{t.question_label} {e.question}\n"
+        blocks = [f"\n{self.passage_label}{self.truncate(e.passage)}\n{t.question_label} {e.question}\n"
                   f"{t.answer_label} {e.answer}\n" for e in self.examples]
         return "".join(blocks)
+
+    def stops(self) -> tuple[str, ...]:
+        """Where a pair has ended: the start of another question or passage, which a small LLM writes
+        next in imitation of the few-shot block. Sampling stops there. (Not at a blank line: SmolLM2
+        often writes one between the question and the answer label.)"""
+        return ("\n" + self.template.question_label, "\n" + self.passage_label.strip())
+
+    def answer_cue(self, question: str) -> list[int]:
+        """Tokens that follow the prompt to ask for `question`'s answer: " <question>\n<answer label>"."""
+        text = f" {question}\n{self.template.answer_label}"
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text(self, passage: str) -> str:
         t = self.template
@@ -102,24 +117,57 @@ def parse_pair(completion: str, template: PromptTemplate) -> tuple[str, str] | N
     return question, answer
 
 
+def question_only(completion: str, template: PromptTemplate) -> str | None:
+    """The question of a completion that stopped before writing the answer label, else None."""
+    if template.answer_label in completion:
+        return None
+    lines = completion.strip().splitlines()
+    return lines[0].strip() if lines and lines[0].strip() else None
+
+
 @dataclass(frozen=True)
 class Generation:
-    """One sampled completion for a passage, parsed (question/answer None when parsing failed)."""
+    """One sampled completion for a passage, parsed (question/answer None when parsing failed);
+    `completed` when the answer was written by the greedy second pass."""
 
     passage_index: int
     sample: int
     raw: str
     question: str | None
     answer: str | None
+    completed: bool = False
 
 
 def generate_pairs(backend: Backend, prompts: PairPrompts, passages: Sequence[str], sampling: Sampling,
-                   max_new_tokens: int = 64) -> list[Generation]:
-    """`sampling.n` parsed generations per passage, in (passage, sample) order."""
+                   max_new_tokens: int = 64, complete_answers: bool = True) -> list[Generation]:
+    """`sampling.n` parsed generations per passage, in (passage, sample) order.
+
+    Sampling stops at the end of a pair (`PairPrompts.stops`). With `complete_answers`, a sample
+    that wrote a question and stopped (SmolLM2-135M does so for about a quarter of them) gets its
+    answer from a greedy continuation of prompt + question + answer label, as the labeller's
+    missing-answer option does for real queries, instead of being lost to the parse filter.
+    """
     ids = [prompts.build(p) for p in passages]
+    sampling = dataclasses.replace(sampling, stop=sampling.stop or prompts.stops())
     out = []
     for i, completions in enumerate(backend.generate(ids, max_new_tokens, sampling)):
         for k, raw in enumerate(completions):
             parsed = parse_pair(raw, prompts.template)
             out.append(Generation(i, k, raw, *(parsed or (None, None))))
+    return fill_missing_answers(backend, prompts, ids, out, max_new_tokens) if complete_answers else out
+
+
+def fill_missing_answers(backend: Backend, prompts: PairPrompts, prompt_ids: Sequence[Sequence[int]],
+                         generations: Sequence[Generation], max_new_tokens: int = 64) -> list[Generation]:
+    """Each question-only generation with the greedy answer to prompt + " <question>\n<answer label>"
+    (one line), marked `completed`; the others as they were."""
+    out = list(generations)
+    asked = [(k, question_only(g.raw, prompts.template)) for k, g in enumerate(out) if g.question is None]
+    asked = [(k, q) for k, q in asked if q is not None]
+    if asked:
+        cues = [list(prompt_ids[out[k].passage_index]) + prompts.answer_cue(q) for k, q in asked]
+        answers = backend.generate(cues, max_new_tokens, Sampling(stop=("\n",)))
+        for (k, question), (answer,) in zip(asked, answers):
+            if answer.strip():
+                out[k] = dataclasses.replace(out[k], question=question, answer=answer.strip(), completed=True)
     return out

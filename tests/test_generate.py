@@ -11,7 +11,7 @@ import pytest
 from conftest import kill_9_twice_then_finish, read_jsonl
 from distill.cli import main
 from labelers.filters import FILTERS, FilterSettings, Pair, apply_filters
-from labelers.generation import parse_pair
+from labelers.generation import parse_pair, question_only
 from labelers.prompts import load_template
 
 PASSAGE = ("The Amazon River in South America is the largest river by discharge volume of water in the world. "
@@ -36,6 +36,62 @@ def test_parse_pair_reads_the_labels_of_its_template():
     assert parse_pair("\nAnswer: the Atlantic", en) is None          # empty question
 
 
+def test_sampling_stops_where_the_full_completion_would_be_cut(tiny_llama_dir):
+    """A stop string ends a sampled row early; the text is the unstopped text cut before the stop."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from labelers.backends import Sampling, create_backend
+    from labelers.backends.base import cut_at_stop
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [tokenizer(t)["input_ids"] for t in ("The river", "A passage about the city", "Question:")]
+    backend = create_backend("hf", model=str(tiny_llama_dir), dtype="float32")
+    sampling = Sampling(temperature=1.0, top_p=0.95, n=2, seed=3)
+    full = backend.generate(prompts, 16, sampling)
+    stop = (full[0][0][4:6], full[2][1][-3:])  # certain to cut those two, maybe others
+    stopped = backend.generate(prompts, 16, replace(sampling, stop=stop))
+    # (the tiny model writes stray bytes: a U+FFFD left at the cut goes, as at any cut)
+    assert stopped == [[cut_at_stop(t, stop).rstrip("\ufffd").strip() for t in samples] for samples in full]
+    assert len(stopped[0][0]) <= 4 and stopped[2][1] != full[2][1]
+
+
+def test_a_question_without_its_answer_gets_one_from_a_greedy_pass(smollm2_dir):
+    """SmolLM2 often stops after the question; the second pass asks for the answer and the real model
+    finds it in the passage (made-up facts, so it cannot know them otherwise)."""
+    from transformers import AutoTokenizer
+
+    from labelers.backends import create_backend
+    from labelers.generation import Generation, PairPrompts, fill_missing_answers, load_examples, packaged_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = PairPrompts(tokenizer, load_template("generate_en_chat"), load_examples(packaged_examples("en")))
+    passages = ["The Zorblat festival is held every spring in the mountain town of Quenby, where bakers compete "
+                "to make the largest honey cake.",
+                "Dr. Ilsa Marrow discovered the blue fern Pteris caeruleana in 1987 while surveying the cloud "
+                "forests of northern Peru."]
+    generations = [Generation(0, 0, "Where is the Zorblat festival held?", None, None),
+                   Generation(1, 0, "Who discovered the blue fern?\n\nPassage: In 1990", None, None),
+                   Generation(1, 1, "When was it found?\nAnswer: 1987", "When was it found?", "1987"),
+                   Generation(1, 2, "Who found it?\nAnswer:", None, None)]  # an empty answer stays a failure
+    backend = create_backend("hf", model=str(smollm2_dir), dtype="float32")
+    filled = fill_missing_answers(backend, prompts, [prompts.build(p) for p in passages], generations)
+    assert filled[0].completed and filled[0].question == "Where is the Zorblat festival held?"
+    assert "Quenby" in filled[0].answer and "\n" not in filled[0].answer
+    assert filled[1].completed and filled[1].question == "Who discovered the blue fern?"
+    assert "Marrow" in filled[1].answer
+    assert filled[2:] == generations[2:]
+
+
+def test_question_only_reads_a_completion_that_stopped_before_the_answer_label():
+    template = load_template("generate_en")
+    assert question_only("  Who built it?\n\nPassage: more", template) == "Who built it?"
+    assert question_only("Who built it?\nAnswer: Bob", template) is None
+    assert question_only("Who built it?\nAnswer:", template) is None  # the label came: a parse failure
+    assert question_only("  \n", template) is None
+
+
 def test_parse_filter_removes_unparsed_generations():
     assert verdicts("parse", [GOOD, Pair(None, None, PASSAGE), Pair("Where?", None, PASSAGE)]) == [None, "parse", "parse"]
 
@@ -52,19 +108,22 @@ def test_copied_filter_removes_questions_lifted_from_the_passage():
     assert verdicts("copied", [GOOD, lifted, recased]) == [None, "copied", "copied"]
 
 
-def test_copied_filter_removes_a_repeated_few_shot_question():
+def test_copied_filter_removes_a_repeated_few_shot_question_or_passage():
     """SmolLM2 wrote the last few-shot question for 172 of 600 scifact samples; the copied filter drops them."""
     from dataclasses import replace
 
     from labelers.generation import load_examples, packaged_examples
 
-    examples = tuple(e.question for e in load_examples(packaged_examples("en")))
+    few_shot = load_examples(packaged_examples("en"))
+    examples = tuple(e.question for e in few_shot)
     repeated = Pair(examples[-1].upper().rstrip("?"), "1911", PASSAGE)
     same_start = Pair(examples[-1].split(" win ")[0] + " cross the Amazon River?", "1911", PASSAGE)
-    settings = replace(SETTINGS, example_questions=examples)
+    settings = replace(SETTINGS, example_texts=examples + tuple(e.passage for e in few_shot))
     own = Pair("How long is the river that flows from the Andes?", "6,400 km", PASSAGE)
-    assert verdicts("copied", [own, repeated, same_start], settings) == [None, "copied", None]
-    assert verdicts("copied", [own, repeated]) == [None, None]  # without the examples it is a new question
+    other = "Warsaw is the capital and largest city of Poland, on the Vistula River."
+    recited = Pair(few_shot[1].passage.split(", and")[0], "1911", other)  # an example's passage as "question"
+    assert verdicts("copied", [own, repeated, same_start, recited], settings) == [None, "copied", None, "copied"]
+    assert verdicts("copied", [own, repeated, recited]) == [None, None, None]  # no examples: new questions
 
 
 def test_duplicate_filter_keeps_the_first_of_equal_questions():

@@ -150,6 +150,9 @@ def test_the_server_samples_n_completions_per_prompt_repeatably(tiny_llama_dir, 
     assert backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=4)) != first
     _samples_are_their_own(first, backend.generate(prompts[1:], 12, Sampling(temperature=1.0, top_p=0.95, n=2,
                                                                              seed=5)))
+    stop = _stops_in(first)
+    _stopped_is_cut(first, backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=3,
+                                                                  stop=stop)), stop)
     greedy = backend.generate(prompts, 12)
     hf = create_backend("hf", model=str(tiny_llama_dir), dtype="float32").generate(prompts, 12)
     assert greedy == hf  # the same greedy continuation from both backends
@@ -173,12 +176,28 @@ if __name__ == "__main__":
     prompts = [tokenizer(t)["input_ids"] for t in ("The river", "A passage about the city", "Question:")]
     backend = create_backend("vllm", model=llm, dtype="float32", max_model_len=512, enforce_eager=True)
     sampling = Sampling(temperature=1.0, top_p=0.95, n=2, seed=3)
-    out = {"first": backend.generate(prompts, 12, sampling), "again": backend.generate(prompts, 12, sampling),
+    first = backend.generate(prompts, 12, sampling)
+    stop = (first[0][0][4:6], first[2][1][-3:])
+    out = {"first": first, "again": backend.generate(prompts, 12, sampling),
+           "stopped": backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=3, stop=stop)),
            "tail": backend.generate(prompts[1:], 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=5)),
            "greedy": backend.generate(prompts, 12)}
     backend.close()
     print(json.dumps(out))
 """
+
+
+def _stops_in(first: list[list[str]]) -> tuple[str, str]:
+    """Two stop strings certain to cut two of the samples (SAMPLE_OFFLINE picks the same)."""
+    return first[0][0][4:6], first[2][1][-3:]
+
+
+def _stopped_is_cut(first: list[list[str]], stopped: list[list[str]], stop: tuple[str, ...]) -> None:
+    """Sampling with stop strings gives the same samples, each cut before its first stop string."""
+    from labelers.backends.base import cut_at_stop
+
+    assert stopped == [[cut_at_stop(t, stop).rstrip("\ufffd").strip() for t in samples] for samples in first]
+    assert len(stopped[0][0]) <= 4 and stopped[2][1] != first[2][1]
 
 
 def _samples_are_their_own(first: list[list[str]], tail: list[list[str]]) -> None:
@@ -199,6 +218,7 @@ def test_vllm_offline_samples_each_prompt_from_its_own_seed(vllm_python, tiny_ll
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert [len(c) for c in out["first"]] == [2, 2, 2] and out["again"] == out["first"]
     _samples_are_their_own(out["first"], out["tail"])
+    _stopped_is_cut(out["first"], out["stopped"], _stops_in(out["first"]))
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = [tokenizer(t)["input_ids"] for t in ("The river", "A passage about the city", "Question:")]
     assert out["greedy"] == create_backend("hf", model=str(tiny_llama_dir), dtype="float32").generate(prompts, 12)

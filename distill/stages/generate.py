@@ -73,6 +73,8 @@ class GenerateConfig(TeacherSettings):
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0: greedy, one per passage)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling top-p"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per completion"})
+    complete_answers: bool = field(default=True, metadata={
+        "help": "a sample that wrote a question but no answer gets one from a greedy second pass"})
     max_passages: int | None = field(default=None, metadata={"help": "sample this many passages (default: all)"})
     min_passage_chars: int = field(default=50, metadata={"help": "passages shorter than this get no questions"})
     seed: int = field(default=0, metadata={"help": "seed of the passage sample and of sampling"})
@@ -107,7 +109,7 @@ class GenerateConfig(TeacherSettings):
 
     def filter_settings(self, few_shot: list) -> FilterSettings:
         return FilterSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilterSettings)
-                                 if hasattr(self, f.name)}, example_questions=tuple(e.question for e in few_shot))
+                                 if hasattr(self, f.name)}, example_texts=tuple(t for e in few_shot for t in (e.question, e.passage)))
 
     def sampling(self) -> Sampling:
         n = 1 if self.temperature == 0 else self.questions_per_passage
@@ -160,7 +162,8 @@ class PairWriter:
         passages = self.corpus.passages_at(rows, include_title=cfg.include_title)
         sampling = cfg.sampling()  # vllm/openai: passage p's j-th sample draws from seed + p * n + j
         sampling = dataclasses.replace(sampling, seed=cfg.seed + start * sampling.n)
-        generations = generate_pairs(self.backend, self.prompts, passages, sampling, cfg.max_new_tokens)
+        generations = generate_pairs(self.backend, self.prompts, passages, sampling, cfg.max_new_tokens,
+                                     cfg.complete_answers)
         self.generated += len(generations)
         pairs = [Pair(g.question, g.answer, passages[g.passage_index]) for g in generations]
         cheap = [f for f in self.filters if f != "unsupported"]
@@ -177,17 +180,18 @@ class PairWriter:
             records[g.passage_index]["samples"].append(
                 {"question": g.question, "answer": g.answer,
                  "support": None if pair.support is None else round(pair.support, 6), "rejected": reason,
-                 "raw": g.raw})
+                 "raw": g.raw, **({"completed": True} if g.completed else {})})
         return records
 
 
 def job_settings(cfg: GenerateConfig, writer: PairWriter, data_digest: str, shard: Shard) -> dict:
     keys = ["llm", "backend", "language", "num_few_shot", "questions_per_passage", "temperature", "top_p",
-            "max_new_tokens", "max_passages", "min_passage_chars", "seed", "max_passage_tokens", "include_title",
-            "chunk_size", "min_question_chars", "max_question_chars", "min_answer_chars", "max_answer_chars",
-            "max_copy_overlap", "min_support"]
+            "max_new_tokens", "complete_answers", "max_passages", "min_passage_chars", "seed", "max_passage_tokens",
+            "include_title", "chunk_size", "min_question_chars", "max_question_chars", "min_answer_chars",
+            "max_answer_chars", "max_copy_overlap", "min_support"]
     settings = {k: getattr(cfg, k) for k in keys}
     settings.update(templates=writer.template_names(), data=data_digest, shard=str(shard), seeding="per-sample",
+                    stops=list(writer.prompts.stops()),
                     filters=[f for f in PASSAGE_FILTERS if f in cfg.filters],
                     few_shot=file_digest(cfg.few_shot) if cfg.few_shot else None)
     return settings

@@ -32,12 +32,14 @@ class Score:
 @dataclass(frozen=True)
 class Sampling:
     """How `generate` decodes: temperature 0 is greedy; otherwise nucleus sampling (top_p) at that
-    temperature, `n` completions per prompt, repeatable for a given seed and call."""
+    temperature, `n` completions per prompt, repeatable for a given seed and call. A completion ends
+    before the first of the `stop` strings, which is left out of its text."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.n < 1:
@@ -57,6 +59,12 @@ class Sampling:
 
 
 GREEDY = Sampling()
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first of the stop strings; what every backend returns for a stopped completion."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[:min(cuts)] if cuts else text
 
 
 class Backend(Protocol):

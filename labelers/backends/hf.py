@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import GREEDY, Sampling, Score, check_pairs
+from .base import GREEDY, Sampling, Score, check_pairs, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class HFBackend:
         options = dict(do_sample=False) if sampling.greedy else dict(
             do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
             num_return_sequences=sampling.n)
+        if sampling.stop:  # a row ends once its text holds a stop string; the rest of the batch goes on
+            options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         devices = [torch.device(self.device)] if str(self.device).startswith("cuda") else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(sampling.seed)
@@ -151,6 +153,7 @@ class HFBackend:
                     end = next((k for k, t in enumerate(new) if t in stops), len(new))  # padding follows EOS
                     text = self.tokenizer.decode(new[:end], skip_special_tokens=True)
                     # a character cut by max_new_tokens decodes to U+FFFD; vLLM holds such bytes back: drop it too
+                    text = cut_at_stop(text, sampling.stop)
                     texts[batch[row // sampling.n]].append(text.rstrip("\ufffd").strip())
         return texts
 

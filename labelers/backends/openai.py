@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import httpx
 from tenacity import (before_sleep_log, retry, retry_if_exception, stop_after_delay, wait_exponential)
 
-from .base import GREEDY, BackendError, Sampling, Score, check_pairs
+from .base import GREEDY, BackendError, Sampling, Score, check_pairs, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +126,13 @@ class OpenAIBackend:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = GREEDY) -> list[list[str]]:
         options = dict(max_tokens=max_new_tokens, temperature=sampling.temperature)
+        if sampling.stop:
+            options.update(stop=list(sampling.stop))
         seeds = None
         if not sampling.greedy:
             options.update(top_p=sampling.top_p)
             seeds = [sampling.prompt_seed(i) for i in range(len(prompts))]
         choices = self._completions([list(p) for p in prompts], n=sampling.n, seeds=seeds, **options)
         n = sampling.n
-        return [[c["text"].strip() for c in choices[i * n:(i + 1) * n]] for i in range(len(prompts))]
+        return [[cut_at_stop(c["text"], sampling.stop).strip() for c in choices[i * n:(i + 1) * n]]
+                for i in range(len(prompts))]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .base import GREEDY, BackendError, Sampling, Score, check_pairs
+from .base import GREEDY, BackendError, Sampling, Score, check_pairs, cut_at_stop
 
 ENGINES_STARTED = 0  # in-process engines built so far (the CLI exits hard after one ran; see distill.cli)
 
@@ -86,10 +86,11 @@ class VLLMBackend:
         """Prompt i is sampled with its own seed (`Sampling.prompt_seed`): repeatable whatever else is in
         the batch."""
         params = [self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=sampling.temperature,
-                                           top_p=sampling.top_p, n=sampling.n,
+                                           top_p=sampling.top_p, n=sampling.n, stop=list(sampling.stop),
                                            seed=None if sampling.greedy else sampling.prompt_seed(i))
                   for i in range(len(prompts))]
-        return [[c.text.strip() for c in sorted(out.outputs, key=lambda c: c.index)] for out in self._run(prompts, params)]
+        return [[cut_at_stop(c.text, sampling.stop).strip() for c in sorted(out.outputs, key=lambda c: c.index)]
+                for out in self._run(prompts, params)]
 
     def close(self) -> None:
         """Stop the engine-core process now. Left to interpreter exit, its shutdown races the
