@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from labelers.backends.hf import HFBackend, HFBackendConfig, length_buckets
+from labelers.backends.hf import HFBackend, HFBackendConfig, length_buckets, shared_prefix_length
 from labelers.prompts import load_template, packaged_templates, parse_template
 from labelers.reward import Group, RewardInputs, score_groups
 
@@ -29,6 +29,31 @@ def test_batched_scores_equal_one_at_a_time(tiny_llama_dir):
     for s, p, c in zip(scores, prompts, continuations):
         assert s.n_tokens == len(c)
         assert s.logprob_sum == pytest.approx(reference_logprob_sum(backend.model, p, c), abs=1e-3)
+
+
+def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a_time(tiny_llama_dir):
+    """The prefix all prompts share is run once and its cache copied to every row; greedy text must be
+    what plain `generate` writes for each prompt alone (no padding, no shared cache)."""
+    from transformers import AutoTokenizer
+
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    head = tokenizer("Write a question about the passage. Passage: the old mill by the river")["input_ids"]
+    tails = ["", " ground wheat", " ground wheat and barley for the village until 1911", " burnt down twice"]
+    prompts = [head + tokenizer(t, add_special_tokens=False)["input_ids"] for t in tails]
+    assert shared_prefix_length(prompts) == len(head) - 1  # the shortest prompt keeps one token of its own
+    batched = backend.generate(prompts, 12)
+    for prompt, (text,) in zip(prompts, batched):
+        ids = torch.tensor([prompt])
+        alone = backend.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                       pad_token_id=backend.pad_id)[0, len(prompt):]
+        assert text == tokenizer.decode(alone, skip_special_tokens=True).rstrip("\ufffd").strip()
+    # sampled: n rows per prompt share the prompt's cache; repeatable, and the samples differ
+    from labelers.backends import Sampling
+
+    sampling = Sampling(temperature=1.0, top_p=0.95, n=3, seed=7)
+    sampled = backend.generate(prompts, 12, sampling)
+    assert sampled == backend.generate(prompts, 12, sampling) and all(len(set(s)) == 3 for s in sampled)
 
 
 def test_length_buckets_respect_the_budget_and_cover_everything():

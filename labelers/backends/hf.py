@@ -55,6 +55,16 @@ def length_buckets(lengths: Sequence[int], token_budget: int, max_rows: int) -> 
     return batches
 
 
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all rows share, leaving each row at least one token of its own
+    (generation needs an uncached last token to start from)."""
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
 @dataclass
 class HFBackendConfig:
     model: str
@@ -120,8 +130,13 @@ class HFBackend:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = GREEDY) -> list[list[str]]:
-        """Left-padded batches of similar length; sampling draws from torch's RNG seeded with
-        `sampling.seed` at the start of the call (the caller's RNG state is restored after)."""
+        """Batches of similar length; sampling draws from torch's RNG seeded with `sampling.seed` at the
+        start of the call (the caller's RNG state is restored after).
+
+        The tokens a batch's prompts share at their start (a generation prompt's instruction and
+        few-shot block, often half of it) are run once, and their cache is copied to every row and
+        sample, as vLLM's prefix caching does: each row is laid out as shared prefix, then padding,
+        then its own tokens, and the attention mask and positions skip the padding."""
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -131,31 +146,46 @@ class HFBackend:
         eos = self.model.generation_config.eos_token_id
         stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         options = dict(do_sample=False) if sampling.greedy else dict(
-            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-            num_return_sequences=sampling.n)
+            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         if sampling.stop:  # a row ends once its text holds a stop string; the rest of the batch goes on
             options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         devices = [torch.device(self.device)] if str(self.device).startswith("cuda") else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(sampling.seed)
             for batch in length_buckets(lengths, self.cfg.token_budget, max(1, self.cfg.max_batch_rows // sampling.n)):
-                width = max(len(prompts[i]) for i in batch)
-                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, i in enumerate(batch):
-                    ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]))
-                    mask[r, width - len(prompts[i]):] = 1
+                rows = [list(prompts[i]) for i in batch]
+                shared = shared_prefix_length(rows) if len(rows) * sampling.n > 1 else 0
+                width = max(len(r) for r in rows) - shared
+                ids = torch.full((len(rows), shared + width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
+                ids[:, :shared] = torch.tensor(rows[0][:shared])
+                mask[:, :shared] = 1
+                for r, row in enumerate(rows):
+                    ids[r, shared + width - (len(row) - shared):] = torch.tensor(row[shared:])
+                    mask[r, shared + width - (len(row) - shared):] = 1
+                ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          past_key_values=self._prefix_cache(rows[0][:shared], len(ids)),
                                           max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                                           eos_token_id=eos, **options)
-                for row in range(out.shape[0]):  # num_return_sequences rows per prompt, in prompt order
-                    new = out[row, width:].tolist()
+                for row in range(out.shape[0]):  # n rows per prompt, in prompt order
+                    new = out[row, ids.shape[1]:].tolist()
                     end = next((k for k, t in enumerate(new) if t in stops), len(new))  # padding follows EOS
-                    text = self.tokenizer.decode(new[:end], skip_special_tokens=True)
+                    text = cut_at_stop(self.tokenizer.decode(new[:end], skip_special_tokens=True), sampling.stop)
                     # a character cut by max_new_tokens decodes to U+FFFD; vLLM holds such bytes back: drop it too
-                    text = cut_at_stop(text, sampling.stop)
                     texts[batch[row // sampling.n]].append(text.rstrip("\ufffd").strip())
         return texts
+
+    def _prefix_cache(self, prefix: list[int], rows: int):
+        """The key/value cache of `prefix` (run once), repeated for `rows` rows; None for no prefix."""
+        if not prefix:
+            return None
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([prefix], device=self.device), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     def close(self) -> None:
         """Drop the model so its memory is freed before the next stage loads one."""
