@@ -185,6 +185,9 @@ def test_generate_writes_a_folder_the_next_stages_read(smollm2_dir, minilm_dir, 
     assert summary["kept"] + sum(summary["removed"].values()) == 8
     kept = [s for g in generations for s in g["samples"] if s["rejected"] is None]
     assert len(kept) >= len(queries)  # the corpus-wide filters (duplicate, round_trip) come after
+    completed = [s for g in generations for s in g["samples"] if s.get("completed")]
+    assert summary["completed_answers"]["answered"] == len(completed)
+    assert all(s["question"] and s["answer"] and "Answer:" not in s["raw"] for s in completed)
     qrels = (out / "qrels" / "train.tsv").read_text().splitlines()
     assert qrels[1:] == [f"{q['_id']}\t{q['positives'][0]}\t1" for q in queries]
     for q in queries:  # every kept pair passed every filter

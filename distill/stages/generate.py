@@ -293,7 +293,10 @@ def finish(cfg: GenerateConfig, corpus: Corpus, records: list[dict], settings: d
         counts.update(found)
     kept = [s for s, r in zip(samples, reasons) if r is None]
     write_folder(folder, corpus, kept)
+    completed = {"answered": sum(bool(s.get("completed")) for s in samples),
+                 "kept": sum(bool(s.get("completed")) for s in kept)}
     summary = {"passages": len(records), "generated": len(samples), "removed": counts, "kept": len(kept),
+               "completed_answers": completed,
                "seconds": round(seconds, 1), "settings": settings, "complete": True,
                "examples": [{"question": q["question"], "answer": q["answer"], "pid": q["pid"]} for q in kept[:3]]}
     write_json_atomic(folder / SUMMARY, summary)
@@ -306,6 +309,9 @@ def print_summary(summary: dict, folder: Path) -> None:
     for name in FILTERS:  # in the order they ran
         if name in summary["removed"]:
             print(f"  {name:<12} removed {summary['removed'][name]}")
+    completed = summary.get("completed_answers")
+    if completed and completed["answered"]:
+        print(f"  {completed['answered']} question-only samples answered by the greedy pass, {completed['kept']} kept")
     for example in summary["examples"]:
         print(f"  e.g. Q: {example['question']}  A: {example['answer']}")
     print(f"-> {folder} (corpus.jsonl, queries.jsonl, qrels/train.tsv)")
