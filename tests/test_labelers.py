@@ -37,12 +37,14 @@ def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a
     from transformers import AutoTokenizer
 
     backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32"))
+    plain = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", share_prefix=False), model=backend.model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     head = tokenizer("Write a question about the passage. Passage: the old mill by the river")["input_ids"]
     tails = ["", " ground wheat", " ground wheat and barley for the village until 1911", " burnt down twice"]
     prompts = [head + tokenizer(t, add_special_tokens=False)["input_ids"] for t in tails]
     assert shared_prefix_length(prompts) == len(head) - 1  # the shortest prompt keeps one token of its own
     batched = backend.generate(prompts, 12)
+    assert plain.generate(prompts, 12) == batched  # the left-padded layout, prefix run per row
     for prompt, (text,) in zip(prompts, batched):
         ids = torch.tensor([prompt])
         alone = backend.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,

@@ -73,6 +73,7 @@ class HFBackendConfig:
     token_budget: int = 8192           # padded tokens per forward pass
     max_batch_rows: int = 64
     trust_remote_code: bool = False
+    share_prefix: bool = True          # generate: run the prompts' common first tokens once per batch
 
 
 class HFBackend:
@@ -154,7 +155,7 @@ class HFBackend:
             torch.manual_seed(sampling.seed)
             for batch in length_buckets(lengths, self.cfg.token_budget, max(1, self.cfg.max_batch_rows // sampling.n)):
                 rows = [list(prompts[i]) for i in batch]
-                shared = shared_prefix_length(rows) if len(rows) * sampling.n > 1 else 0
+                shared = shared_prefix_length(rows) if self.cfg.share_prefix and len(rows) * sampling.n > 1 else 0
                 width = max(len(r) for r in rows) - shared
                 ids = torch.full((len(rows), shared + width), self.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
