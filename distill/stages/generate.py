@@ -108,8 +108,9 @@ class GenerateConfig(TeacherSettings):
         return load_examples(self.few_shot or packaged_examples(self.language))[:self.num_few_shot]
 
     def filter_settings(self, few_shot: list) -> FilterSettings:
+        examples = tuple(text for e in few_shot for text in (e.question, e.passage))
         return FilterSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilterSettings)
-                                 if hasattr(self, f.name)}, example_texts=tuple(t for e in few_shot for t in (e.question, e.passage)))
+                                 if hasattr(self, f.name)}, example_texts=examples)
 
     def sampling(self) -> Sampling:
         n = 1 if self.temperature == 0 else self.questions_per_passage
