@@ -1,7 +1,8 @@
 """Hugging Face transformers backend: batched teacher forcing.
 
 Pairs are sorted by total length and packed into batches under a token budget
-(rows x longest row), right-padded, and run under `torch.inference_mode`.
+(rows x longest row), right-padded, and run under `torch.inference_mode`
+(without a padding mask: a real token attends only to earlier, real tokens).
 Only the hidden states at continuation positions go through the LM head, so
 the vocabulary-sized logits exist for the scored tokens alone. With right
 padding every real token keeps its position and its attention span, so a
@@ -114,17 +115,20 @@ class HFBackend:
         results: list[Score | None] = [None] * len(prompts)
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
         shared = shared_prefix_length(prompts) if self.cfg.share_prefix and len(prompts) > 1 else 0
+        if shared * 8 < np.mean(lengths):
+            # attending over a cache needs an explicit mask, and so a slower kernel than a plain causal pass
+            # (SDPA): worth it when the shared part is long (squad reward prompts: 51 of 242 tokens, 1.15x
+            # faster), not when it is short (cmrc with 1024-token passages: 59 of 959, 0.92x)
+            shared = 0
         prefix = self._prefix_cache(list(prompts[0][:shared]), rows=1)
         budget = self.cfg.token_budget or default_token_budget(self.device, "score")
         for batch in length_buckets([n - shared for n in lengths], budget, self.cfg.max_batch_rows):
             width = max(lengths[i] for i in batch) - shared
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
             rows, cols, targets = [], [], []
             for r, i in enumerate(batch):
                 sequence = list(prompts[i]) + list(continuations[i])
                 ids[r, :len(sequence) - shared] = torch.tensor(sequence[shared:])
-                mask[r, :len(sequence)] = 1
                 # the token at position t is predicted from the hidden state at t-1 (column t-1-shared)
                 positions = range(len(prompts[i]), len(sequence))
                 rows += [r] * len(positions)
@@ -134,7 +138,8 @@ class HFBackend:
             if prefix is not None:
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(batch))
-            hidden = body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            # no padding mask: with right padding a real token attends only to earlier tokens, all real
+            hidden = body(input_ids=ids.to(self.device), attention_mask=None,
                           past_key_values=cache, use_cache=cache is not None).last_hidden_state
             picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
             logits = head(picked).float()
@@ -182,6 +187,7 @@ class HFBackend:
                 ids = torch.full((len(rows), shared + width), self.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
                 ids[:, :shared] = torch.tensor(rows[0][:shared])
+                mask[:, :shared] = 1
                 for r, row in enumerate(rows):
                     ids[r, shared + width - (len(row) - shared):] = torch.tensor(row[shared:])
                     mask[r, shared + width - (len(row) - shared):] = 1
