@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .backends.base import Backend, Sampling
 from .prompts import PromptTemplate
-from .reward import as_user_turn, truncate_to_tokens
+from .reward import MAX_PASSAGE_TOKENS, as_user_turn, truncate_to_tokens
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class PairPrompts:
     tokenizer: object
     template: PromptTemplate
     examples: Sequence[FewShotExample] = ()
-    max_passage_tokens: int = 384
+    max_passage_tokens: int = MAX_PASSAGE_TOKENS
 
     def __post_init__(self):
         if self.template.continuation != "pair":

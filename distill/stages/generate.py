@@ -40,7 +40,7 @@ from labelers.backends import Sampling
 from labelers.filters import FILTERS, FilterSettings, Pair, apply_filters
 from labelers.generation import PairPrompts, generate_pairs, load_examples, packaged_examples
 from labelers.prompts import load_template
-from labelers.reward import Group, RewardInputs, score_groups
+from labelers.reward import MAX_PASSAGE_TOKENS, Group, RewardInputs, score_groups
 
 from ..config import add_command
 from ..data import Corpus, load_corpus_of
@@ -94,7 +94,7 @@ class GenerateConfig(TeacherSettings):
         "help": "dense encoder for the round_trip filter (usually the student to be trained)"})
     support_prompt: str | None = field(default=None, metadata={
         "help": "answer-likelihood template for the unsupported filter (default: reward_<language>[_chat])"})
-    max_passage_tokens: int = field(default=384, metadata={"help": "passages are cut to this many teacher tokens"})
+    max_passage_tokens: int = field(default=MAX_PASSAGE_TOKENS, metadata={"help": "passages are cut to this many teacher tokens"})
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
     shard: str | None = field(default=None, metadata={"help": "i/n: sample only the i-th of n slices of the passages"})
     chunk_size: int = field(default=16, metadata={"help": "passages per fsync'd output chunk (and per backend call)"})

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from labelers.prompts import load_template
-from labelers.reward import Group, RewardInputs, score_groups
+from labelers.reward import MAX_PASSAGE_TOKENS, Group, RewardInputs, score_groups
 
 from ..config import add_command
 from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
@@ -67,7 +67,7 @@ class LabelConfig(TeacherSettings):
                 "positive passage, or stop with an error", "choices": list(MISSING_ANSWERS)})
     normalization: str = field(default="mean", metadata={"help": "reward = mean or sum of answer-token log-probs",
                                                          "choices": ["mean", "sum"]})
-    max_passage_tokens: int = field(default=384, metadata={"help": "passages are cut to this many teacher tokens"})
+    max_passage_tokens: int = field(default=MAX_PASSAGE_TOKENS, metadata={"help": "passages are cut to this many teacher tokens"})
     max_answer_tokens: int = field(default=32, metadata={"help": "--missing-answers generate: answer length limit"})
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
     chunk_size: int = field(default=16, metadata={"help": "queries per fsync'd output chunk (and per backend call)"})
