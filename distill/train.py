@@ -44,7 +44,7 @@ from .stages.mine import read_labels
 from .training.batches import EpochPlan, Group, false_negative_mask, plan_epoch
 from .training.distributed import (Distributed, barrier, broadcast_object, gather_with_local_grad, init_distributed,
                                    sum_gradients)
-from .training.remine import RemineSettings, ScoreTracker, remine
+from .training.remine import RemineSettings, ScoreTracker, due, remine
 from .training.report import model_card, plot_training, read_log
 from .training.setup import autocast_dtype, load_examples, make_optimizer, make_scheduler, rng_state, set_rng_state
 
@@ -392,9 +392,9 @@ class Trainer:
                 window_started, window_samples = time.perf_counter(), 0
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                 self.eval_and_keep_best()
-            if cfg.remine_steps and step % cfg.remine_steps == 0 and step < self.total_steps:
+            if due(step, cfg.remine_steps, self.total_steps):
                 self.remine(list(range(len(self.examples))), "refresh")
-            if cfg.dynamic_remine and step % cfg.dynamic_remine_steps == 0 and step < self.total_steps:
+            if cfg.dynamic_remine and due(step, cfg.dynamic_remine_steps, self.total_steps):
                 stale = self.tracker.stale(self.remine_settings.factor, self.remine_settings.max_abs_score)
                 self.remine(stale, "dynamic")
             if step % cfg.save_steps == 0 and step < self.total_steps:

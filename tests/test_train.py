@@ -223,6 +223,16 @@ def test_remining_follows_the_student(tiny_bert_dir, squad_mini_train_labels, tm
     assert all(set(g.negatives.tolist()) <= pools[g.example] for b in trainer.plan.batches for g in b)
 
 
+def test_refreshes_stop_when_less_than_half_an_interval_is_left():
+    from distill.training.remine import due
+
+    assert [s for s in range(1, 77) if due(s, 25, 76)] == [25, 50]  # not 75: one step would use its negatives
+    assert [s for s in range(1, 101) if due(s, 25, 100)] == [25, 50, 75]
+    assert [s for s in range(1, 251) if due(s, 100, 250)] == [100, 200]  # 50 steps left: half an interval
+    assert [s for s in range(1, 241) if due(s, 100, 240)] == [100]
+    assert not any(due(s, 0, 100) for s in range(1, 101))
+
+
 def test_bad_labels_line_names_file_line_and_field(tiny_bert_dir, squad_mini_train_labels, tmp_path, capsys):
     records = read_jsonl(squad_mini_train_labels)
     records[3]["pids"][2] = "no-such-passage"

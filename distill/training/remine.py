@@ -28,6 +28,12 @@ from .examples import Example
 logger = logging.getLogger(__name__)
 
 
+def due(step: int, every: int, total_steps: int) -> bool:
+    """Whether to re-mine after `step`: every `every` steps, while at least half an interval of steps is left to
+    train on the new negatives (a refresh at step 75 of 76 would cost a full re-embedding for one step)."""
+    return every > 0 and step % every == 0 and 2 * (total_steps - step) >= every
+
+
 @dataclass
 class RemineSettings:
     strategy: str = "dense"
