@@ -115,7 +115,7 @@ class HFBackend:
         results: list[Score | None] = [None] * len(prompts)
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
         shared = shared_prefix_length(prompts) if self.cfg.share_prefix and len(prompts) > 1 else 0
-        if shared * 8 < np.mean(lengths):
+        if shared and shared * 8 < np.mean(lengths):
             # attending over a cache needs an explicit mask, and so a slower kernel than a plain causal pass
             # (SDPA): worth it when the shared part is long (squad reward prompts: 51 of 242 tokens, 1.15x
             # faster), not when it is short (cmrc with 1024-token passages: 59 of 959, 0.92x)
