@@ -42,8 +42,8 @@ from .losses import LOSSES, LossInputs, Objective
 from .negatives import SamplingParams
 from .stages.mine import read_labels
 from .training.batches import EpochPlan, Group, false_negative_mask, plan_epoch
-from .training.distributed import (Distributed, barrier, broadcast_object, gather_with_local_grad, init_distributed,
-                                   sum_gradients)
+from .training.distributed import (Distributed, barrier, broadcast_object, close_distributed, gather_with_local_grad,
+                                   init_distributed, sum_gradients)
 from .training.remine import RemineSettings, ScoreTracker, due, remine
 from .training.report import model_card, plot_training, read_log
 from .training.setup import autocast_dtype, load_examples, make_optimizer, make_scheduler, rng_state, set_rng_state
@@ -437,6 +437,7 @@ def run_train(cfg: TrainConfig) -> dict:
     if prepare_output(cfg, ctx):
         summary = json.loads((out / DONE).read_text())
         print(f"{out}: training already complete (step {summary['steps']}); nothing to do")
+        close_distributed(ctx)
         return summary
     started = time.perf_counter()
     trainer = Trainer(cfg, ctx)
@@ -475,7 +476,7 @@ def run_train(cfg: TrainConfig) -> dict:
         if trainer.state["before"] and after:
             print(format_table({"base": trainer.state["before"], "trained": after}))
         print(f"trained {summary['steps']} steps in {summary['seconds']} s -> {out}")
-    barrier(ctx)
+    close_distributed(ctx)
     return summary
 
 

@@ -225,7 +225,8 @@ def test_vllm_offline_samples_each_prompt_from_its_own_seed(vllm_python, tiny_ll
 
 
 def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(vllm_python, tiny_llama_dir, tmp_path):
-    data = ["--shard", "0/10", "--chunk-size", "1", "--num-random", "15"]
+    # passages cut to 384 tokens so every prompt fits the server's 512-token context (a longer one is a 400)
+    data = ["--shard", "0/10", "--chunk-size", "1", "--num-random", "15", "--max-passage-tokens", "384"]
     assert main(label_args(tiny_llama_dir, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "float32", *data)) == 0
     server = VLLMServer(vllm_python, tiny_llama_dir, max_model_len=512, log=tmp_path / "server.log").start()
     out = tmp_path / "labels.jsonl"

@@ -9,7 +9,7 @@ import torch
 
 from distill.config import add_dataclass_arguments, config_from_args
 from distill.train import Trainer, TrainConfig
-from distill.training.distributed import init_distributed, sum_gradients
+from distill.training.distributed import close_distributed, init_distributed, sum_gradients
 
 out, argv = sys.argv[1], sys.argv[2:]
 parser = argparse.ArgumentParser()
@@ -23,3 +23,4 @@ sum_gradients(params, ctx)
 if ctx.is_main:
     torch.save({"loss": loss, "parts": parts, "grads": [None if p.grad is None else p.grad.clone() for p in params],
                 "queries": [g.example for g in trainer.plan.batches[0]]}, out)
+close_distributed(ctx)

@@ -47,6 +47,14 @@ def init_distributed(device: str | None) -> Distributed:
     return Distributed(rank, world, local_rank)
 
 
+def close_distributed(ctx: Distributed) -> None:
+    """Leave the process group once every rank is done: a rank that exits with gloo's threads still running can
+    abort ("terminate called without an active exception")."""
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def gather_with_local_grad(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:
     """Concatenate every rank's `tensor` (same shape on all) in rank order; only the local part has gradients."""
     if not ctx.enabled:
