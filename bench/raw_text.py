@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--llm", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=ROOT / "examples" / "raw_text.yaml",
+                        help="example config whose stage settings the run takes (data and models are replaced)")
     parser.add_argument("--max-passages", type=int, default=600)
     parser.add_argument("--set", nargs="*", default=[], help="more settings: section.key=value")
     args = parser.parse_args()
@@ -42,7 +44,7 @@ def main() -> None:
     passages.mkdir(parents=True, exist_ok=True)
     if not (passages / "corpus.jsonl").exists():
         shutil.copyfile(Path(args.data) / "corpus.jsonl", passages / "corpus.jsonl")
-    config = yaml.safe_load((ROOT / "examples" / "raw_text.yaml").read_text())
+    config = yaml.safe_load(args.config.read_text())
     config.update(output_dir=str(args.out), data=str(passages), eval_data=args.data, eval_split=args.eval_split,
                   llm=args.llm, model=args.model)
     config["generate"]["max_passages"] = args.max_passages
