@@ -13,6 +13,7 @@ their key/value cache starts every batch.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,12 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword that hands a key/value cache to `model`'s forward and generate: `cache` from
+    transformers 5.2x on (where `past_key_values` is deprecated, to be removed in 6.0), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass
 class HFBackendConfig:
     model: str
@@ -104,6 +111,7 @@ class HFBackend:
         self.pad_id = 0
         self.tokenizer = None  # loaded when first needed, to decode generations
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.cache_kwarg = cache_keyword(self.model)
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Score]:
@@ -114,6 +122,7 @@ class HFBackend:
         lengths = [len(p) + len(c) for p, c in zip(prompts, continuations)]
         results: list[Score | None] = [None] * len(prompts)
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        body_cache_kwarg = cache_keyword(body)
         shared = shared_prefix_length(prompts) if self.cfg.share_prefix and len(prompts) > 1 else 0
         if shared and shared * 8 < np.mean(lengths):
             # attending over a cache needs an explicit mask, and so a slower kernel than a plain causal pass
@@ -140,7 +149,7 @@ class HFBackend:
                 cache.batch_repeat_interleave(len(batch))
             # no padding mask: with right padding a real token attends only to earlier tokens, all real
             hidden = body(input_ids=ids.to(self.device), attention_mask=None,
-                          past_key_values=cache, use_cache=cache is not None).last_hidden_state
+                          **{body_cache_kwarg: cache}, use_cache=cache is not None).last_hidden_state
             picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
             logits = head(picked).float()
             if self.softcap:
@@ -193,7 +202,7 @@ class HFBackend:
                     mask[r, shared + width - (len(row) - shared):] = 1
                 ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          past_key_values=self._prefix_cache(rows[0][:shared], len(ids)),
+                                          **{self.cache_kwarg: self._prefix_cache(rows[0][:shared], len(ids))},
                                           max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                                           eos_token_id=eos, **options)
                 for row in range(out.shape[0]):  # n rows per prompt, in prompt order
@@ -211,7 +220,7 @@ class HFBackend:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=torch.tensor([prefix], device=self.device), past_key_values=cache, use_cache=True)
+        self.model(input_ids=torch.tensor([prefix], device=self.device), **{self.cache_kwarg: cache}, use_cache=True)
         cache.batch_repeat_interleave(rows)
         return cache
 
