@@ -146,7 +146,7 @@ def test_objective_weighted_sum_and_bad_specs():
     objective = Objective.parse("rank_filter:1.0, infonce:0.2")
     total, parts = objective(inputs)
     assert set(parts) == {"rank_filter", "infonce"} and objective.needs_rewards
-    assert float(total) == pytest.approx(parts["rank_filter"] + 0.2 * parts["infonce"], abs=1e-9)
+    assert float(total.detach()) == pytest.approx(parts["rank_filter"] + 0.2 * parts["infonce"], abs=1e-9)
     assert not Objective.parse("infonce").needs_rewards
     with pytest.raises(ValueError, match="unknown loss 'foo'"):
         Objective.parse("foo:1")
