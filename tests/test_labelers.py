@@ -63,9 +63,13 @@ def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a
     tails = ["", " ground wheat", " ground wheat and barley for the village until 1911", " burnt down twice"]
     prompts = [head + tokenizer(t, add_special_tokens=False)["input_ids"] for t in tails]
     assert shared_prefix_length(prompts) == len(head) - 1  # the shortest prompt keeps one token of its own
-    caches = []
-    make_cache = backend._prefix_cache
-    backend._prefix_cache = lambda prefix, rows: caches.append(make_cache(prefix, rows)) or caches[-1]
+    caches, make_cache = [], backend._prefix_cache
+
+    def recorded_cache(prefix, rows):
+        caches.append(make_cache(prefix, rows))
+        return caches[-1]
+
+    backend._prefix_cache = recorded_cache
     batched = backend.generate(prompts, 12)
     # generate took the prefix's cache (under whichever keyword this transformers version reads) and wrote on
     assert caches and all(c.get_seq_length() > len(head) - 1 for c in caches)

@@ -78,8 +78,9 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
-    """The keyword that hands a key/value cache to `model`'s forward and generate: `cache` from
-    transformers 5.2x on (where `past_key_values` is deprecated, to be removed in 6.0), else `past_key_values`."""
+    """The keyword that hands a key/value cache to `model`'s forward and generate (and its decoder's, which
+    follow the same transformers version): `cache` from transformers 5.2x on (where `past_key_values` is
+    deprecated, to be removed in 6.0), else `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -122,7 +123,6 @@ class HFBackend:
         lengths = [len(p) + len(c) for p, c in zip(prompts, continuations)]
         results: list[Score | None] = [None] * len(prompts)
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        body_cache_kwarg = cache_keyword(body)
         shared = shared_prefix_length(prompts) if self.cfg.share_prefix and len(prompts) > 1 else 0
         if shared and shared * 8 < np.mean(lengths):
             # attending over a cache needs an explicit mask, and so a slower kernel than a plain causal pass
@@ -149,7 +149,7 @@ class HFBackend:
                 cache.batch_repeat_interleave(len(batch))
             # no padding mask: with right padding a real token attends only to earlier tokens, all real
             hidden = body(input_ids=ids.to(self.device), attention_mask=None,
-                          **{body_cache_kwarg: cache}, use_cache=cache is not None).last_hidden_state
+                          **{self.cache_kwarg: cache}, use_cache=cache is not None).last_hidden_state
             picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
             logits = head(picked).float()
             if self.softcap:
