@@ -22,6 +22,7 @@ from distill.training.remine import ScoreTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
 def train_flags(model: Path, labels: Path, *extra: str) -> list[str]:
@@ -97,8 +98,12 @@ def run_step(tmp_path: Path, name: str, processes: int, flags: list[str]) -> dic
     launcher = [sys.executable, str(ROOT / "tests" / "train_step.py")] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
          str(ROOT / "tests" / "train_step.py")]
-    result = subprocess.run([*launcher, str(out), *flags, "--output", str(tmp_path / name)], env=ENV,
-                            capture_output=True, text=True, timeout=600)
+    command = [*launcher, str(out), *flags, "--output", str(tmp_path / name)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
+        # a rare abort in gloo's C++ threads with no Python error, as at interpreter shutdown (pytorch/pytorch
+        # PR 179291 describes the mechanism); seen once in many CI runs. One rerun; any other failure fails at once
+        result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
