@@ -74,6 +74,9 @@ class TrainConfig(EncodingSettings):
     positive: str = field(default="first", metadata={"help": "slot-0 positive when a query has several: the first "
                                                                "or the one the teacher rewards most",
                                                        "choices": ["first", "teacher"]})
+    drop_disputed: bool = field(default=False, metadata={
+        "help": "with --labels: leave out a query whose teacher rewards one of its negatives at least as high as its "
+                "positive (for synthetic queries: one that fits another passage as well; InPars-v2's reranker filter)"})
     batch_dedup: str = field(default="positives", metadata={
         "help": "what may not repeat within a batch: positives (no positive is another query's key) or strict "
                 "(no passage twice) or none; a query's own positives are masked out of its in-batch keys in every mode",
@@ -128,6 +131,8 @@ class TrainConfig(EncodingSettings):
                 setattr(self, name, [Path(v) for v in value])
         if self.labels and self.candidates:
             raise ValueError("give --labels or --candidates, not both")
+        if self.drop_disputed and not self.labels:
+            raise ValueError("--drop-disputed needs the teacher's rewards: give --labels (from distill label)")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:
             raise ValueError("--train-batch-size and --gradient-accumulation-steps must be >= 1, "
                              "--num-negatives >= 0")

@@ -248,3 +248,29 @@ def test_bad_labels_line_names_file_line_and_field(tiny_bert_dir, squad_mini_tra
     write_jsonl(bad, records)
     assert main(["train", *train_flags(tiny_bert_dir, bad), "--output", str(tmp_path / "o")]) == 2
     assert f"{bad}:4: field 'pids'" in capsys.readouterr().err
+
+
+def test_drop_disputed_leaves_out_queries_the_teacher_does_not_confirm(tiny_bert_dir, squad_mini_train_labels,
+                                                                       tmp_path, capsys):
+    records = read_jsonl(squad_mini_train_labels)
+    for record in records:  # the positive first by a clear margin ...
+        record["rewards"] = [0.0] + [-1.0 - j for j in range(len(record["pids"]) - 1)]
+    records[1]["rewards"][3] = 0.0   # ... but a negative tied with it
+    records[2]["rewards"][5] = 0.5   # ... and one rewarded above it
+    labels = tmp_path / "labels.jsonl"
+    write_jsonl(labels, records)
+    rset = load_retrieval_set("squad-mini", "train")
+    kept = examples_from_labels(read_labels(labels), rset, labels, "first")
+    dropped = examples_from_labels(read_labels(labels), rset, labels, "first", drop_disputed=True)
+    assert len(kept.examples) == len(records) and kept.skipped["teacher prefers a negative"] == 0
+    assert [e.qid for e in dropped.examples] == [r["qid"] for i, r in enumerate(records) if i not in (1, 2)]
+    assert dropped.skipped["teacher prefers a negative"] == 2
+
+    out = tmp_path / "model"
+    assert main(["train", *train_flags(tiny_bert_dir, labels), "--drop-disputed", "--max-steps", "1",
+                 "--output", str(out)]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["examples"] == len(records) - 2 and summary["skipped"]["teacher prefers a negative"] == 2
+    assert main(["train", "--model", str(tiny_bert_dir), "--data", "squad-mini", "--candidates", str(labels),
+                 "--drop-disputed", "--output", str(tmp_path / "o")]) == 2
+    assert "--drop-disputed needs the teacher's rewards" in capsys.readouterr().err

@@ -40,10 +40,15 @@ def _positive_rows(rset: RetrievalSet, qid: str) -> np.ndarray:
 
 
 def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, positive_choice: str,
-                         task: int = 0) -> ExampleSet:
-    """Labels lines -> examples; slot 0 is the first positive, or with `teacher` the best-rewarded one."""
+                         task: int = 0, drop_disputed: bool = False) -> ExampleSet:
+    """Labels lines -> examples; slot 0 is the first positive, or with `teacher` the best-rewarded one.
+
+    With `drop_disputed`, a query is left out when max_j r(q, d_j^-) >= r(q, d^+) over its negatives: the
+    teacher does not confirm the pair. For generated queries this is the consistency filter InPars-v2 runs
+    with a reranker (Jeronymo et al., 2023), here with the labelling LLM and the mined candidates.
+    """
     texts = dict(zip(rset.queries.ids, rset.queries.texts))
-    out, skipped = [], {"not in split": 0, "no negatives": 0}
+    out, skipped = [], {"not in split": 0, "no negatives": 0, "teacher prefers a negative": 0}
     rows_each = rset.corpus.rows_of_each([r["pids"] for r in records])
     for line_no, (record, rows) in enumerate(zip(records, rows_each), start=1):
         qid = record["qid"]
@@ -62,6 +67,9 @@ def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, po
         negative[:n_pos] = False
         if not negative.any():
             skipped["no negatives"] += 1
+            continue
+        if drop_disputed and rewards[negative].max() >= rewards[chosen]:
+            skipped["teacher prefers a negative"] += 1
             continue
         out.append(Example(qid, texts[qid], int(rows[chosen]), rows[negative], float(rewards[chosen]),
                            rewards[negative], task, labelled=(rows[negative], rewards[negative]),
