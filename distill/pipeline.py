@@ -179,8 +179,10 @@ def why_changed(old: dict, new: dict) -> str:
         keys = sorted(k for k in set(old[kind]) | set(new[kind]) if old[kind].get(k) != new[kind].get(k))
         if not keys:
             continue
-        if kind == "settings":
-            keys = [f"{k} {old[kind].get(k)!r} -> {new[kind].get(k)!r}" for k in keys[:3]] + (
+        if kind == "settings":  # a setting a record lacks came with a newer version (None is a real value)
+            shown = [[repr(side[k]) if k in side else "(not recorded)" for side in (old[kind], new[kind])]
+                     for k in keys[:3]]
+            keys = [f"{k} {was} -> {now}" for k, (was, now) in zip(keys, shown)] + (
                 [f"+{len(keys) - 3} more"] if len(keys) > 3 else [])
         reasons.append(f"{label}: {', '.join(keys)}")
     return "; ".join(reasons) or "fingerprint changed"

@@ -204,6 +204,9 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
         "earlier stage redone: label"
     assert why_changed(new_eval["mine"], records(**{"mine.num_negatives": 2})["mine"]) == \
         "settings changed: num_negatives 3 -> 2"
+    older = json.loads(json.dumps(new_eval["mine"]))
+    del older["settings"]["num_negatives"]  # recorded before the setting existed
+    assert why_changed(older, new_eval["mine"]) == "settings changed: num_negatives (not recorded) -> 3"
     with_generate = records(**{"generate.temperature": 0.5})
     assert redone(with_generate, records(**{"generate.temperature": 0.9})) == {
         "generate", "mine", "label", "train", "eval_after"}  # the evaluation before training does not read it
