@@ -2,22 +2,29 @@
 
 Encodes the split's queries and the corpus (cached on disk), searches a faiss
 index for each query's top-k, and reports nDCG@10, MRR@10, Recall@1/5/10/100
-and MAP@100 (see `metrics`), as a table and as JSON.
+and MAP@100 (see `metrics`), as a table and as JSON. `--run-file` also writes
+the rankings as a TREC run (`qid Q0 pid rank score tag`, what trec_eval, ranx
+and pytrec_eval read); `--baseline-run` compares this model's per-query
+nDCG@10 with another run's on the same queries (bootstrap interval and
+randomization test, `metrics.compare_paired`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .config import add_command
-from .data import RetrievalSet, load_retrieval_set
+from .data import DataError, Problem, RetrievalSet, load_retrieval_set
 from .encoding import EncodingSettings
 from .index import IndexConfig, build_index, corpus_embeddings, embeddings, query_source, search
-from .metrics import DEFAULT_CUTOFFS, mean_metrics
+from .metrics import DEFAULT_CUTOFFS, PairedComparison, compare_paired, mean_metrics, per_query_metrics
 from .model import BiEncoder
 
 logger = logging.getLogger(__name__)
@@ -30,6 +37,11 @@ class EvalConfig(EncodingSettings):
     split: str = field(default="test", metadata={"help": "qrels split to evaluate"})
     output: Path | None = field(default=None, metadata={"help": "write the metrics here as JSON"})
     top_k: int = field(default=100, metadata={"help": "passages retrieved per query"})
+    run_file: Path | None = field(default=None, metadata={
+        "help": "also write the rankings here as a TREC run file (qid Q0 pid rank score tag)"})
+    baseline_run: Path | None = field(default=None, metadata={
+        "help": "TREC run of another model on the same split: report this model's paired nDCG@10 gain over it"})
+    seed: int = field(default=0, metadata={"help": "seed of --baseline-run's bootstrap and randomization test"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
     show_progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -59,6 +71,57 @@ def evaluate(encoder: BiEncoder, rset: RetrievalSet, **retrieve_options) -> dict
     return mean_metrics(rankings_from_hits(hits), rset.qrels, DEFAULT_CUTOFFS)
 
 
+def write_trec_run(path: Path, hits: dict[str, list[tuple[str, float]]], tag: str) -> None:
+    """Rankings as TREC run lines `qid Q0 pid rank score tag`, ranks from 1 in our metrics' order.
+
+    Written whole or not at all (temp file, fsync, rename). Ids with whitespace cannot be written in this format.
+    """
+    tag = "".join(tag.split()) or "distill"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for qid, ranking in hits.items():
+            for rank, (pid, score) in enumerate(sorted(ranking, key=lambda x: (-x[1], x[0])), 1):
+                if len(qid.split()) != 1 or len(pid.split()) != 1:
+                    raise DataError(f"{path}: query {qid!r} or passage {pid!r} has whitespace, which a TREC run "
+                                    "cannot hold")
+                f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_trec_run(path: Path) -> dict[str, list[str]]:
+    """Each query's passage ids from a TREC run file, by descending score (ties by ascending id)."""
+    hits: dict[str, list[tuple[str, float]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise DataError(Problem(str(path), number, None, f"a TREC run line has 6 fields (qid Q0 pid rank "
+                                        f"score tag), this one has {len(parts)}", "bad run line"))
+            try:
+                score = float(parts[4])
+            except ValueError:
+                raise DataError(Problem(str(path), number, "score", f"not a number: {parts[4]!r}",
+                                        "bad run line")) from None
+            hits.setdefault(parts[0], []).append((parts[2], score))
+    return rankings_from_hits(hits)
+
+
+def compare_to_run(rankings: dict[str, list[str]], baseline: dict[str, list[str]], qrels, *, seed: int = 0,
+                   metric: str = "ndcg@10") -> PairedComparison:
+    """Paired comparison of `metric` per qrels query: these rankings against the baseline's."""
+    name, k = metric.split("@")
+    ours = per_query_metrics(rankings, qrels, [(name, int(k))])[metric]
+    theirs = per_query_metrics(baseline, qrels, [(name, int(k))])[metric]
+    queries = list(qrels)
+    return compare_paired([theirs[q] for q in queries], [ours[q] for q in queries], np.random.default_rng(seed))
+
+
 def model_label(model: str) -> str:
     """A short name for tables: the last two parts of a path, or the hub name."""
     parts = Path(model).parts
@@ -85,16 +148,31 @@ def run(cfg: EvalConfig) -> int:
     if cfg.skip_invalid:
         print(rset.problems.summary())
     started = time.perf_counter()
+    baseline = read_trec_run(cfg.baseline_run) if cfg.baseline_run else None  # bad file: fail before encoding
     encoder = cfg.load_encoder(cfg.model)
-    metrics = evaluate(encoder, rset, top_k=cfg.top_k, batch_size=cfg.batch_size, include_title=cfg.include_title,
-                       cache_dir=cfg.cache_path, index=cfg.index_config(),
-                       show_progress=cfg.show_progress)
+    hits = retrieve(encoder, rset, top_k=cfg.top_k, batch_size=cfg.batch_size, include_title=cfg.include_title,
+                    cache_dir=cfg.cache_path, index=cfg.index_config(), show_progress=cfg.show_progress)
+    rankings = rankings_from_hits(hits)
+    metrics = mean_metrics(rankings, rset.qrels, DEFAULT_CUTOFFS)
     seconds = time.perf_counter() - started
     print(f"{len(rset.queries)} {cfg.split} queries, {len(rset.corpus)} passages, {seconds:.1f} s")
     print(format_table({model_label(cfg.model): metrics}))
+    if cfg.run_file:
+        write_trec_run(cfg.run_file, hits, model_label(cfg.model).replace("/", "_"))
+        print(f"run written to {cfg.run_file}")
+    comparison = None
+    if baseline is not None:
+        missing = sum(q not in baseline for q in rset.qrels)
+        if missing == len(rset.qrels):
+            raise DataError(f"{cfg.baseline_run}: ranks none of the {cfg.split} split's queries (another split?)")
+        if missing:
+            print(f"{cfg.baseline_run}: no ranking for {missing} of {len(rset.qrels)} queries (they score 0 there)")
+        comparison = compare_to_run(rankings, baseline, rset.qrels, seed=cfg.seed)
+        print(f"nDCG@10 against {cfg.baseline_run}: {comparison.describe()}")
     if cfg.output:
         report = {**metrics, "num_queries": len(rset.queries), "num_passages": len(rset.corpus),
                   "skipped_records": rset.problems.total, "seconds": round(seconds, 3),
+                  **({"ndcg@10_vs_baseline": asdict(comparison)} if comparison else {}),
                   "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

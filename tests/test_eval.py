@@ -59,3 +59,51 @@ def test_missing_model_is_one_line_exit_2(small_beir, tmp_path, capsys):
 def test_unknown_split_lists_the_available_ones(small_beir, capsys):
     assert main(["eval", "--model", "x", "--data", str(small_beir), "--split", "dev"]) == 2
     assert "splits here: test" in capsys.readouterr().err
+
+
+def test_run_file_rescored_gives_the_reported_metrics_and_compares_with_a_baseline(tiny_bert_dir, small_beir,
+                                                                                   tmp_path, capsys):
+    from distill.evaluate import read_trec_run
+    from distill.metrics import mean_metrics
+
+    run, out = tmp_path / "runs" / "tiny.trec", tmp_path / "m.json"
+    assert main(["eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--output", str(out),
+                 "--run-file", str(run), "--top-k", "10", "--no-cache", "--no-show-progress"]) == 0
+    reported = json.loads(out.read_text())
+    lines = [line.split() for line in run.read_text().splitlines()]
+    rset = load_retrieval_set(str(small_beir), "test")
+    assert {q for q, *_ in lines} == set(rset.queries.ids)
+    for qid in rset.queries.ids:
+        mine = [row for row in lines if row[0] == qid]
+        assert [int(r[3]) for r in mine] == list(range(1, len(mine) + 1)) and len(mine) == 10
+        scores = [float(r[4]) for r in mine]
+        assert scores == sorted(scores, reverse=True) and {r[1] for r in mine} == {"Q0"}
+    rescored = mean_metrics(read_trec_run(run), rset.qrels)
+    for name, k in DEFAULT_CUTOFFS:
+        if k <= 10:
+            assert rescored[f"{name}@{k}"] == pytest.approx(reported[f"{name}@{k}"], abs=1e-9)
+
+    # A perfect baseline (each query's relevant passages first): the model's paired gain is its nDCG@10 - 1.
+    perfect = tmp_path / "perfect.trec"
+    perfect.write_text("".join(f"{q} Q0 {p} {i + 1} {1.0 - i / 100} qrels\n" for q, rel in rset.qrels.items()
+                               for i, p in enumerate(sorted(rel))))
+    out2 = tmp_path / "m2.json"
+    assert main(["eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--output", str(out2),
+                 "--baseline-run", str(perfect), "--no-cache", "--no-show-progress"]) == 0
+    versus = json.loads(out2.read_text())["ndcg@10_vs_baseline"]
+    assert versus["mean_difference"] == pytest.approx(reported["ndcg@10"] - 1.0, abs=1e-9)
+    assert versus["low"] <= versus["mean_difference"] <= versus["high"] <= 0 and versus["queries"] == len(rset.qrels)
+    assert f"against {perfect}" in capsys.readouterr().out
+
+
+def test_bad_baseline_run_names_file_and_line(tiny_bert_dir, small_beir, tmp_path, capsys):
+    bad = tmp_path / "bad.trec"
+    bad.write_text("q1 Q0 p1 1 0.5 x\nq1 Q0 p2 2 high x\n")
+    assert main(["eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--baseline-run", str(bad),
+                 "--no-cache"]) == 2
+    assert f"{bad}:2: field \"score\": not a number" in capsys.readouterr().err
+    other = tmp_path / "other.trec"
+    other.write_text("nope Q0 p1 1 0.5 x\n")
+    assert main(["eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--baseline-run", str(other),
+                 "--no-cache", "--no-show-progress"]) == 2
+    assert "ranks none of the test split's queries" in capsys.readouterr().err

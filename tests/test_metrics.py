@@ -65,3 +65,48 @@ def test_graded_ndcg_uses_linear_gain():
 def test_query_missing_from_run_counts_as_zero():
     m = mean_metrics({"q1": ["a"]}, {"q1": {"a": 1}, "q2": {"b": 1}})
     assert m["recall@1"] == 0.5 and m["ndcg@10"] == 0.5
+
+
+def _sign_flip_p_value(d):
+    """Fisher's randomization test by enumerating every sign vector (slow, obviously correct)."""
+    import itertools
+
+    observed, hits, total = abs(sum(d) / len(d)), 0, 0
+    for signs in itertools.product((1, -1), repeat=len(d)):
+        flipped = abs(sum(s * x for s, x in zip(signs, d)) / len(d))
+        hits += flipped >= observed - 1e-12
+        total += 1
+    return hits / total
+
+
+def test_randomization_p_value_equals_full_enumeration_of_sign_flips():
+    from distill.metrics import compare_paired
+
+    rng = np.random.default_rng(3)
+    for shift in (0.0, 0.05, 0.2):
+        a = rng.uniform(0, 1, 10)
+        b = np.clip(a + shift + rng.normal(0, 0.15, 10), 0, 1)
+        got = compare_paired(a, b, np.random.default_rng(0))
+        assert got.p_value == pytest.approx(_sign_flip_p_value(list(b - a)), abs=1e-12)
+        assert got.mean_difference == pytest.approx(float(np.mean(b - a)), abs=1e-15)
+    constant = compare_paired([0.1] * 6, [0.3] * 6, rng)  # every query +0.2: only the two all-same flips tie
+    assert constant.p_value == pytest.approx(_sign_flip_p_value([0.2] * 6)) and constant.low == constant.high
+    same = compare_paired([0.4, 0.7, 0.1], [0.4, 0.7, 0.1], rng)
+    assert same.p_value == 1.0 and same.mean_difference == same.low == same.high == 0.0
+
+
+def test_bootstrap_interval_matches_the_normal_theory_width_on_many_queries():
+    from distill.metrics import compare_paired
+
+    rng = np.random.default_rng(11)
+    a = rng.uniform(0, 1, 4000)
+    b = a + rng.normal(0.02, 0.3, 4000)
+    got = compare_paired(a, b, np.random.default_rng(0))
+    d = b - a
+    half_width = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+    assert got.low < got.mean_difference < got.high
+    assert (got.high - got.low) / 2 == pytest.approx(half_width, rel=0.1)
+    assert (got.low + got.high) / 2 == pytest.approx(d.mean(), abs=0.1 * half_width)
+    again = compare_paired(a, b, np.random.default_rng(0))
+    assert (again.low, again.high, again.p_value) == (got.low, got.high, got.p_value)
+    assert "CI" in got.describe() and "4000 queries" in got.describe()

@@ -133,6 +133,10 @@ def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm
     assert [r["qid"] for r in read_jsonl(out / "labels.jsonl")] == [q["_id"] for q in queries]
     after = json.loads((out / "eval" / "after.json").read_text())
     assert after["num_queries"] == 200  # squad-mini's real test questions
+    before = json.loads((out / "eval" / "before.json").read_text())
+    gain = after["ndcg@10_vs_baseline"]  # the paired comparison of the two evaluations' TREC runs
+    assert gain["mean_difference"] == pytest.approx(after["ndcg@10"] - before["ndcg@10"], abs=1e-9)
+    assert gain["queries"] == 200 and gain["low"] <= gain["mean_difference"] <= gain["high"]
 
 
 @pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
