@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from .config import add_command
 from .data import DataError, Problem, RetrievalSet, load_retrieval_set
 from .encoding import EncodingSettings
+from .files import write_lines_atomic
 from .index import IndexConfig, build_index, corpus_embeddings, embeddings, query_source, search
 from .metrics import DEFAULT_CUTOFFS, PairedComparison, compare_paired, mean_metrics, per_query_metrics
 from .model import BiEncoder
@@ -74,22 +74,19 @@ def evaluate(encoder: BiEncoder, rset: RetrievalSet, **retrieve_options) -> dict
 def write_trec_run(path: Path, hits: dict[str, list[tuple[str, float]]], tag: str) -> None:
     """Rankings as TREC run lines `qid Q0 pid rank score tag`, ranks from 1 in our metrics' order.
 
-    Written whole or not at all (temp file, fsync, rename). Ids with whitespace cannot be written in this format.
+    Written whole or not at all. Ids with whitespace cannot be written in this format.
     """
     tag = "".join(tag.split()) or "distill"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+
+    def lines():
         for qid, ranking in hits.items():
             for rank, (pid, score) in enumerate(sorted(ranking, key=lambda x: (-x[1], x[0])), 1):
                 if len(qid.split()) != 1 or len(pid.split()) != 1:
                     raise DataError(f"{path}: query {qid!r} or passage {pid!r} has whitespace, which a TREC run "
                                     "cannot hold")
-                f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+                yield f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n"
+
+    write_lines_atomic(path, lines())
 
 
 def read_trec_run(path: Path) -> dict[str, list[str]]:

@@ -4,23 +4,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so that a reader (or a rerun after kill -9) sees the old file or the new one, never half of one."""
+def write_lines_atomic(path: Path, lines: Iterable[str]) -> int:
+    """Write text lines so that a reader (or a rerun after kill -9) sees the old file or the new one, never half
+    of one: a temp file, fsync, rename, fsync of the folder. Returns the number of lines written."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, ensure_ascii=False, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            for line in lines:
+                f.write(line)
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+    return count
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """One JSON document, written as `write_lines_atomic` writes."""
+    write_lines_atomic(path, [json.dumps(payload, ensure_ascii=False, sort_keys=True)])
 
 
 def file_digest(path: Path) -> str:

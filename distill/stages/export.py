@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..data import RetrievalSet
 from ..data.sources import iter_jsonl
+from ..files import write_lines_atomic
 
 EXPORT_BATCH = 4096
 
@@ -41,20 +42,16 @@ def _texts(rset: RetrievalSet, include_title: bool) -> Callable[[list[str]], lis
 def export_flagembedding(candidates: Path, rset: RetrievalSet, output: Path, include_title: bool = True) -> dict:
     query_text = dict(zip(rset.queries.ids, rset.queries.texts))
     texts = _texts(rset, include_title)
-    rows = 0
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def lines():
         for record in _records(candidates):
             line = {"query": query_text[record["qid"]], "pos": texts(record["positives"]), "neg": texts(record["pids"])}
             if record.get("score_kind") == "dense" and record.get("positive_scores") is not None:
                 line["pos_scores"] = record["positive_scores"]
                 line["neg_scores"] = record["scores"]
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            rows += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, output)
+            yield json.dumps(line, ensure_ascii=False) + "\n"
+
+    rows = write_lines_atomic(output, lines())
     return {"rows": rows, "skipped": 0}
 
 

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from ..config import add_command
 from ..data import Corpus, load_corpus_of
 from ..data.sources import iter_jsonl
 from ..encoding import EncodingSettings
-from ..files import file_digest, write_json_atomic
+from ..files import file_digest, write_json_atomic, write_lines_atomic
 from ..index import build_index, corpus_embeddings, embeddings, query_source, search
 from .teacher import TeacherSettings, default_template
 from .writer import Shard, is_complete, read_progress, write_resumable
@@ -240,17 +239,6 @@ def round_trip_ranks(cfg: GenerateConfig, corpus: Corpus, questions: list[str], 
     return ranks
 
 
-def _write_lines(path: Path, lines) -> None:
-    """Write a text file whole or not at all (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        for line in lines:
-            f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_folder(folder: Path, corpus: Corpus, kept: list[dict]) -> None:
     """corpus.jsonl (the input's passages), queries.jsonl and qrels/train.tsv."""
     def corpus_lines():
@@ -261,12 +249,12 @@ def write_folder(folder: Path, corpus: Corpus, kept: list[dict]) -> None:
                     record["doc_id"] = row["doc_id"]
                 yield json.dumps(record, ensure_ascii=False) + "\n"
 
-    _write_lines(folder / "corpus.jsonl", corpus_lines())
-    _write_lines(folder / "queries.jsonl", (json.dumps(
+    write_lines_atomic(folder / "corpus.jsonl", corpus_lines())
+    write_lines_atomic(folder / "queries.jsonl", (json.dumps(
         {"_id": q["id"], "text": q["question"], "answers": [q["answer"]], "positives": [q["pid"]],
          "support": q["support"]}, ensure_ascii=False) + "\n" for q in kept))
     (folder / "qrels").mkdir(exist_ok=True)
-    _write_lines(folder / "qrels" / "train.tsv",
+    write_lines_atomic(folder / "qrels" / "train.tsv",
                  ["query-id\tcorpus-id\tscore\n"] + [f"{q['id']}\t{q['pid']}\t1\n" for q in kept])
 
 
