@@ -6,6 +6,9 @@ the objective) and is evaluated on the same split with `distill eval`:
 
     base | InfoNCE, hard labels | soft-label weighted | soft-label + rank filtering | KL
 
+Each row's gain over InfoNCE comes with a paired 95% bootstrap interval and a
+randomization-test p-value over the evaluated queries (`metrics.compare_paired`).
+
 python bench/quality.py --data ../shared/data/squad_dev --labels runs/q/squad_labels_0of4.jsonl \
     --eval-split test --out runs/quality
 """
@@ -19,6 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.data import load_retrieval_set  # noqa: E402
+from distill.evaluate import compare_to_run, read_trec_run  # noqa: E402
+
 ROWS = [("InfoNCE (hard labels)", "infonce"), ("soft-label weighted", "soft_label"),
         ("soft-label + rank filtering", "rank_filter"), ("KL", "kl"),
         ("rank filtering + 0.2 InfoNCE (LLM-Embedder's mix)", "rank_filter:1.0,infonce:0.2")]
@@ -30,10 +37,19 @@ def distill(*args: str) -> None:
 
 
 def evaluate(model: str, data: str, split: str, out: Path) -> dict:
-    if not out.exists():
+    """Metrics of one row (JSON next to its TREC run `out.trec`, which the paired comparison reads)."""
+    if not out.exists() or not out.with_suffix(".trec").exists():
         distill("eval", "--model", model, "--data", data, "--split", split, "--no-cache", "--output", str(out),
-                "--no-show-progress")
-    return json.loads(out.read_text())
+                "--run-file", str(out.with_suffix(".trec")), "--no-show-progress")
+    return {**json.loads(out.read_text()), "run": out.with_suffix(".trec")}
+
+
+def versus(metrics: dict, reference: dict | None, qrels) -> str:
+    """This row's paired nDCG@10 difference from the reference row, with its 95% interval and p-value."""
+    if reference is None or metrics is reference:
+        return ""
+    c = compare_to_run(read_trec_run(metrics["run"]), read_trec_run(reference["run"]), qrels)
+    return f"{100 * c.mean_difference:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}] p={c.p_value:.2g}"
 
 
 def main() -> None:
@@ -70,7 +86,7 @@ def main() -> None:
             continue
         plain = args.out / loss.replace(":", "").replace(",", "+")
         if args.tag and (args.out / f"{plain.name}.json").exists():  # the same row without the extra flags
-            table[label] = json.loads((args.out / f"{plain.name}.json").read_text())
+            table[label] = evaluate(str(plain), args.data, args.eval_split, args.out / f"{plain.name}.json")
         folder = plain.with_name(f"{plain.name}-{args.tag}") if args.tag else plain
         label = f"{label}, {args.tag}" if args.tag else label
         started = time.perf_counter()
@@ -84,10 +100,14 @@ def main() -> None:
         seconds[label] = round(time.perf_counter() - started, 1)
         table[label] = evaluate(str(folder), args.data, args.eval_split, args.out / f"{folder.name}.json")
     base = table["base"]["ndcg@10"]
-    lines = ["| student | " + " | ".join(NAMES) + " | Δ nDCG@10 vs base |", "|---" * (len(NAMES) + 2) + "|"]
+    infonce = next((m for label, m in table.items() if label.startswith("InfoNCE")), None)
+    qrels = load_retrieval_set(args.data, args.eval_split).qrels
+    lines = ["| student | " + " | ".join(NAMES) + " | Δ nDCG@10 vs base | Δ nDCG@10 vs InfoNCE [95% CI] |",
+             "|---" * (len(NAMES) + 3) + "|"]
     for label, metrics in table.items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * metrics[n]:.2f}" for n in NAMES)
-                     + f" | {100 * (metrics['ndcg@10'] - base):+.2f} |")
+                     + f" | {100 * (metrics['ndcg@10'] - base):+.2f} | "
+                     + (versus(metrics, infonce, qrels) if metrics is not table["base"] else "") + " |")
     print("\n".join(lines))
     (args.out / f"table{'-' + args.tag if args.tag else ''}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
