@@ -146,6 +146,12 @@ def run(cfg: EvalConfig) -> int:
         print(rset.problems.summary())
     started = time.perf_counter()
     baseline = read_trec_run(cfg.baseline_run) if cfg.baseline_run else None  # bad file: fail before encoding
+    if baseline is not None:
+        missing = sum(q not in baseline for q in rset.qrels)
+        if missing == len(rset.qrels):
+            raise DataError(f"{cfg.baseline_run}: ranks none of the {cfg.split} split's queries (another split?)")
+        if missing:
+            print(f"{cfg.baseline_run}: no ranking for {missing} of {len(rset.qrels)} queries (they score 0 there)")
     encoder = cfg.load_encoder(cfg.model)
     hits = retrieve(encoder, rset, top_k=cfg.top_k, batch_size=cfg.batch_size, include_title=cfg.include_title,
                     cache_dir=cfg.cache_path, index=cfg.index_config(), show_progress=cfg.show_progress)
@@ -159,11 +165,6 @@ def run(cfg: EvalConfig) -> int:
         print(f"run written to {cfg.run_file}")
     comparison = None
     if baseline is not None:
-        missing = sum(q not in baseline for q in rset.qrels)
-        if missing == len(rset.qrels):
-            raise DataError(f"{cfg.baseline_run}: ranks none of the {cfg.split} split's queries (another split?)")
-        if missing:
-            print(f"{cfg.baseline_run}: no ranking for {missing} of {len(rset.qrels)} queries (they score 0 there)")
         comparison = compare_to_run(rankings, baseline, rset.qrels, seed=cfg.seed)
         print(f"nDCG@10 against {cfg.baseline_run}: {comparison.describe()}")
     if cfg.output:
