@@ -22,7 +22,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.metrics import PairedComparison  # noqa: E402
 from distill.pipeline import run_pipeline  # noqa: E402
 
 METRICS = ("ndcg@10", "recall@1", "recall@10", "mrr@10")
@@ -61,10 +60,7 @@ def main() -> None:
     print(f"\n| data | student | {' | '.join(METRICS)} |\n|---|---|" + "---|" * len(METRICS))
     for name, row in (("base", before), ("distilled from synthetic", after)):
         print(f"| {Path(args.data).name} | {name} | " + " | ".join(f"{100 * row[m]:.2f}" for m in METRICS) + " |")
-    comparison = result.get("comparison")
-    gain = (PairedComparison(**comparison).describe() if comparison
-            else f"{100 * (after['ndcg@10'] - before['ndcg@10']):+.2f}")
-    print(f"Δ nDCG@10 {gain}; {summary['passages']} passages, "
+    print(f"Δ nDCG@10 {result['gain']}; {summary['passages']} passages, "
           f"{summary['generated']} samples, removed {summary['removed']}, kept {summary['kept']}")
 
 

@@ -350,7 +350,7 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
     gain = (PairedComparison(**comparison).describe() if comparison
             else f"{100 * (after['ndcg@10'] - before['ndcg@10']):+.2f} points")
     print(f"nDCG@10 {gain}; report: {png}; {time.perf_counter() - started_run:.0f} s this run")
-    return {"before": before, "after": after, "comparison": comparison, "report": str(png)}
+    return {"before": before, "after": after, "comparison": comparison, "gain": gain, "report": str(png)}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
