@@ -47,12 +47,21 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
     x = range(len(METRICS))
     bars.bar([i - 0.2 for i in x], [100 * before[m] for m in METRICS], width=0.4, label="before")
     bars.bar([i + 0.2 for i in x], [100 * after[m] for m in METRICS], width=0.4, label="after")
+    comparison = after.get("ndcg@10_vs_baseline")
     for i, m in enumerate(METRICS):
-        bars.text(i + 0.2, 100 * after[m], f"{100 * (after[m] - before[m]):+.1f}", ha="center", va="bottom", fontsize=8)
+        label, top = f"{100 * (after[m] - before[m]):+.1f}", 100 * after[m]
+        if m == "ndcg@10" and comparison:
+            # The paired interval of the mean per-query gain, drawn around the after bar (before + gain).
+            low, high = (100 * (before[m] + comparison[k]) for k in ("low", "high"))
+            bars.errorbar(i + 0.2, top, yerr=[[top - low], [high - top]], color="black", capsize=4)
+            label += f"\n[{100 * comparison['low']:+.1f}, {100 * comparison['high']:+.1f}]"
+            top = max(top, high)
+        bars.text(i + 0.2, top, label, ha="center", va="bottom", fontsize=8)
     lowest = min(100 * min(before[m], after[m]) for m in METRICS)
     bars.set_ylim(max(0.0, lowest - 10), 100)
     bars.set_xticks(list(x), METRICS)
-    bars.set_title("test metrics before / after")
+    interval = f" (nDCG@10 gain: {100 * comparison['confidence']:.0f}% CI)" if comparison else ""
+    bars.set_title("test metrics before / after" + interval)
     bars.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(output, dpi=100)
