@@ -77,6 +77,9 @@ class TrainConfig(EncodingSettings):
     drop_disputed: bool = field(default=False, metadata={
         "help": "with --labels: leave out a query whose teacher rewards one of its negatives at least as high as its "
                 "positive (for synthetic queries: one that fits another passage as well; InPars-v2's reranker filter)"})
+    keep_top_margin: float = field(default=1.0, metadata={
+        "help": "with --labels: train on this share of the queries, those the teacher confirms most clearly (largest "
+                "r(q,d+) - max r(q,d-); InPars-v2 keeps its reranker's top synthetic queries); 1.0 keeps all"})
     batch_dedup: str = field(default="positives", metadata={
         "help": "what may not repeat within a batch: positives (no positive is another query's key) or strict "
                 "(no passage twice) or none; a query's own positives are masked out of its in-batch keys in every mode",
@@ -131,8 +134,11 @@ class TrainConfig(EncodingSettings):
                 setattr(self, name, [Path(v) for v in value])
         if self.labels and self.candidates:
             raise ValueError("give --labels or --candidates, not both")
-        if self.drop_disputed and not self.labels:
-            raise ValueError("--drop-disputed needs the teacher's rewards: give --labels (from distill label)")
+        if (self.drop_disputed or self.keep_top_margin < 1.0) and not self.labels:
+            raise ValueError("--drop-disputed and --keep-top-margin need the teacher's rewards: give --labels "
+                             "(from distill label)")
+        if not 0.0 < self.keep_top_margin <= 1.0:
+            raise ValueError(f"--keep-top-margin must be in (0, 1], got {self.keep_top_margin}")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:
             raise ValueError("--train-batch-size and --gradient-accumulation-steps must be >= 1, "
                              "--num-negatives >= 0")

@@ -273,4 +273,40 @@ def test_drop_disputed_leaves_out_queries_the_teacher_does_not_confirm(tiny_bert
     assert summary["examples"] == len(records) - 2 and summary["skipped"]["teacher prefers a negative"] == 2
     assert main(["train", "--model", str(tiny_bert_dir), "--data", "squad-mini", "--candidates", str(labels),
                  "--drop-disputed", "--output", str(tmp_path / "o")]) == 2
-    assert "--drop-disputed needs the teacher's rewards" in capsys.readouterr().err
+    assert "--drop-disputed and --keep-top-margin need the teacher's rewards" in capsys.readouterr().err
+
+
+def test_keep_top_margin_keeps_the_queries_the_teacher_confirms_most_clearly(tiny_bert_dir, squad_mini_train_labels,
+                                                                             tmp_path, capsys):
+    records = read_jsonl(squad_mini_train_labels)
+    rng = np.random.default_rng(3)
+    margins = rng.permutation(len(records)) - 2.5   # distinct; the lowest three are disputed (margin <= 0)
+    for record, margin in zip(records, margins):
+        record["rewards"] = [0.0] + [-margin - j for j in range(len(record["pids"]) - 1)]
+    labels = tmp_path / "labels.jsonl"
+    write_jsonl(labels, records)
+    rset = load_retrieval_set("squad-mini", "train")
+    by_margin = sorted(range(len(records)), key=lambda i: -margins[i])
+
+    for share in (0.5, 0.25, 1.0):
+        n = round(share * len(records))
+        kept = examples_from_labels(read_labels(labels), rset, labels, "first", keep_top_margin=share)
+        assert [e.qid for e in kept.examples] == [records[i]["qid"] for i in sorted(by_margin[:n])]  # file order
+        assert kept.skipped.get("below the teacher-margin cut", 0) == len(records) - n
+    both = examples_from_labels(read_labels(labels), rset, labels, "first", drop_disputed=True, keep_top_margin=1.0)
+    assert len(both.examples) == len(records) - 3 and both.skipped["teacher prefers a negative"] == 3
+    # A cut that reaches below zero margin: drop_disputed then removes the disputed ones among those kept.
+    n = len(records) - 1
+    both = examples_from_labels(read_labels(labels), rset, labels, "first", drop_disputed=True,
+                                keep_top_margin=n / len(records))
+    assert [e.qid for e in both.examples] == [records[i]["qid"] for i in sorted(by_margin[:len(records) - 3])]
+    assert both.skipped["below the teacher-margin cut"] == 1 and both.skipped["teacher prefers a negative"] == 2
+
+    out = tmp_path / "model"
+    assert main(["train", *train_flags(tiny_bert_dir, labels), "--keep-top-margin", "0.5", "--max-steps", "1",
+                 "--output", str(out)]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["examples"] == round(0.5 * len(records))
+    assert main(["train", *train_flags(tiny_bert_dir, labels), "--keep-top-margin", "0", "--output",
+                 str(tmp_path / "o")]) == 2
+    assert "--keep-top-margin must be in (0, 1]" in capsys.readouterr().err

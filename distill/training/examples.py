@@ -39,16 +39,27 @@ def _positive_rows(rset: RetrievalSet, qid: str) -> np.ndarray:
     return rset.corpus.rows_of(rset.positives(qid))
 
 
+def teacher_margin(positive_reward: float, negative_rewards: np.ndarray) -> float:
+    """m(q) = r(q, d^+) - max_j r(q, d_j^-): how clearly the teacher confirms a query's positive."""
+    return float(positive_reward - np.max(negative_rewards))
+
+
 def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, positive_choice: str,
-                         task: int = 0, drop_disputed: bool = False) -> ExampleSet:
+                         task: int = 0, drop_disputed: bool = False, keep_top_margin: float = 1.0) -> ExampleSet:
     """Labels lines -> examples; slot 0 is the first positive, or with `teacher` the best-rewarded one.
 
-    With `drop_disputed`, a query is left out when max_j r(q, d_j^-) >= r(q, d^+) over its negatives: the
-    teacher does not confirm the pair. For generated queries this is the consistency filter InPars-v2 runs
-    with a reranker (Jeronymo et al., 2023), here with the labelling LLM and the mined candidates.
+    With `drop_disputed`, a query is left out when its teacher margin m(q) = r(q, d^+) - max_j r(q, d_j^-)
+    over its negatives is <= 0: the teacher does not confirm the pair. With `keep_top_margin` = f < 1, only
+    the round(f * n) of the n usable queries with the largest m(q) are kept (file order otherwise). For
+    generated queries these are the consistency filters InPars-v2 runs with a reranker (Jeronymo et al.,
+    2023: the top 10k of 100k synthetic queries by score), here with the labelling LLM and the mined candidates.
     """
+    if not 0.0 < keep_top_margin <= 1.0:
+        raise ValueError(f"keep_top_margin must be in (0, 1], got {keep_top_margin}")
     texts = dict(zip(rset.queries.ids, rset.queries.texts))
     out, skipped = [], {"not in split": 0, "no negatives": 0, "teacher prefers a negative": 0}
+    if keep_top_margin < 1.0:
+        skipped["below the teacher-margin cut"] = 0
     rows_each = rset.corpus.rows_of_each([r["pids"] for r in records])
     for line_no, (record, rows) in enumerate(zip(records, rows_each), start=1):
         qid = record["qid"]
@@ -68,13 +79,20 @@ def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, po
         if not negative.any():
             skipped["no negatives"] += 1
             continue
-        if drop_disputed and rewards[negative].max() >= rewards[chosen]:
-            skipped["teacher prefers a negative"] += 1
-            continue
         out.append(Example(qid, texts[qid], int(rows[chosen]), rows[negative], float(rewards[chosen]),
                            rewards[negative], task, labelled=(rows[negative], rewards[negative]),
                            positives=np.union1d(_positive_rows(rset, qid), rows[:n_pos])))
-    return ExampleSet(out, skipped)
+    margins = np.array([teacher_margin(e.positive_reward, e.pool_rewards) for e in out])
+    keep = np.ones(len(out), dtype=bool)
+    if keep_top_margin < 1.0:
+        keep[:] = False
+        keep[np.argsort(-margins, kind="stable")[:round(keep_top_margin * len(out))]] = True
+        skipped["below the teacher-margin cut"] = int((~keep).sum())
+    if drop_disputed:
+        disputed = keep & (margins <= 0)
+        skipped["teacher prefers a negative"] = int(disputed.sum())
+        keep &= ~disputed
+    return ExampleSet([e for e, k in zip(out, keep) if k], skipped)
 
 
 def examples_from_candidates(records: list[tuple[str, list[str]]], rset: RetrievalSet, task: int = 0) -> ExampleSet:

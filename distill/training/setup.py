@@ -15,7 +15,8 @@ def load_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int]]:
         rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid)
         if cfg.labels:
             found: ExampleSet = examples_from_labels(read_labels(cfg.labels[task]), rset, cfg.labels[task],
-                                                     cfg.positive, task, drop_disputed=cfg.drop_disputed)
+                                                     cfg.positive, task, drop_disputed=cfg.drop_disputed,
+                                                     keep_top_margin=cfg.keep_top_margin)
         elif cfg.candidates:
             found = examples_from_candidates(read_candidates(cfg.candidates[task], rset), rset, task)
         else:
