@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", type=Path, default=ROOT / "examples" / "raw_text.yaml",
                         help="example config whose stage settings the run takes (data and models are replaced)")
-    parser.add_argument("--max-passages", type=int, default=600)
+    parser.add_argument("--max-passages", type=int, default=None, help="default: the config's generate.max_passages")
     parser.add_argument("--set", nargs="*", default=[], help="more settings: section.key=value")
     args = parser.parse_args()
 
@@ -47,7 +47,8 @@ def main() -> None:
     config = yaml.safe_load(args.config.read_text())
     config.update(output_dir=str(args.out), data=str(passages), eval_data=args.data, eval_split=args.eval_split,
                   llm=args.llm, model=args.model)
-    config["generate"]["max_passages"] = args.max_passages
+    if args.max_passages is not None:
+        config["generate"]["max_passages"] = args.max_passages
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
