@@ -58,8 +58,6 @@ def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, po
         raise ValueError(f"keep_top_margin must be in (0, 1], got {keep_top_margin}")
     texts = dict(zip(rset.queries.ids, rset.queries.texts))
     out, skipped = [], {"not in split": 0, "no negatives": 0, "teacher prefers a negative": 0}
-    if keep_top_margin < 1.0:
-        skipped["below the teacher-margin cut"] = 0
     rows_each = rset.corpus.rows_of_each([r["pids"] for r in records])
     for line_no, (record, rows) in enumerate(zip(records, rows_each), start=1):
         qid = record["qid"]
