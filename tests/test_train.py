@@ -223,7 +223,14 @@ def test_remining_follows_the_student(tiny_bert_dir, squad_mini_train_labels, tm
         scores = passages @ q
         positives = set(rset.corpus.rows_of(rset.positives(example.qid)).tolist())
         ranking = [r for r in np.lexsort((np.arange(len(scores)), -scores)).tolist() if r not in positives]
-        assert sorted(example.pool.tolist()) == sorted(ranking[1:5])  # the window [1, 5) of the student's ranking
+        # the window [1, 5) of the student's ranking; faiss and numpy sum in different orders, so two passages
+        # whose scores differ by float rounding may swap across the window's edge: compare the scores there
+        window = ranking[1:5]
+        assert not positives & set(example.pool.tolist())
+        np.testing.assert_allclose(np.sort(scores[example.pool]), np.sort(scores[window]), atol=1e-5)
+        outside = scores[[ranking[0], ranking[5]]]  # the nearest rows just outside the window
+        clear = [r for r in window if np.abs(outside - scores[r]).min() > 1e-5]
+        assert set(clear) <= set(example.pool.tolist())
         changed += not np.array_equal(np.sort(old), np.sort(example.pool))
     assert changed > len(before) // 2
     # the rest of the epoch is planned with the new pools
