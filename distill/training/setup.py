@@ -38,13 +38,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(encoder, cfg) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, parameter in encoder.backbone.named_parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    # the fused kernel updates every tensor in one pass: ~4.5x faster than the per-tensor loop on a CPU, which
+    # is ~5% of a MiniLM step (transformers' Trainer also defaults to it)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in decay + no_decay)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, fused=fused or None)
 
 
 def make_scheduler(optimizer, cfg, total_steps: int):
