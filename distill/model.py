@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from labelers.models import checked_model_source
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "distill_encoder.json"
@@ -131,7 +133,7 @@ class BiEncoder(torch.nn.Module):
         """
         from transformers import AutoModel, AutoTokenizer
 
-        name = str(name_or_path)
+        name = checked_model_source(name_or_path)
         ours = _read_model_json(name, CONFIG_FILE)
         modules = None if ours is not None else _read_model_json(name, "modules.json")
         if ours is not None:

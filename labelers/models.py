@@ -11,9 +11,24 @@ Each helper turns a packaged GGUF file into a plain transformers folder once
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "namespace/name"
+
+
+def checked_model_source(name: str | Path) -> str:
+    """`name` as given, once it is a folder that exists or could be a Hugging Face hub id.
+
+    A name that can only be a local path (`runs/x/model`, `./m`, `/abs/m`) and is
+    not there raises FileNotFoundError naming it, instead of the hub client's
+    "Repo id must be in the form ..." message.
+    """
+    text = str(name)
+    if Path(text).expanduser().exists() or HUB_ID.fullmatch(text):
+        return text
+    raise FileNotFoundError(f"no model folder at {text} (and it is not a Hugging Face model id)")
 
 
 def _ready(out: Path) -> bool:

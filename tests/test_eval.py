@@ -50,10 +50,28 @@ def test_second_eval_reads_the_cache_and_gives_the_same_metrics(tiny_bert_dir, s
     assert {k: v for k, v in runs[0].items() if "@" in k} == {k: v for k, v in runs[1].items() if "@" in k}
 
 
-def test_missing_model_is_one_line_exit_2(small_beir, tmp_path, capsys):
-    code = main(["eval", "--model", str(tmp_path / "nope"), "--data", str(small_beir), "--no-cache"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:")
+def test_missing_model_is_one_line_exit_2_naming_the_folder(small_beir, tmp_path, capsys):
+    missing = tmp_path / "runs" / "nope" / "model"  # only a path, never a hub id: say it is not there
+    for argv in (["eval", "--model", str(missing), "--data", str(small_beir), "--no-cache"],
+                 ["label", "--llm", str(missing), "--data", str(small_beir), "--split", "test",
+                  "--output", str(tmp_path / "l.jsonl")]):
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err == [f"error: no model folder at {missing} (and it is not a Hugging Face model id)"]
+    assert not (tmp_path / "l.jsonl").exists()
+
+
+@pytest.mark.parametrize("name,ok", [("sentence-transformers/all-MiniLM-L6-v2", True), ("gpt2", True),
+                                     ("runs/x/model", False), ("./model", False), ("/abs/model", False),
+                                     ("org/name/extra", False)])
+def test_only_names_that_cannot_be_hub_ids_must_exist_locally(name, ok):
+    from labelers.models import checked_model_source
+
+    if ok:
+        assert checked_model_source(name) == name
+    else:
+        with pytest.raises(FileNotFoundError, match="no model folder"):
+            checked_model_source(name)
 
 
 def test_unknown_split_lists_the_available_ones(small_beir, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from labelers.backends import BACKENDS, Backend, create_backend
+from labelers.models import checked_model_source
 
 
 @dataclass(kw_only=True)
@@ -43,7 +44,7 @@ class TeacherSettings:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.llm, trust_remote_code=self.trust_remote_code)
+        return AutoTokenizer.from_pretrained(checked_model_source(self.llm), trust_remote_code=self.trust_remote_code)
 
 
 def default_template(language: str, kind: str, chat: bool) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..models import checked_model_source
 from .base import GREEDY, Sampling, Score, check_pairs, cut_at_stop
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class HFBackend:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not known; choose one of {sorted(DTYPES)}")
         self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=DTYPES[dtype], trust_remote_code=cfg.trust_remote_code)
+            checked_model_source(cfg.model), dtype=DTYPES[dtype], trust_remote_code=cfg.trust_remote_code)
         self.model.to(self.device).eval()
         self.pad_id = 0
         self.tokenizer = None  # loaded when first needed, to decode generations
