@@ -3,12 +3,16 @@
 A sub-command's settings are one dataclass; each field becomes a flag of the
 same name (`batch_size` -> `--batch-size`), its default and `metadata["help"]`
 written once. A YAML file given with `--config` supplies values that flags on
-the command line override.
+the command line override. Values from YAML, from `distill run` overrides and
+from flags all go through one checker (`coerce`), so a setting has the same
+type whichever way it came: `3e-5` (a string to YAML 1.1) becomes a float,
+while `4.7` for an int or `[3]` for a number is an error naming the setting.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -22,6 +26,80 @@ def _base_type(annotation: Any) -> Any:
     """`int | None` -> int; `bool` stays bool."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if args and typing.get_origin(annotation) in (typing.Union, types.UnionType) else annotation
+
+
+def _optional(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"list of {_type_name(typing.get_args(kind)[0])}"
+    return {int: "an int", float: "a number", bool: "true or false", str: "a string", Path: "a path"}.get(
+        kind, getattr(kind, "__name__", str(kind)))
+
+
+def _scalar(value: Any, kind: Any) -> Any:
+    """`value` as `kind`, or TypeError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif kind is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+        if number is not None and math.isfinite(number):
+            return number
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is Path:
+        if isinstance(value, (str, Path)) and str(value):
+            return Path(value)
+    else:  # pragma: no cover - a field type this module does not know
+        raise TypeError(f"fields of type {kind} are not supported")
+    raise TypeError
+
+
+def coerce(value: Any, annotation: Any, name: str, where: str, choices: typing.Sequence | None = None) -> Any:
+    """`value` checked against a field's type (and choices); ValueError naming `where` and the setting."""
+    kind = _base_type(annotation)
+    if value is None:
+        if _optional(annotation):
+            return None
+        raise ValueError(f"{where}: setting {name!r}: needs a value ({_type_name(kind)})")
+    try:
+        if typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not items:
+                raise TypeError
+            checked = [_scalar(v, item) for v in items]
+        else:
+            checked = _scalar(value, kind)
+    except TypeError:
+        shown = f"{value!r}" if not isinstance(value, (list, dict)) else f"{type(value).__name__} {value!r}"
+        article = "n" if kind is int else ""
+        what = f"a{article} {kind.__name__}" if kind in (int, float) else _type_name(kind)
+        raise ValueError(f"{where}: setting {name!r}: {shown} is not {what}") from None
+    if choices is not None:
+        for v in checked if isinstance(checked, list) else [checked]:
+            if v not in choices:
+                raise ValueError(f"{where}: setting {name!r}: {v!r} is not one of {list(choices)}")
+    return checked
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -51,53 +129,60 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def config_from_mapping(cls: type[T], values: dict[str, Any], where: str) -> T:
-    """Build `cls` from a dict of settings named like its fields (or its flags: `learning-rate`);
-    unknown or missing settings are errors naming `where` (e.g. "run.yaml: train")."""
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    """Build `cls` from a dict of settings named like its fields (or its flags: `learning-rate`), each
+    value checked by `coerce`; unknown, missing or mistyped settings are errors naming `where`
+    (e.g. "run.yaml: train")."""
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"{where}: unknown settings {unknown}; known: {sorted(names)}")
     hints = typing.get_type_hints(cls)
-    for name, value in values.items():  # YAML gives strings for paths (and for floats like 3e-5)
-        kind = _base_type(hints[name])
-        if kind in (int, float) and isinstance(value, str):
-            try:
-                values[name] = kind(value)
-            except ValueError:
-                raise ValueError(f"{where}: setting {name!r}: {value!r} is not a{'n' if kind is int else ''} "
-                                 f"{kind.__name__}") from None
-        elif kind is Path and value is not None:
-            values[name] = Path(value)
-        elif typing.get_origin(kind) is list and value is not None:
-            items = value if isinstance(value, list) else [value]
-            values[name] = [Path(v) for v in items] if typing.get_args(kind)[0] is Path else list(items)
-    missing = [n for n, f in names.items() if n not in values and f.default is dataclasses.MISSING
+    checked = {name: coerce(value, hints[name], name, where, names[name].metadata.get("choices"))
+               for name, value in values.items()}
+    missing = [n for n, f in names.items() if n not in checked and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ValueError(f"{where}: missing required settings {missing}")
-    return cls(**values)
+    return cls(**checked)
+
+
+def load_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping; a syntax error names file, line and column."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: not valid YAML: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of settings, got {type(loaded).__name__}")
+    return loaded
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Build `cls` from YAML (`args.config`, if any) overlaid with the flags given."""
+    """Build `cls` from YAML (`args.config`, if any) overlaid with the flags given; one checker for both."""
     values: dict[str, Any] = {}
+    where = "command line"
     if getattr(args, "config", None):
-        import yaml
-
-        with open(args.config, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(loaded) - names
-        if unknown:
-            raise ValueError(f"{args.config}: unknown settings {sorted(unknown)}; known: {sorted(names)}")
-        values.update(loaded)
+        values.update({str(k).replace("-", "_"): v for k, v in load_yaml_mapping(args.config).items()})
+        where = str(args.config)
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
     if missing:
         raise ValueError("missing required settings: " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    return cls(**values)
+    return config_from_mapping(cls, values, where)
 
 
 def add_command(subparsers: argparse._SubParsersAction, name: str, cls: type[T], runner: Callable[[T], Any],
