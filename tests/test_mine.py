@@ -132,7 +132,7 @@ def test_bad_input_is_one_line_exit_2(tiny_bert_dir, tmp_path, capsys):
     assert main(mine_args(None, tmp_path / "c.jsonl", tmp_path / "cache", "--strategy", "random",
                           "--labels", str(labels))) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{labels}:2: field 'pids'" in err[0]
+    assert len(err) == 1 and f'{labels}:2: field "pids"' in err[0]
 
 
 def test_same_negatives_as_sentence_transformers(minilm_dir, tmp_path):

@@ -193,6 +193,8 @@ def test_bm25_ranks_lexical_matches_first_and_splits_chinese():
 
 
 def test_teacher_filter_excludes_candidates_rated_like_a_positive():
-    labels = [{"qid": "q1", "pids": ["p", "a", "b", "c"], "rewards": [-1.0, -0.5, -1.0, -2.0], "n_positives": 1},
-              {"qid": "q2", "pids": ["p1", "p2", "x"], "rewards": [-1.0, -3.0, -2.5], "n_positives": 2}]
+    from distill.data.records import LabelRecord
+
+    labels = [LabelRecord("q1", ("p", "a", "b", "c"), (-1.0, -0.5, -1.0, -2.0), 1, line=1),
+              LabelRecord("q2", ("p1", "p2", "x"), (-1.0, -3.0, -2.5), 2, line=2)]
     assert teacher_exclusions(labels) == {"q1": ["a", "b"], "q2": ["x"]}

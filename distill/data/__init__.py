@@ -24,7 +24,7 @@ from .errors import DataError, Problem, ProblemLog
 from .tables import (CORPUS_FIELDS, QRELS_FIELDS, QUERY_FIELDS, drop_duplicate_ids, drop_unknown_ids,
                      read_table)
 
-__all__ = ["Corpus", "Queries", "RetrievalSet", "DataError", "Problem", "ProblemLog", "EMBEDDED_SETS",
+__all__ = ["Corpus", "Queries", "RetrievalSet", "DataError", "Problem", "ProblemLog", "EMBEDDED_SETS", "has_table", "data_files", "data_digest",
            "load_corpus", "load_corpus_of", "load_queries", "load_retrieval_set", "resolve_data_dir", "format_passage"]
 
 logger = logging.getLogger(__name__)
@@ -170,13 +170,53 @@ def resolve_data_dir(data: str | Path) -> Path:
     raise DataError(f"{data}: no such folder (embedded sets: {', '.join(sorted(EMBEDDED_SETS))})")
 
 
-def _find_table(folder: Path, name: str) -> Path:
+def _table_path(folder: Path, name: str) -> Path | None:
     for suffix in TABLE_SUFFIXES:
         if (folder / f"{name}{suffix}").is_file():
             return folder / f"{name}{suffix}"
-    if (folder / name).is_dir():
-        return folder / name
-    raise DataError(f"{folder}: no {name}.jsonl, {name}.parquet or {name}/ (saved datasets folder) found")
+    return folder / name if (folder / name).is_dir() else None
+
+
+def has_table(folder: Path, name: str) -> bool:
+    """Whether a BEIR-style folder holds a `name` table (corpus, queries) in any supported form."""
+    return _table_path(Path(folder), name) is not None
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The files a retrieval set is read from: corpus, queries and qrels tables (a saved datasets folder's files
+    too), sorted."""
+    folder = Path(folder)
+    files: list[Path] = []
+    for name in ("corpus", "queries"):
+        path = _table_path(folder, name)
+        if path is not None:
+            files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if (folder / "qrels").is_dir():
+        files += [p for p in (folder / "qrels").rglob("*") if p.is_file()]
+    return sorted(files)
+
+
+def data_digest(data: str | Path) -> str:
+    """sha256 over a retrieval set's files (names relative to the folder, and bytes): its content identity."""
+    from ..files import file_digest
+
+    folder = resolve_data_dir(data)
+    entries = [(str(p.relative_to(folder)), file_digest(p)) for p in data_files(folder)]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:32]
+
+
+def _find_table(folder: Path, name: str) -> Path:
+    path = _table_path(folder, name)
+    if path is None:
+        raise DataError(f"{folder}: no {name}.jsonl, {name}.parquet or {name}/ (saved datasets folder) found")
+    return path
+
+
+def _non_empty(corpus: Corpus, log: ProblemLog) -> Corpus:
+    if not len(corpus):
+        skipped = f" ({log.summary()})" if log.total else ""
+        raise DataError(f"{corpus.path}: the corpus has no passages{skipped}")
+    return corpus
 
 
 def _find_qrels(folder: Path, split: str) -> Path | None:
@@ -213,7 +253,7 @@ def load_queries(path: Path, log: ProblemLog | None = None) -> Queries:
 def load_corpus_of(data: str | Path, skip_invalid: bool = False) -> tuple[Corpus, ProblemLog]:
     """The corpus of a BEIR-style folder (or embedded set) alone: raw text needs no queries or qrels."""
     log = ProblemLog(skip_invalid=skip_invalid)
-    return load_corpus(_find_table(resolve_data_dir(data), "corpus"), log), log
+    return _non_empty(load_corpus(_find_table(resolve_data_dir(data), "corpus"), log), log), log
 
 
 def load_retrieval_set(data: str | Path, split: str = "test", skip_invalid: bool = False) -> RetrievalSet:
@@ -225,11 +265,15 @@ def load_retrieval_set(data: str | Path, split: str = "test", skip_invalid: bool
     """
     folder = resolve_data_dir(data)
     log = ProblemLog(skip_invalid=skip_invalid)
-    corpus = load_corpus(_find_table(folder, "corpus"), log)
+    corpus = _non_empty(load_corpus(_find_table(folder, "corpus"), log), log)
     queries = load_queries(_find_table(folder, "queries"), log)
     qrels_path = _find_qrels(folder, split)
     if qrels_path is not None:
         qrels = _load_qrels(qrels_path, queries, corpus, log)
+        if not qrels:
+            skipped = f" ({log.summary()})" if log.total else ""
+            raise DataError(f"{qrels_path}: split {split!r} is empty: no query has a relevant passage (score > 0)"
+                            + skipped)
     else:
         qrels = _qrels_from_positives(queries, corpus, log)
         if not qrels:

@@ -17,10 +17,17 @@ Record = tuple[int, "dict | Problem"]
 TABULAR_BATCH_ROWS = 8192
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _decoded_lines(path: Path) -> Iterator[tuple[int, "str | Problem"]]:
-    """Each line as text, or a Problem naming the first byte that is not UTF-8."""
+    """Each line as text, or a Problem naming the first byte that is not UTF-8. A byte-order mark at the
+    start of the file is dropped (read as "utf-8-sig", what json's "Unexpected UTF-8 BOM" error asks for):
+    editors on Windows write one, and it would otherwise glue itself to the first id or header."""
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
             try:
                 yield line_no, raw.decode("utf-8")
             except UnicodeDecodeError as exc:

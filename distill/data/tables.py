@@ -20,6 +20,7 @@ from .errors import Problem, ProblemLog
 from .sources import Record, iter_records
 
 CHUNK_ROWS = 65536
+LINE_BREAKING = frozenset("\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines() or a TSV splits on
 
 
 class _Invalid(Exception):
@@ -37,6 +38,9 @@ def _id(value: object) -> str:
         raise _Invalid(f"must be a string, got {type(value).__name__}", "bad id")
     if not value.strip():
         raise _Invalid("is empty", "empty id")
+    if any(c in value for c in LINE_BREAKING):
+        raise _Invalid(f"{value!r} holds a tab or line break (TREC runs, qrels and TSV exports could not hold it)",
+                       "bad id")
     return value
 
 

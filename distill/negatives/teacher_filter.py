@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..data.records import LabelRecord
 
-def teacher_exclusions(labels: Iterable[dict]) -> dict[str, list[str]]:
+
+def teacher_exclusions(labels: Iterable[LabelRecord]) -> dict[str, list[str]]:
     """qid -> candidate pids rewarded >= the query's lowest positive reward, from labels records."""
     out: dict[str, list[str]] = {}
     for record in labels:
-        n_pos = int(record.get("n_positives", 0))
-        rewards, pids = record["rewards"], record["pids"]
+        n_pos, rewards, pids = record.n_positives, record.rewards, record.pids
         if n_pos <= 0:
             continue
         threshold = min(rewards[:n_pos])
-        out.setdefault(record["qid"], []).extend(
+        out.setdefault(record.qid, []).extend(
             pid for pid, r in zip(pids[n_pos:], rewards[n_pos:]) if r >= threshold)
     return out

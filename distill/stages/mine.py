@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import add_command
-from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
+from ..data import DataError, RetrievalSet, load_retrieval_set
+from ..data.records import read_labels
 from ..data.sources import iter_jsonl
 from ..encoding import EncodingSettings
 from ..files import file_digest
@@ -88,21 +89,6 @@ class MineConfig(EncodingSettings):
     def sampling_params(self) -> SamplingParams:
         names = {f.name for f in dataclasses.fields(SamplingParams)}
         return SamplingParams(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-
-def read_labels(path: Path) -> list[dict]:
-    records = []
-    for line_no, record in iter_jsonl(path):
-        if isinstance(record, Problem):
-            raise DataError(record)
-        for key, kind in (("qid", str), ("pids", list), ("rewards", list), ("n_positives", int)):
-            if not isinstance(record.get(key) if isinstance(record, dict) else None, kind):
-                raise DataError(f"{path}:{line_no}: field {key!r}: missing or not a {kind.__name__}")
-        if len(record["pids"]) != len(record["rewards"]):
-            raise DataError(f"{path}:{line_no}: field 'rewards': {len(record['rewards'])} rewards for "
-                            f"{len(record['pids'])} pids")
-        records.append(record)
-    return records
 
 
 def _rows_by_doc(rset: RetrievalSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

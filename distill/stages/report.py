@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.sources import iter_jsonl
+from ..data.records import read_labels
 from ..training.report import read_log
 
 METRICS = ("ndcg@10", "recall@1", "recall@10", "mrr@10")
@@ -12,10 +12,10 @@ METRICS = ("ndcg@10", "recall@1", "recall@10", "mrr@10")
 def reward_split(labels: Path) -> tuple[list[float], list[float]]:
     """(rewards of labelled positives, rewards of the other candidates) over a labels file."""
     positives, negatives = [], []
-    for _, record in iter_jsonl(labels):
-        n = record["n_positives"]
-        positives += record["rewards"][:n]
-        negatives += record["rewards"][n:]
+    for record in read_labels(labels):
+        n = record.n_positives
+        positives += record.rewards[:n]
+        negatives += record.rewards[n:]
     return positives, negatives
 
 

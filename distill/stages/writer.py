@@ -10,7 +10,9 @@ at any moment and rerun produces the very bytes an uninterrupted run does
 (chunks are the same, so batches and float results are the same).
 
 The progress file also holds the job's settings; rerunning with different
-settings is refused rather than mixing two jobs' records in one file.
+settings is refused rather than mixing two jobs' records in one file. It is
+trusted only once `data.progress.verified_progress` shows it still describes
+the output (line count, size and the last chunk's sha256).
 
 Sharding (`--shard i/n`) gives shard i the i-th of n contiguous slices of the
 units, so concatenating the n outputs in order yields every record once, in
@@ -18,6 +20,7 @@ the unsharded order.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,10 +32,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..data.progress import (EMPTY_SHA256, FORMAT_VERSION, ProgressMismatch, canonical, is_complete,
+                             progress_path, read_progress, verified_progress)
 from ..files import write_json_atomic
 
-PROGRESS_SUFFIX = ".progress.json"
-FORMAT_VERSION = 1
+__all__ = ["JobSummary", "ProgressMismatch", "Shard", "encode_records", "is_complete", "progress_path",
+           "read_progress", "verified_progress", "write_resumable"]
 
 
 @dataclass(frozen=True)
@@ -71,53 +76,27 @@ class JobSummary:
     complete: bool
 
 
-def progress_path(output: Path) -> Path:
-    return output.with_name(output.name + PROGRESS_SUFFIX)
-
-
 def encode_records(records: Sequence[dict]) -> bytes:
     """One JSON object per line, UTF-8, keys in the order the stage built them."""
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
-def read_progress(output: Path) -> dict | None:
-    path = progress_path(output)
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def is_complete(output: Path, settings: dict | None = None) -> bool:
-    """True when `output` was finished by a job (with these settings, if given)."""
-    progress = read_progress(output)
-    return bool(progress and progress.get("complete") and output.is_file()
-                and (settings is None or progress.get("settings") == _canonical(settings)))
-
-
-def _canonical(settings: dict) -> dict:
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
-
-
-def _resume_point(output: Path, settings: dict, n_units: int, overwrite: bool) -> tuple[int, int]:
-    """(units done, bytes kept) for this job; cuts a partial trailing chunk off the output."""
-    progress = read_progress(output)
-    if overwrite or (progress is None and not output.exists()):
-        return 0, 0
+def _resume_point(output: Path, settings: dict, n_units: int, overwrite: bool) -> tuple[int, int, dict | None]:
+    """(units done, bytes kept, last chunk) for this job; the caller cuts a partial trailing chunk off."""
+    if overwrite:
+        return 0, 0, None
+    progress = verified_progress(output)
+    if progress is None and not output.exists():
+        return 0, 0, None
     if progress is None:
         raise ValueError(f"{output} exists but has no {progress_path(output).name}: it was not written by this "
                          "job; remove it or pass --overwrite")
-    if progress.get("settings") != _canonical(settings) or progress.get("units") != n_units:
-        old = progress.get("settings", {})
-        changed = sorted(k for k in set(old) | set(_canonical(settings)) if old.get(k) != _canonical(settings).get(k))
+    if progress["settings"] != canonical(settings) or progress["units"] != n_units:
+        old = progress["settings"]
+        changed = sorted(k for k in set(old) | set(canonical(settings)) if old.get(k) != canonical(settings).get(k))
         raise ValueError(f"{output} was started with other settings ({', '.join(changed) or 'unit count'} differ); "
                          "rerun with the same settings to resume, or pass --overwrite to start again")
-    kept = int(progress["bytes"])
-    size = output.stat().st_size if output.exists() else 0
-    if size < kept:
-        raise ValueError(f"{output} is shorter ({size} bytes) than its progress file records ({kept}); "
-                         "it was changed outside this job; pass --overwrite to start again")
-    return int(progress["units_done"]), kept
+    return progress["units_done"], progress["bytes"], progress.get("last_chunk")
 
 
 def write_resumable(output: Path, n_units: int, process: Callable[[int, int], list[dict]], *, settings: dict[str, Any],
@@ -134,9 +113,9 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
         raise ValueError("chunk_size must be at least 1")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done, kept = _resume_point(output, settings, n_units, overwrite)
+    done, kept, last_chunk = _resume_point(output, settings, n_units, overwrite)
     started, written = time.perf_counter(), 0
-    state = {"version": FORMAT_VERSION, "settings": _canonical(settings), "units": n_units, "chunk_size": chunk_size}
+    state = {"version": FORMAT_VERSION, "settings": canonical(settings), "units": n_units, "chunk_size": chunk_size}
     bar = tqdm(total=n_units, initial=done, desc=desc, unit=unit, dynamic_ncols=True, disable=not show_progress)
     with bar, open(output, "r+b" if output.exists() and not overwrite else "wb") as f:
         f.truncate(kept)
@@ -144,16 +123,22 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
         f.flush()
         os.fsync(f.fileno())
         if done == 0:
-            write_json_atomic(progress_path(output), {**state, "units_done": 0, "bytes": 0, "complete": n_units == 0})
+            write_json_atomic(progress_path(output), {**state, "units_done": 0, "bytes": 0, "complete": n_units == 0,
+                                                      "last_chunk": {"start": 0, "sha256": EMPTY_SHA256}})
         for start in range(done, n_units, chunk_size):
             stop = min(start + chunk_size, n_units)
             records = process(start, stop)
-            f.write(encode_records(records))
+            if len(records) != stop - start:  # one line per unit is what lets a rerun check the file
+                raise RuntimeError(f"process({start}, {stop}) gave {len(records)} records for {stop - start} units")
+            data = encode_records(records)
+            chunk_start = f.tell()
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
             kept = f.tell()
-            write_json_atomic(progress_path(output),
-                               {**state, "units_done": stop, "bytes": kept, "complete": stop == n_units})
+            last_chunk = {"start": chunk_start, "sha256": hashlib.sha256(data).hexdigest()}
+            write_json_atomic(progress_path(output), {**state, "units_done": stop, "bytes": kept,
+                                                      "complete": stop == n_units, "last_chunk": last_chunk})
             written += len(records)
             bar.update(stop - start)
             if postfix is not None and show_progress:

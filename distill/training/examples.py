@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError, RetrievalSet
+from ..data.records import LabelRecord
 
 
 @dataclass
@@ -44,7 +45,7 @@ def teacher_margin(positive_reward: float, negative_rewards: np.ndarray) -> floa
     return float(positive_reward - np.max(negative_rewards))
 
 
-def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, positive_choice: str,
+def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: Path, positive_choice: str,
                          task: int = 0, drop_disputed: bool = False, keep_top_margin: float = 1.0) -> ExampleSet:
     """Labels lines -> examples; slot 0 is the first positive, or with `teacher` the best-rewarded one.
 
@@ -58,17 +59,17 @@ def examples_from_labels(records: list[dict], rset: RetrievalSet, path: Path, po
         raise ValueError(f"keep_top_margin must be in (0, 1], got {keep_top_margin}")
     texts = dict(zip(rset.queries.ids, rset.queries.texts))
     out, skipped = [], {"not in split": 0, "no negatives": 0, "teacher prefers a negative": 0}
-    rows_each = rset.corpus.rows_of_each([r["pids"] for r in records])
-    for line_no, (record, rows) in enumerate(zip(records, rows_each), start=1):
-        qid = record["qid"]
+    rows_each = rset.corpus.rows_of_each([list(r.pids) for r in records])
+    for record, rows in zip(records, rows_each):
+        qid, line_no = record.qid, record.line
         if qid not in rset.qrels:
             skipped["not in split"] += 1
             continue
         if (rows < 0).any():
-            bad = record["pids"][int(np.argmax(rows < 0))]
+            bad = record.pids[int(np.argmax(rows < 0))]
             raise DataError(f"{path}:{line_no}: field 'pids': unknown passage id {bad!r}")
-        rewards = np.asarray(record["rewards"], dtype=np.float64)
-        n_pos = record["n_positives"]
+        rewards = np.asarray(record.rewards, dtype=np.float64)
+        n_pos = record.n_positives
         if n_pos < 1:
             raise DataError(f"{path}:{line_no}: field 'n_positives': the line has no positive")
         chosen = int(np.argmax(rewards[:n_pos])) if positive_choice == "teacher" else 0
