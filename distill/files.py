@@ -26,12 +26,22 @@ def write_lines_atomic(path: Path, lines: Iterable[str]) -> int:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)  # make the rename itself durable
+    return count
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """One text file, written as `write_lines_atomic` writes (for done markers other tools read as is)."""
+    write_lines_atomic(path, [text])
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make renames and new entries in `folder` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return count
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -16,8 +16,12 @@ Negatives can follow the student (`training.remine`: ANCE refreshes every
 A dev split is evaluated every `--eval-steps`; the best model goes to
 OUTDIR/best, the last to OUTDIR (a sentence-transformers folder with a model
 card), the curves to OUTDIR/train_log.jsonl and OUTDIR/training.png.
-`OUTDIR/checkpoint.pt` is written atomically every `--save-steps`;
-`--resume` continues from it with the same data order and random state.
+`OUTDIR/checkpoint/` (safetensors, plain tensors and JSON: `training.checkpoint`)
+is written every `--save-steps`; `--resume` continues from it with the same data
+order and random state. Before the first step every input is checked, the
+step's activation memory is measured (`training.memory`: GradCache goes on
+when it would not fit), and the folder must be new or one of our runs
+(`training.run_folder`: `--overwrite` removes only what a run wrote).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -35,24 +40,35 @@ import numpy as np
 import torch
 
 from .config import add_command
-from .data import load_retrieval_set
+from .data import DataError, data_digest, load_retrieval_set
+from .files import file_digest, write_text_atomic
 from .encoding import EncodingSettings
 from .evaluate import evaluate, format_table
 from .losses import LOSSES, LossInputs, Objective
 from .negatives import SamplingParams
-from .stages.mine import read_labels
+from .data.records import read_labels
+from .training import checkpoint
 from .training.batches import EpochPlan, Group, false_negative_mask, plan_epoch
 from .training.distributed import (Distributed, barrier, broadcast_object, close_distributed, gather_with_local_grad,
                                    init_distributed, sum_gradients)
+from .training.memory import DEFAULT_SHARE, free_memory_bytes, plan_memory, saved_bytes_per_text
 from .training.remine import RemineSettings, ScoreTracker, due, remine
 from .training.report import model_card, plot_training, read_log
-from .training.setup import autocast_dtype, load_examples, make_optimizer, make_scheduler, rng_state, set_rng_state
+from .training.run_folder import RunFolder, differences
+from .training.setup import (autocast_dtype, load_examples, longest_texts, make_optimizer, make_scheduler, rng_state,
+                             set_rng_state)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
 DONE = "training_summary.json"
+# settings that do not change what a run computes: a resumed or repeated run may change them
+VOLATILE = {"resume", "overwrite", "show_progress", "allow_partial", "cache", "cache_dir", "device",
+            "memory_budget_gb"}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; training stops before the bad step changes the weights."""
 
 
 @dataclass(kw_only=True)
@@ -121,6 +137,11 @@ class TrainConfig(EncodingSettings):
     simans_a: float = field(default=0.5, metadata={"help": "re-mining with simans: sharpness a"})
     simans_b: float = field(default=0.0, metadata={"help": "re-mining with simans: shift b"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
+    allow_partial: bool = field(default=False, metadata={
+        "help": "train on a --labels/--candidates file whose job has not finished (its progress file says so)"})
+    memory_budget_gb: float | None = field(default=None, metadata={
+        "help": "activation memory a step may use; above it GradCache goes on (default: 60%% of the free RAM, "
+                "or of the free GPU memory)"})
     show_progress: bool = field(default=True, metadata={"help": "progress bar"})
 
     def __post_init__(self) -> None:
@@ -142,11 +163,24 @@ class TrainConfig(EncodingSettings):
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:
             raise ValueError("--train-batch-size and --gradient-accumulation-steps must be >= 1, "
                              "--num-negatives >= 0")
+        for name in ("temperature", "teacher_temperature", "student_temperature", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("epochs", "save_steps", "logging_steps", "dynamic_remine_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "grad_cache_chunk_size", "remine_pool_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}")
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: Distributed):
+    def __init__(self, cfg: TrainConfig, ctx: Distributed, folder: RunFolder | None = None):
         self.cfg, self.ctx = cfg, ctx
+        self.out = Path(cfg.output)
+        self.folder = folder if folder is not None else RunFolder(self.out)
         if cfg.train_batch_size % ctx.world_size:
             raise ValueError(f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
                              f"{ctx.world_size} processes")
@@ -161,6 +195,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.encoder.backbone.gradient_checkpointing_enable()
         self.amp = autocast_dtype(cfg.precision, self.device)
+        self.grad_cache_chunk, self.memory_note = self.plan_memory()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         self.optimizer = make_optimizer(self.encoder, cfg)
         self.group_size = 1 + cfg.num_negatives
@@ -183,7 +218,33 @@ class Trainer:
                       "log_bytes": 0}
         self.eval_rset = (load_retrieval_set(cfg.eval_data or cfg.data[0], cfg.eval_split,
                                              skip_invalid=cfg.skip_invalid) if cfg.eval_split else None)
-        self.out = Path(cfg.output)
+
+    def plan_memory(self) -> tuple[int | None, str | None]:
+        """GradCache's chunk (None: off) for this run's steps, and the line saying why it went on."""
+        cfg = self.cfg
+        n_queries = self.local_batch_size()
+        n_passages = n_queries * (1 + cfg.num_negatives)
+        query_tokens, passage_tokens = longest_texts(self.encoder, self.rsets, self.examples, cfg.include_title)
+        per_query = saved_bytes_per_text(self.encoder, query_tokens, self.amp)
+        per_passage = saved_bytes_per_text(self.encoder, passage_tokens, self.amp)
+        if cfg.memory_budget_gb is not None:
+            budget, where = cfg.memory_budget_gb * 2 ** 30, "--memory-budget-gb"
+        else:
+            processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.device.type == "cpu" else 1
+            free = free_memory_bytes(self.device)
+            budget = DEFAULT_SHARE * free / processes
+            where = (f"{DEFAULT_SHARE:.0%} of the {free / 2 ** 30:.1f} GiB free "
+                     + ("RAM" if self.device.type == "cpu" else f"on {self.device}")
+                     + (f", shared by {processes} processes" if processes > 1 else ""))
+        plan = plan_memory(n_queries=n_queries, n_passages=n_passages, query_bytes=per_query,
+                           passage_bytes=per_passage, budget_bytes=budget, chunk_size=cfg.grad_cache_chunk_size,
+                           passage_length=passage_tokens)
+        if plan.chunk_size and not cfg.grad_cache_chunk_size:
+            return plan.chunk_size, plan.describe(where)
+        return plan.chunk_size, None
+
+    def local_batch_size(self) -> int:
+        return self.cfg.train_batch_size // self.ctx.world_size
 
     # ----- data ----------------------------------------------------------------------------
     def new_plan(self, epoch: int, indices: list[int] | None = None, salt: int = 0) -> EpochPlan:
@@ -233,10 +294,11 @@ class Trainer:
             rewards = torch.tensor(np.stack([g.rewards for g in groups]), dtype=torch.float32, device=self.device)
         masked = torch.from_numpy(false_negative_mask(self.examples, groups)).to(self.device)
         scale = 1.0 / self.cfg.gradient_accumulation_steps
-        chunk = self.cfg.grad_cache_chunk_size
+        chunk = self.grad_cache_chunk
         if not chunk:
             total, parts, negative = self.loss_of(self.embed(queries, "query"), self.embed(keys, "passage"), rewards,
                                                     masked)
+            self.check_finite(total, parts)
             self.scaler.scale(total * scale).backward()
             return float(total.detach()), parts, negative
         # GradCache: embeddings without a graph, the loss's gradients w.r.t. them, then chunk-wise re-encoding
@@ -249,6 +311,7 @@ class Trainer:
                     pieces.append(self.embed(texts[start:start + chunk], kind))
             cached[kind] = (torch.cat(pieces).requires_grad_(), states)
         total, parts, negative = self.loss_of(cached["query"][0], cached["passage"][0], rewards, masked)
+        self.check_finite(total, parts)
         self.scaler.scale(total * scale).backward()
         after = rng_state()
         for kind, texts in (("query", queries), ("passage", keys)):
@@ -259,6 +322,19 @@ class Trainer:
                 piece.backward(reps.grad[start:start + chunk])
         set_rng_state(after)
         return float(total.detach()), parts, negative
+
+    def check_finite(self, total: torch.Tensor, parts: dict) -> None:
+        """Stop at the first NaN/infinite loss, before it reaches the weights (the last checkpoint stays good)."""
+        value = float(total.detach())
+        if math.isfinite(value):
+            return
+        saved = checkpoint.current_folder(self.out)
+        kept = (f"the checkpoint of step {json.loads((saved / checkpoint.STATE).read_text())['state']['step']} "
+                f"in {saved} is kept (--resume continues from it)") if saved else "no checkpoint was written yet"
+        terms = ", ".join(f"{k} {v:.4g}" for k, v in parts.items())
+        raise NonFiniteLoss(f"step {self.state['step'] + 1}: the loss is {value} ({terms}); training stopped before "
+                            f"this step changed the model; {kept}. Lower --learning-rate, raise --temperature, or check "
+                            "the labels' rewards")
 
     def optimizer_step(self) -> None:
         parameters = [p for p in self.encoder.backbone.parameters() if p.requires_grad]
@@ -285,7 +361,7 @@ class Trainer:
     def log(self, record: dict) -> None:
         if not self.ctx.is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.folder.wrote(LOG)
         with open(self.out / LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -294,43 +370,51 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:
-            payload = {"config": asdict(self.cfg), "state": self.state, "plan": self.plan,
-                       "pools": [(e.pool, e.pool_rewards) for e in self.examples],
-                       "tracker": self.tracker.state(), "model": self.encoder.backbone.state_dict(),
-                       "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                       "scaler": self.scaler.state_dict(), "rng": rng_state()}
-            tmp = self.out / (CHECKPOINT + ".tmp")
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.out / CHECKPOINT)
+            self.folder.wrote(checkpoint.FOLDER, checkpoint.FOLDER + ".tmp", checkpoint.FOLDER + ".old")
+            state = {"state": self.state, "plan": checkpoint.plan_to_json(self.plan),
+                     "pools": [[e.pool.tolist(), None if e.pool_rewards is None else e.pool_rewards.tolist()]
+                               for e in self.examples], "tracker": self.tracker.state()}
+            optimizer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "scaler": self.scaler.state_dict()}
+            checkpoint.save(self.out, model=self.encoder.backbone, optimizer_state=optimizer, rng=rng_state(),
+                            state=state)
         barrier(self.ctx)
 
-    def load_checkpoint(self) -> None:
-        payload = torch.load(self.out / CHECKPOINT, map_location=self.device, weights_only=False)
-        self.encoder.backbone.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.state, self.plan = payload["state"], payload["plan"]
-        for example, (pool, rewards) in zip(self.examples, payload["pools"]):
-            example.pool, example.pool_rewards = pool, rewards
-        self.tracker = ScoreTracker.from_state(payload["tracker"])
-        set_rng_state({k: (v.cpu() if torch.is_tensor(v) else [t.cpu() for t in v]) for k, v in payload["rng"].items()})
+    def load_checkpoint(self, folder: Path) -> None:
+        optimizer, rng, saved = checkpoint.load(folder, self.encoder.backbone, self.device)
+        self.optimizer.load_state_dict(optimizer["optimizer"])
+        self.scheduler.load_state_dict(optimizer["scheduler"])
+        self.scaler.load_state_dict(optimizer["scaler"])
+        self.state, self.plan = saved["state"], checkpoint.plan_from_json(saved["plan"])
+        if len(saved["pools"]) != len(self.examples):
+            raise DataError(f"{folder}: holds {len(saved['pools'])} examples' pools, this run has "
+                            f"{len(self.examples)}; --overwrite to start again")
+        for example, (pool, rewards) in zip(self.examples, saved["pools"]):
+            example.pool = np.asarray(pool, dtype=np.int64)
+            example.pool_rewards = None if rewards is None else np.asarray(rewards, dtype=np.float64)
+        self.tracker = ScoreTracker.from_state(saved["tracker"])
+        set_rng_state({k: (v.cpu() if torch.is_tensor(v) else [t.cpu() for t in v]) for k, v in rng.items()})
         if self.ctx.is_main and (self.out / LOG).exists():
             with open(self.out / LOG, "r+b") as f:  # drop what was logged after the checkpoint
                 f.truncate(self.state["log_bytes"])
 
     def save_model(self, folder: Path) -> None:
-        """A sentence-transformers folder; a sub-folder (best/) is replaced whole, OUTDIR itself file by file."""
+        """A sentence-transformers folder; a sub-folder (best/) is replaced whole, OUTDIR itself entry by entry.
+        Each is written to a temp folder first, so the run's record names every entry before it exists."""
         if self.ctx.is_main:
-            if folder == self.out:
-                self.encoder.save(folder)  # the run is marked done only after this (training_summary.json)
+            tmp = folder.with_name(folder.name + ".tmp") if folder != self.out else self.out / "model.tmp"
+            self.folder.wrote(tmp.name, *([folder.name] if folder != self.out else []))
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.encoder.save(tmp)
+            if folder == self.out:  # the run is marked done only after this (training_summary.json)
+                entries = sorted(p.name for p in tmp.iterdir())
+                self.folder.wrote(*entries)
+                for name in entries:
+                    if (self.out / name).is_dir():
+                        shutil.rmtree(self.out / name)
+                    os.replace(tmp / name, self.out / name)
+                tmp.rmdir()
             else:
-                tmp = folder.with_name(folder.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                self.encoder.save(tmp)
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
         barrier(self.ctx)
@@ -426,38 +510,86 @@ class Trainer:
         return metrics
 
 
-def prepare_output(cfg: TrainConfig, ctx: Distributed) -> bool:
-    """True when a finished run is already there. Refuses to mix runs."""
-    out = Path(cfg.output)
-    if ctx.is_main:
-        if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(ctx)
-    if (out / DONE).exists() and not cfg.overwrite:
-        return True
-    has_run = (out / CHECKPOINT).exists() or (out / LOG).exists()
-    if has_run and not cfg.resume:
+def run_settings(cfg: TrainConfig) -> dict:
+    """What a run computes from: its settings (less `VOLATILE`) and the content of every file it reads."""
+    settings = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in VOLATILE}, default=str))
+    settings["inputs"] = {
+        "data": [data_digest(d) for d in cfg.data],
+        "labels": [file_digest(p) for p in cfg.labels] if cfg.labels else None,
+        "candidates": [file_digest(p) for p in cfg.candidates] if cfg.candidates else None,
+        "eval_data": data_digest(cfg.eval_data or cfg.data[0]) if cfg.eval_split else None}
+    return settings
+
+
+def _changed(recorded: dict, settings: dict) -> str:
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "inputs"},  # noqa: E731
+                      **{f"{k} (content)": v for k, v in (d.get("inputs") or {}).items()}}
+    return ", ".join(differences(flat(recorded), flat(settings)))
+
+
+def finished_summary(cfg: TrainConfig, folder: RunFolder, settings: dict) -> dict | None:
+    """The summary of a finished run of these settings in the folder; None when there is none (or --overwrite).
+    A finished run of other settings is refused, as a changed resume is."""
+    done = folder.path / DONE
+    if cfg.overwrite or folder.state not in ("ours", "legacy") or not done.is_file():
+        return None
+    if folder.settings is not None and folder.settings != settings:
+        raise ValueError(f"{folder.path} holds a finished run with other settings ({_changed(folder.settings, settings)});"
+                         " --overwrite to train again there, or give another --output")
+    return json.loads(done.read_text(encoding="utf-8"))
+
+
+def check_resumable(cfg: TrainConfig, folder: RunFolder, settings: dict) -> Path | None:
+    """The checkpoint folder to resume from (None: start at step 0); refuses to mix runs."""
+    out = folder.path
+    if cfg.overwrite or folder.state == "new":
+        return None
+    has_run = any((out / n).exists() for n in (checkpoint.FOLDER, checkpoint.FOLDER + ".old", checkpoint.LEGACY_FILE,
+                                                LOG))
+    if not has_run:
+        return None
+    if not cfg.resume:
         raise ValueError(f"{out} holds a previous training run: --resume to continue it, --overwrite to start again")
-    return False
+    if folder.state == "legacy" or (out / checkpoint.LEGACY_FILE).exists():
+        raise ValueError(f"{out / checkpoint.LEGACY_FILE}: an older distill's checkpoint (a pickle, which could run "
+                         "code when loaded) cannot be resumed; --overwrite to start again")
+    if folder.settings != settings:
+        raise ValueError(f"{out} was started with other settings ({_changed(folder.settings or {}, settings)}); "
+                         "rerun with the same settings to resume, or --overwrite to start again")
+    return checkpoint.current_folder(out)
 
 
 def run_train(cfg: TrainConfig) -> dict:
     ctx = init_distributed(cfg.device)
-    out = Path(cfg.output)
-    if prepare_output(cfg, ctx):
-        summary = json.loads((out / DONE).read_text())
-        print(f"{out}: training already complete (step {summary['steps']}); nothing to do")
+    try:
+        return _run_train(cfg, ctx)
+    finally:
         close_distributed(ctx)
+
+
+def _run_train(cfg: TrainConfig, ctx: Distributed) -> dict:
+    out = Path(cfg.output)
+    folder = RunFolder(out)
+    folder.check_usable()  # a folder of someone else's files is never trained into, nor emptied
+    settings = run_settings(cfg)
+    summary = finished_summary(cfg, folder, settings)
+    if summary is not None:
+        print(f"{out}: training already complete (step {summary['steps']}); nothing to do")
         return summary
+    resume_from = check_resumable(cfg, folder, settings)
     started = time.perf_counter()
-    trainer = Trainer(cfg, ctx)
-    resumed = cfg.resume and (out / CHECKPOINT).exists()
-    if resumed:
-        trainer.load_checkpoint()
-    elif ctx.is_main:
-        (out / LOG).unlink(missing_ok=True)
+    trainer = Trainer(cfg, ctx, folder)  # reads and checks every input: nothing is removed before this
+    if ctx.is_main:
+        if cfg.overwrite:
+            removed = folder.remove_run()
+            if removed:
+                print(f"--overwrite: removed the previous run's {len(removed)} entries from {out}")
+        if resume_from is None:
+            (out / LOG).unlink(missing_ok=True)
+        folder.claim(settings)
     barrier(ctx)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
     if ctx.is_main:
         teacher_note = f", teacher labels {[str(p) for p in cfg.labels]}" if cfg.labels else ""
         print(f"{len(trainer.examples)} examples ({', '.join(f'{v} {k}' for k, v in trainer.skipped.items() if v) or 'none skipped'})"
@@ -465,29 +597,34 @@ def run_train(cfg: TrainConfig) -> dict:
               f"{trainer.total_steps} steps, objective {trainer.objective}{teacher_note}"
               + (f"; {trainer.plan.left_out} examples do not fill the last batch of an epoch"
                  if trainer.plan.left_out else "")
-              + (f"; resumed at step {trainer.state['step']}" if resumed else ""))
+              + (f"; resumed at step {trainer.state['step']}" if resume_from is not None else ""))
+        if trainer.memory_note:
+            print(trainer.memory_note)
     after = trainer.train()
     trainer.save_model(out)
     summary = {"steps": trainer.state["step"], "examples": len(trainer.examples), "skipped": trainer.skipped,
                "objective": str(trainer.objective), "before": trainer.state["before"], "after": after,
                "best": trainer.state["best"], "seconds": round(time.perf_counter() - started, 1),
                "processes": ctx.world_size, "remine_rounds": trainer.state["remine_rounds"]}
+    if trainer.grad_cache_chunk and not cfg.grad_cache_chunk_size:
+        summary["grad_cache_chunk_size"] = trainer.grad_cache_chunk
     if ctx.is_main:
         teacher = None
         if cfg.labels:
-            first = next(iter(read_labels(cfg.labels[0])), {})
-            teacher = first.get("model")
-        (out / "README.md").write_text(model_card(
+            first = next(iter(read_labels(cfg.labels[0])), None)
+            teacher = first.model if first else None
+        folder.wrote("README.md", "training.png", DONE)
+        write_text_atomic(out / "README.md", model_card(
             base_model=cfg.model, data=list(cfg.data), labels=[str(p) for p in (cfg.labels or cfg.candidates or [])],
             teacher=teacher, objective=str(trainer.objective), settings=asdict(cfg), before=trainer.state["before"],
-            after=after, eval_split=cfg.eval_split), encoding="utf-8")
+            after=after, eval_split=cfg.eval_split))
         plot_training(read_log(out / LOG), out / "training.png", cfg.eval_metric)
-        (out / DONE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        (out / CHECKPOINT).unlink(missing_ok=True)
+        write_text_atomic(out / DONE, json.dumps(summary, indent=2) + "\n")
+        for name in (checkpoint.FOLDER, checkpoint.FOLDER + ".old", checkpoint.FOLDER + ".tmp"):
+            shutil.rmtree(out / name, ignore_errors=True)
         if trainer.state["before"] and after:
             print(format_table({"base": trainer.state["before"], "trained": after}))
         print(f"trained {summary['steps']} steps in {summary['seconds']} s -> {out}")
-    close_distributed(ctx)
     return summary
 
 

@@ -17,7 +17,7 @@ from distill.cli import main
 from distill.data import load_retrieval_set
 from distill.training.batches import plan_epoch
 from distill.training.examples import examples_from_labels
-from distill.stages.mine import read_labels
+from distill.data.records import read_labels
 from distill.training.remine import ScoreTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_kill_9_then_resume_reaches_the_same_metrics(tiny_bert_dir, squad_mini_t
     for attempt in range(2):
         process = subprocess.Popen(command + (["--resume"] if attempt else []), env=ENV, stderr=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, text=True)
-        checkpoint = killed / "checkpoint.pt"
+        checkpoint = killed / "checkpoint" / "state.json"
         wait_for_new_checkpoint(checkpoint, process, checkpoint.stat().st_mtime if checkpoint.exists() else 0)
         import time
         time.sleep(random.uniform(0, 0.5))
@@ -195,7 +195,7 @@ def test_trained_folder_loads_in_sentence_transformers_with_card_log_and_plot(ti
     card = (out / "README.md").read_text()
     assert "kl:1,infonce:0.2" in card and "library_name: sentence-transformers" in card and "| trained |" in card
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "best" / "modules.json").exists() and not (out / "checkpoint.pt").exists()
+    assert (out / "best" / "modules.json").exists() and not (out / "checkpoint").exists()
     log = read_jsonl(out / "train_log.jsonl")
     assert [r["step"] for r in log if r["kind"] == "eval"] == [0, 6, 12]
     assert all(set(r["terms"]) == {"kl", "infonce"} for r in log if r["kind"] == "train")

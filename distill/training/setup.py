@@ -1,16 +1,37 @@
 """What a training run is set up from: its examples, optimizer, schedule, precision and random state."""
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
 
 from ..data import DataError, RetrievalSet, load_retrieval_set
-from ..stages.label import read_candidates
-from ..stages.mine import read_labels
+from ..data.progress import verified_progress
+from ..data.records import read_candidates, read_labels
+
+logger = logging.getLogger(__name__)
+LENGTH_SAMPLE = 2048  # texts tokenised to find how long a batch's longest text can be
 from .examples import ExampleSet, examples_from_candidates, examples_from_labels, examples_from_qrels
+
+
+def check_finished(path, allow_partial: bool) -> None:
+    """Refuse a labels/candidates file whose job (`distill label` / `mine`) has not finished, unless allowed."""
+    progress = verified_progress(path)
+    if progress is None or progress["complete"]:
+        return
+    done, units = progress["units_done"], progress["units"]
+    if not allow_partial:
+        raise DataError(f"{path}: unfinished: its progress file records {done} of {units} queries (the job was "
+                        "stopped or is still running); rerun the same command to finish it, or pass --allow-partial "
+                        f"to train on the {done} done")
+    print(f"WARNING: {path} is unfinished ({done} of {units} queries); training on those {done} (--allow-partial)")
 
 
 def load_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int]]:
     rsets, examples, skipped = [], [], {}
+    for path in (cfg.labels or []) + (cfg.candidates or []):
+        check_finished(path, cfg.allow_partial)
     for task, data in enumerate(cfg.data):
         rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid)
         if cfg.labels:
@@ -72,3 +93,26 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def longest_texts(encoder, rsets: list[RetrievalSet], examples: list, include_title: bool,
+                  sample: int = LENGTH_SAMPLE) -> tuple[int, int]:
+    """(query, passage) token counts a batch's longest text may reach: the longest of a seeded sample of the
+    training queries and of their positives and pool passages, capped by the encoder's max lengths."""
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(len(examples), size=min(sample, len(examples)), replace=False)
+    queries = [examples[i].query for i in chosen]
+    passages = []
+    per_example = max(1, sample // max(len(chosen), 1))
+    for i in chosen:
+        example = examples[i]
+        rows = np.concatenate([[example.positive], example.pool[:per_example]]).astype(np.int64)
+        passages.extend(rsets[example.task].corpus.passages_at(rows, include_title))
+    passages = passages[:sample * 2]
+
+    def longest(texts: list[str], kind: str) -> int:
+        ids = encoder.tokenizer(encoder.prefixed(texts, kind), truncation=True, max_length=encoder.max_length(kind),
+                                return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return max((len(t) for t in ids), default=2)
+
+    return longest(queries, "query"), longest(passages, "passage")
