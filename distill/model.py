@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from labelers.models import checked_model_source
+from labelers.models import checked_model_source, load_error
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,15 @@ class BiEncoder(torch.nn.Module):
             settings = _config_from_sentence_transformers(name, modules)
         else:
             settings = {}  # plain encoder: mean pooling, normalised
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        backbone = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code,
-                                             **({"dtype": torch_dtype} if torch_dtype else {}))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as exc:
+            raise load_error(name, "tokenizer", exc) from None
+        try:
+            backbone = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                 **({"dtype": torch_dtype} if torch_dtype else {}))
+        except (OSError, ValueError) as exc:
+            raise load_error(name, "weights", exc) from None
         model_max = min(int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
                         int(getattr(backbone.config, "max_position_embeddings", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
                         DEFAULT_MAX_LENGTH)

@@ -9,7 +9,11 @@ Each helper turns a packaged GGUF file into a plain transformers folder once
   terms), multilingual, no chat template: the better teacher for Chinese.
 
 `checked_model_source(name)` is what every loader (student, hf and vLLM
-teachers) calls first: a local path that is not there fails with its name.
+teachers) calls first: a local path that is not there fails with its name; a
+local folder that is not a model (no `config.json`) or whose `*.safetensors`
+cannot be read fails with one line naming the folder or the file.
+`check_causal_lm(name)` refuses a teacher that is not a causal language model
+(an encoder such as all-MiniLM-L6-v2 would otherwise get a random LM head).
 """
 from __future__ import annotations
 
@@ -22,16 +26,74 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "n
 
 
 def checked_model_source(name: str | Path) -> str:
-    """`name` as given, once it is a folder that exists or could be a Hugging Face hub id.
+    """`name` as given, once it is a model folder that exists or could be a Hugging Face hub id.
 
     A name that can only be a local path (`runs/x/model`, `./m`, `/abs/m`) and is
     not there raises FileNotFoundError naming it, instead of the hub client's
-    "Repo id must be in the form ..." message.
+    "Repo id must be in the form ..." message. A local folder must hold a
+    `config.json`, and each of its `*.safetensors` files must have a readable
+    header covering the file (a truncated or overwritten download fails here, by name).
     """
     text = str(name)
-    if Path(text).expanduser().exists() or HUB_ID.fullmatch(text):
+    path = Path(text).expanduser()
+    if path.exists():
+        check_model_folder(path)
+        return text
+    if HUB_ID.fullmatch(text):
         return text
     raise FileNotFoundError(f"no model folder at {text} (and it is not a Hugging Face model id)")
+
+
+def check_model_folder(path: Path) -> None:
+    """ValueError naming `path` (or its damaged weights file) when it is not a loadable model folder."""
+    if not path.is_dir():
+        raise ValueError(f"{path}: is a file; a model is a folder (config.json, weights, tokenizer files)")
+    if not (path / "config.json").is_file():
+        entries = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(entries[:5]) + (f" (+{len(entries) - 5} more)" if len(entries) > 5 else "") or "nothing"
+        raise ValueError(f"{path}: not a model folder: no config.json (it holds {shown})")
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights}: damaged model weights ({str(exc).strip().splitlines()[0]}); "
+                             "download or save the model again") from None
+
+
+def load_error(name: str, what: str, exc: Exception) -> ValueError:
+    """One line naming the model and what could not be loaded from it, for errors of transformers' loaders."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return ValueError(f"{name}: cannot load its {what}: {message[:300]}")
+
+
+def check_causal_lm(name: str | Path, trust_remote_code: bool = False) -> str:
+    """`name` (checked as `checked_model_source` does) once its config names a causal-LM architecture.
+
+    An encoder checkpoint (BERT, MiniLM) loads into AutoModelForCausalLM with a freshly initialised LM
+    head, and would score every answer with random log-probs; it is refused here, before any work."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    source = checked_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise load_error(source, "config", exc) from None
+    causal = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update(value if isinstance(value, (list, tuple)) else [value])
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a in causal for a in architectures):
+        raise ValueError(f"{source}: is a {', '.join(architectures)} ({config.model_type}), not a causal language "
+                         "model: the teacher (--llm) must be a decoder LM with its LM head (SmolLM2, Gemma, Qwen, "
+                         "Llama...); an encoder is the student (--model)")
+    if not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{source}: a {config.model_type} model has no causal-LM form: the teacher (--llm) must be "
+                         "a decoder LM")
+    return source
 
 
 def _ready(out: Path) -> bool:

@@ -69,9 +69,25 @@ def parse_template(text: str, name: str) -> PromptTemplate:
         raise ValueError(f"{name}: continuation must be one of {CONTINUATIONS}, got {continuation!r}")
     if "{passage}" not in body or (continuation == "answer" and "{question}" not in body):
         raise ValueError(f"{name}: the body must contain {{passage}}" + (" and {question}" if continuation == "answer" else ""))
-    return PromptTemplate(name=name, body=body, chat=settings.get("chat", "false").lower() == "true",
-                          continuation=continuation, separator=json.loads(settings.get("separator", '""')),
-                          **{k: json.loads(settings[k]) for k in ("question_label", "answer_label") if k in settings})
+    chat = settings.get("chat", "false").lower()
+    if chat not in ("true", "false"):
+        raise ValueError(f"{name}: setting 'chat': must be true or false, got {settings['chat']!r}")
+    return PromptTemplate(name=name, body=body, chat=chat == "true", continuation=continuation,
+                          separator=_json_string(name, "separator", settings.get("separator", '""')),
+                          **{k: _json_string(name, k, settings[k]) for k in ("question_label", "answer_label")
+                             if k in settings})
+
+
+def _json_string(name: str, key: str, value: str) -> str:
+    """A `## key: value` setting whose value is a JSON string such as `" "` or `"Question:"`."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, str):
+        raise ValueError(f"{name}: setting {key!r}: {value!r} is not a JSON string; write it in double quotes, "
+                         'e.g.  ## separator: " "  for one space')
+    return parsed
 
 
 def load_template(name_or_path: str) -> PromptTemplate:

@@ -317,6 +317,7 @@ def is_generated(folder: Path, settings: dict | None = None) -> bool:
 
 def run_generate(cfg: GenerateConfig) -> dict:
     shard = Shard.parse(cfg.shard)
+    cfg.check_llm()
     unknown = [f for f in cfg.filters if f not in FILTERS]
     if unknown:
         raise ValueError(f"--filters: unknown {unknown}; known: {list(FILTERS)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from labelers.backends import BACKENDS, Backend, create_backend
-from labelers.models import checked_model_source
+from labelers.models import check_causal_lm, checked_model_source, load_error
 
 
 @dataclass(kw_only=True)
@@ -44,7 +44,18 @@ class TeacherSettings:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(checked_model_source(self.llm), trust_remote_code=self.trust_remote_code)
+        source = checked_model_source(self.llm)
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError, TypeError) as exc:
+            raise load_error(source, "tokenizer", exc) from None
+
+    def check_llm(self) -> None:
+        """Refuse a teacher that is not a causal LM before any work (its tokenizer is checked when loaded)."""
+        if self.backend == "openai" and self.served_model is not None:
+            checked_model_source(self.llm)  # the tokenizer's folder; the server holds the model
+            return
+        check_causal_lm(self.llm, self.trust_remote_code)
 
 
 def default_template(language: str, kind: str, chat: bool) -> str:

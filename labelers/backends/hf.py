@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models import checked_model_source
+from ..models import check_causal_lm, load_error
 from .base import GREEDY, Sampling, Score, check_pairs, cut_at_stop
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,25 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def load_causal_lm(name: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A causal LM with every weight it needs from the checkpoint: an encoder, or a checkpoint without its LM head
+    (`cls.predictions.*`, `lm_head.*` MISSING, which transformers would initialise at random), is refused."""
+    from transformers import AutoModelForCausalLM
+
+    source = check_causal_lm(name, trust_remote_code)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise load_error(source, "weights", exc) from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} weights of the causal LM are missing from the checkpoint "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they would be random: "
+                         "the teacher (--llm) must be a complete causal LM")
+    return model
+
+
 @dataclass
 class HFBackendConfig:
     model: str
@@ -100,15 +119,12 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, cfg: HFBackendConfig, model=None):
-        from transformers import AutoModelForCausalLM
-
         self.cfg = cfg
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = cfg.dtype or default_dtype(self.device)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not known; choose one of {sorted(DTYPES)}")
-        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
-            checked_model_source(cfg.model), dtype=DTYPES[dtype], trust_remote_code=cfg.trust_remote_code)
+        self.model = model if model is not None else load_causal_lm(cfg.model, DTYPES[dtype], cfg.trust_remote_code)
         self.model.to(self.device).eval()
         self.pad_id = 0
         self.tokenizer = None  # loaded when first needed, to decode generations

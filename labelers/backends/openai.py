@@ -7,21 +7,25 @@ several prompts each and run on a bounded thread pool.
 
 Failures: connection errors, timeouts, 429 and 5xx are retried with
 exponential back-off (tenacity) for up to `max_retry_seconds`, so a server
-that restarts mid-job costs time, not labels. Any other 4xx means the request
-itself is wrong (prompt too long, unknown model): it stops the job at once
-with the server's own message. The API key is read from the environment
+that restarts mid-job costs time, not labels; giving up is one `BackendError`
+naming the server and the last error. Any other 4xx means the request itself
+is wrong (prompt too long, unknown model): it stops the job at once with the
+server's own message. The back-off sleeps wait on an event that an interrupt
+(Ctrl-C) or a failed request sets, so no retry outlives the call. The API key is read from the environment
 variable named by `api_key_env` and never logged.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
-from tenacity import (before_sleep_log, retry, retry_if_exception, stop_after_delay, wait_exponential)
+from tenacity import (Retrying, before_sleep_log, retry_if_exception, stop_after_delay, stop_when_event_set,
+                      wait_exponential)
 
 from .base import GREEDY, BackendError, Sampling, Score, check_pairs, cut_at_stop
 
@@ -43,6 +47,16 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code == 429 or exc.response.status_code >= 500
     return isinstance(exc, httpx.TransportError)  # connection refused/reset, timeouts
+
+
+class _Stopped(Exception):
+    """The call was abandoned (interrupt, or another request failed): stop retrying."""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}: {_server_message(exc.response)}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -67,9 +81,24 @@ class OpenAIBackend:
         limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
         self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), headers=headers, timeout=cfg.timeout,
                                    limits=limits)
-        self._post = retry(retry=retry_if_exception(_retryable), wait=wait_exponential(multiplier=0.5, max=20),
-                           stop=stop_after_delay(cfg.max_retry_seconds), reraise=True,
-                           before_sleep=before_sleep_log(logger, logging.WARNING))(self._post_once)
+        self._stop = threading.Event()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise _Stopped
+
+    def _post(self, payload: dict) -> dict:
+        """One request, retried while the failure is transient; giving up is a one-line BackendError."""
+        retrying = Retrying(retry=retry_if_exception(_retryable), wait=wait_exponential(multiplier=0.5, max=20),
+                            stop=stop_after_delay(self.cfg.max_retry_seconds) | stop_when_event_set(self._stop),
+                            reraise=True, sleep=self._sleep, before_sleep=before_sleep_log(logger, logging.WARNING))
+        try:
+            return retrying(self._post_once, payload)
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            if self._stop.is_set():
+                raise _Stopped from None
+            raise BackendError(f"{self.cfg.base_url}: gave up after retrying for {self.cfg.max_retry_seconds:g} s "
+                               f"(--max-retry-seconds); last error: {_describe(exc)}") from None
 
     def close(self) -> None:
         self.client.close()
@@ -100,14 +129,19 @@ class OpenAIBackend:
                 raise BackendError(f"server answered {len(choices)} choices for {len(batch)} prompts x {n}")
             return choices
 
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
-            futures = [pool.submit(send, k, batch) for k, batch in enumerate(requests)]
-            try:
-                return [choice for future in futures for choice in future.result()]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        self._stop.clear()
+        pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency))
+        futures = [pool.submit(send, k, batch) for k, batch in enumerate(requests)]
+        try:
+            return [choice for future in futures for choice in future.result()]
+        except BaseException:
+            # Ctrl-C or a failed request: wake every back-off sleep and drop queued requests, without waiting
+            self._stop.set()
+            for future in futures:
+                future.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Score]:
         check_pairs(prompts, continuations)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..models import checked_model_source
+from ..models import check_causal_lm
 from .base import GREEDY, BackendError, Sampling, Score, check_pairs, cut_at_stop
 
 ENGINES_STARTED = 0  # in-process engines built so far (the CLI exits hard after one ran; see distill.cli)
@@ -47,7 +47,7 @@ class VLLMBackend:
         except ImportError as exc:
             raise ImportError(INSTALL_HINT) from exc
         self.cfg = cfg
-        options = dict(model=checked_model_source(cfg.model), dtype=cfg.dtype or "auto", enable_prefix_caching=cfg.enable_prefix_caching,
+        options = dict(model=check_causal_lm(cfg.model, cfg.trust_remote_code), dtype=cfg.dtype or "auto", enable_prefix_caching=cfg.enable_prefix_caching,
                        trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, enforce_eager=cfg.enforce_eager,
                        tensor_parallel_size=cfg.tensor_parallel_size)
         if cfg.max_model_len:
