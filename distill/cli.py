@@ -15,13 +15,15 @@ from labelers.backends import BackendError
 
 from . import evaluate
 from .data import DataError
-from . import pipeline, train
+from . import cache, pipeline, train
 from .stages import generate, label, mine
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
-COMMANDS = [generate, mine, label, train, evaluate, pipeline]
+COMMANDS = [generate, mine, label, train, evaluate, pipeline, cache]
 EXIT_BAD_INPUT = 2
 EXIT_BACKEND_REFUSED = 1
+EXIT_FAILED = 1  # the job itself went wrong (a diverging loss): the message says what is kept
+EXIT_INTERRUPTED = 130
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except train.NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except BackendError as exc:
         # The LLM server refused the work (a 4xx other than 429): its message, no retry, no traceback.
         print(f"error: {exc}", file=sys.stderr)
@@ -54,21 +59,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted: what was written is kept (finished chunks are fsync'd); rerun the same command to "
+              "resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run_and_exit(argv: list[str] | None = None) -> None:
     """The `distill` command: `main`, then exit with its status.
 
-    After an in-process vLLM engine ran, the process ends with `os._exit`
+    After Ctrl-C, or after an in-process vLLM engine ran, the process ends with `os._exit`
     once stdout/stderr are flushed (every output file is already fsync'd by
     then): vLLM's threads can otherwise abort the interpreter's teardown
     ("terminate called without an active exception", SIGABRT) after a job
     that succeeded."""
     code = main(argv)
     vllm_backend = sys.modules.get("labelers.backends.vllm")
-    if vllm_backend is not None and getattr(vllm_backend, "ENGINES_STARTED", 0):
+    # after Ctrl-C, worker threads (an openai request in flight, a vLLM engine) must not hold the exit: every
+    # output is fsync'd chunk by chunk, so nothing is lost by leaving without joining them
+    if code == EXIT_INTERRUPTED or (vllm_backend is not None and getattr(vllm_backend, "ENGINES_STARTED", 0)):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -22,7 +22,7 @@ import numpy as np
 from .config import add_command
 from .data import DataError, Problem, RetrievalSet, load_retrieval_set
 from .encoding import EncodingSettings
-from .files import write_lines_atomic
+from .files import write_lines_atomic, write_text_atomic
 from .index import IndexConfig, build_index, corpus_embeddings, embeddings, query_source, search
 from .metrics import DEFAULT_CUTOFFS, PairedComparison, compare_paired, mean_metrics, per_query_metrics
 from .model import BiEncoder
@@ -140,8 +140,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                 description=__doc__)
 
 
+def check_output_path(path: Path | None, flag: str) -> None:
+    """Fail before any work when an output cannot be written as a file there."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file path (e.g. {path / 'metrics.json'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
+def check_trec_ids(rset: RetrievalSet, path: Path) -> None:
+    """A TREC run is whitespace-separated: refuse ids it cannot hold before encoding anything."""
+    import pyarrow.compute as pc
+
+    for ids, kind in ((rset.queries.table["id"], "query"), (rset.corpus.table["id"], "passage")):
+        spaced = pc.match_substring_regex(ids, r"\s")
+        if pc.any(spaced).as_py():
+            bad = ids.filter(spaced)[0].as_py()
+            raise DataError(f"--run-file {path}: {kind} id {bad!r} holds whitespace, which a TREC run cannot hold")
+
+
 def run(cfg: EvalConfig) -> int:
+    check_output_path(cfg.output, "--output")
+    check_output_path(cfg.run_file, "--run-file")
     rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
+    if cfg.run_file:
+        check_trec_ids(rset, cfg.run_file)
     if cfg.skip_invalid:
         print(rset.problems.summary())
     started = time.perf_counter()
@@ -172,7 +199,6 @@ def run(cfg: EvalConfig) -> int:
                   "skipped_records": rset.problems.total, "seconds": round(seconds, 3),
                   **({"ndcg@10_vs_baseline": asdict(comparison)} if comparison else {}),
                   "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(Path(cfg.output), json.dumps(report, indent=2) + "\n")  # its presence means done
         print(f"metrics written to {cfg.output}")
     return 0

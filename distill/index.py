@@ -200,6 +200,7 @@ class EmbeddingCache:
         progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"rows_done": 0}
         if progress["rows_done"] == 0 or not array_path.exists():
             progress = {"rows_done": 0}
+            write_json_atomic(folder / "meta.json", {"kind": source.kind, "rows": n, "dim": dim, "dtype": dtype})
             np.lib.format.open_memmap(array_path, mode="w+", dtype=np.dtype(dtype), shape=(n, dim)).flush()
         done = progress["rows_done"]
         if done < n:
@@ -215,10 +216,45 @@ class EmbeddingCache:
             del out
         else:
             logger.info("%s embeddings from cache %s", source.kind, folder)
+        os.utime(folder)  # the entry's time is when it was last used (`distill cache` lists and prunes by it)
         return np.load(array_path, mmap_mode="r")
 
     def corpus_embeddings(self, encoder, corpus, *, include_title: bool = True, **options) -> np.ndarray:
         return self.embeddings(encoder, passage_source(corpus, include_title), **options)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    folder: Path
+    kind: str | None        # query | passage (None for entries written before it was recorded)
+    rows: int
+    dim: int
+    rows_done: int
+    size_bytes: int
+    last_used: float        # seconds since the epoch
+
+    @property
+    def complete(self) -> bool:
+        return self.rows_done >= self.rows
+
+
+def cache_entries(root: Path) -> list[CacheEntry]:
+    """Every entry of an embedding cache, most recently used first."""
+    entries = []
+    for folder in sorted(Path(root).glob("*/")) if Path(root).is_dir() else []:
+        array = folder / "embeddings.npy"
+        if not array.is_file():
+            continue
+        try:
+            rows, dim = np.load(array, mmap_mode="r").shape
+            rows_done = json.loads((folder / "progress.json").read_text()).get("rows_done", 0)
+            meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+        except (OSError, ValueError):
+            rows, dim, rows_done, meta = 0, 0, 0, {}
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        entries.append(CacheEntry(folder, meta.get("kind"), int(rows), int(dim), int(rows_done), size,
+                                  folder.stat().st_mtime))
+    return sorted(entries, key=lambda e: -e.last_used)
 
 
 def embeddings(encoder, source: TextSource, *, cache_dir: Path | None, batch_size: int = 64,

@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import config_from_mapping
-from .data import DataError, load_retrieval_set, resolve_data_dir
+from labelers.models import checked_model_source
+
+from .config import config_from_mapping, load_yaml_mapping
+from .data import DataError, data_files, has_table, load_retrieval_set, resolve_data_dir
 from .evaluate import EvalConfig, format_table
 from .evaluate import run as run_eval
 from .files import write_json_atomic
@@ -129,14 +131,6 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def _data_files(folder: Path) -> list[Path]:
-    """The files a retrieval set is read from: corpus, queries and qrels tables."""
-    files = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(("corpus.", "queries."))]
-    if (folder / "qrels").is_dir():
-        files += [p for p in (folder / "qrels").iterdir() if p.is_file()]
-    return sorted(files)
-
-
 class DataHashes:
     """Content hashes of data sets, remembered per file (path, size, mtime) in `cache` so that an
     unchanged file is hashed once; a copied or touched file with the same bytes hashes the same."""
@@ -160,7 +154,7 @@ class DataHashes:
 
     def __call__(self, data: str) -> str:
         folder = resolve_data_dir(data)
-        entries = [(str(p.relative_to(folder)), self.file(p)) for p in _data_files(folder)]
+        entries = [(str(p.relative_to(folder)), self.file(p)) for p in data_files(folder)]
         return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
 
 
@@ -196,22 +190,21 @@ def why_changed(old: dict, new: dict) -> str:
 
 
 def has_training_queries(data: str, split: str) -> bool:
-    try:
-        return len(load_retrieval_set(data, split).queries) > 0
-    except DataError:
+    """True when `data` holds queries for `split`; False for raw text (a folder without a queries table).
+    Any problem with queries that are there stops the run: a malformed queries file or a mistyped split
+    must never turn a labelled run into query generation."""
+    if not has_table(resolve_data_dir(data), "queries"):
         return False
+    try:
+        load_retrieval_set(data, split)
+    except DataError as exc:
+        raise DataError(f"{exc} (to write synthetic queries for this corpus instead, set generate: true)") from None
+    return True
 
 
 def load_run(path: Path, overrides: dict[str, Any]) -> tuple[RunSettings, dict[str, dict]]:
     """(top-level settings, each stage section) from the YAML file with command-line overrides applied."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of settings")
+    loaded = load_yaml_mapping(path)
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
         target = loaded.setdefault(section, {}) if section else loaded
@@ -305,8 +298,25 @@ def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> No
         print(yaml.safe_dump(_jsonable({stage.name: dataclasses.asdict(cfg)}), sort_keys=False), end="")
 
 
+def check_models(run: RunSettings, planned: list[tuple[Stage, Any]]) -> None:
+    """Every model a stage will load, checked before the first stage runs: a mistyped --llm must not wait for
+    eval and mine to finish. Models the run itself writes (the trained student) are left out."""
+    output = Path(run.output_dir).resolve()
+    checked: set[tuple[str, str]] = set()
+    for _, cfg in planned:
+        for name in ("model", "retriever"):
+            value = getattr(cfg, name, None)
+            if value and output not in Path(str(value)).resolve().parents and ("encoder", str(value)) not in checked:
+                checked.add(("encoder", str(value)))
+                checked_model_source(str(value))
+        if getattr(cfg, "llm", None) and ("llm", cfg.llm) not in checked:
+            checked.add(("llm", cfg.llm))
+            cfg.check_llm()
+
+
 def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> dict:
     run, planned = plan(config_path, overrides)
+    check_models(run, planned)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     ledger = StageLedger(run.output_dir)
     stages = [stage for stage, _ in planned]

@@ -28,14 +28,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from labelers.prompts import load_template
 from labelers.reward import MAX_PASSAGE_TOKENS, Group, RewardInputs, score_groups
 
 from ..config import add_command
-from ..data import DataError, Problem, RetrievalSet, load_retrieval_set
-from ..data.sources import iter_jsonl
+from ..data import DataError, RetrievalSet, load_retrieval_set
+from ..data.records import read_candidates
 from ..files import file_digest
 from ..negatives import query_rng
 from ..negatives.uniform import draw_uniform
@@ -74,32 +73,6 @@ class LabelConfig(TeacherSettings):
     overwrite: bool = field(default=False, metadata={"help": "discard an existing output instead of resuming it"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
     show_progress: bool = field(default=True, metadata={"help": "progress bar"})
-
-
-def read_candidates(path: Path, rset: RetrievalSet) -> list[tuple[str, list[str]]]:
-    """(qid, candidate pids) per line of a candidates file, checked against the split and the corpus."""
-    out, seen = [], {}
-    split_ids = set(rset.qrels)
-    for line_no, record in iter_jsonl(path):
-        if isinstance(record, Problem):
-            raise DataError(record)
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{line_no}: a candidates line must be a JSON object")
-        qid, pids = record.get("qid"), record.get("pids")
-        if not isinstance(qid, str) or not qid:
-            raise DataError(f"{path}:{line_no}: field 'qid': missing or not a non-empty string")
-        if not isinstance(pids, list) or not all(isinstance(p, str) for p in pids):
-            raise DataError(f"{path}:{line_no}: field 'pids': must be a list of passage id strings")
-        if qid not in split_ids:
-            raise DataError(f"{path}:{line_no}: field 'qid': {qid!r} is not a query of split {rset.split!r}")
-        if qid in seen:
-            raise DataError(f"{path}:{line_no}: field 'qid': {qid!r} repeats line {seen[qid]}")
-        rows = rset.corpus.rows_of(pids)
-        if (rows < 0).any():
-            raise DataError(f"{path}:{line_no}: field 'pids': unknown passage id {pids[int(np.argmax(rows < 0))]!r}")
-        seen[qid] = line_no
-        out.append((qid, pids))
-    return out
 
 
 class Labeler:
@@ -207,6 +180,7 @@ def job_settings(cfg: LabelConfig, labeler: Labeler, shard: Shard, data_digest: 
 
 def run_label(cfg: LabelConfig) -> dict:
     shard = Shard.parse(cfg.shard)
+    cfg.check_llm()
     if not cfg.show_progress:
         from transformers.utils import logging as hf_logging
 
@@ -218,6 +192,12 @@ def run_label(cfg: LabelConfig) -> dict:
         units: list[tuple[str, list[str] | None]] = list(read_candidates(Path(cfg.candidates), rset))
     else:
         units = [(qid, None) for qid in rset.queries.ids]
+    uncovered = len(rset.qrels) - len(units)
+    if uncovered:
+        print(f"{uncovered} of {len(rset.qrels)} {cfg.split} queries have no line in {cfg.candidates}: they are not "
+              "labelled (mine them too, or label without --candidates to score their positives and random passages)")
+    if not units:
+        raise DataError(f"{cfg.candidates}: holds no candidates line, so there is nothing to label")
     start, stop = shard.bounds(len(units))
     units = units[start:stop]
     labeler = Labeler(cfg, rset, units)
@@ -242,7 +222,7 @@ def run_label(cfg: LabelConfig) -> dict:
     elapsed = time.perf_counter() - started
     report = {"output": str(output), "queries": len(units), "resumed_from": summary.resumed_from,
               "labels": labeler.labels, "tokens": labeler.tokens, "seconds": round(elapsed, 2),
-              "shard": str(shard), "boundary_merges": labeler.answer_inputs.boundary_merges
+              "shard": str(shard), "queries_without_candidates": uncovered, "boundary_merges": labeler.answer_inputs.boundary_merges
               + labeler.query_inputs.boundary_merges}
     print(f"labelled {len(units) - summary.resumed_from} queries ({labeler.labels} passages) in {elapsed:.1f} s"
           + (f", resumed after {summary.resumed_from}" if summary.resumed_from else "") + f" -> {output}")
