@@ -105,7 +105,7 @@ def run_step(tmp_path: Path, name: str, processes: int, flags: list[str]) -> dic
         # PR 179291 describes the mechanism); seen once in many CI runs. One rerun; any other failure fails at once
         result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.mark.parametrize("loss", ["rank_filter:1.0,infonce:0.2", "kl"])

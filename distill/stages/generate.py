@@ -154,10 +154,13 @@ class PairWriter:
             self.backend.close()
             self.backend = None
 
+    def start_backend(self) -> None:
+        if self.backend is None:
+            self.backend = self.cfg.create_backend(self.cfg.seed)
+
     def process(self, start: int, stop: int) -> list[dict]:
         cfg = self.cfg
-        if self.backend is None:
-            self.backend = cfg.create_backend(cfg.seed)
+        self.start_backend()
         rows = self.rows[start:stop]
         passages = self.corpus.passages_at(rows, include_title=cfg.include_title)
         sampling = cfg.sampling()  # vllm/openai: passage p's j-th sample draws from seed + p * n + j
@@ -344,6 +347,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     paths = None if (cfg.overwrite or shard.count > 1) else complete_shards(folder, settings)
     if paths is None:
         output = shard_output(folder, shard)
+        writer.start_backend()  # the teacher loads before the output is touched
 
         def rates(seconds: float) -> str:
             return f"{writer.generated / max(seconds, 1e-9):.2f} samples/s"

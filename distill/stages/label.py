@@ -208,6 +208,7 @@ def run_label(cfg: LabelConfig) -> dict:
         return {"output": str(output), "queries": len(units), "skipped": True}
 
     started = time.perf_counter()
+    labeler._backend()  # load the teacher before the output is touched: a model that fails leaves no file behind
 
     def rates(seconds: float) -> str:
         seconds = max(seconds, 1e-9)
