@@ -51,7 +51,7 @@ from .training import checkpoint
 from .training.batches import EpochPlan, Group, false_negative_mask, plan_epoch
 from .training.distributed import (Distributed, barrier, broadcast_object, close_distributed, gather_with_local_grad,
                                    init_distributed, sum_gradients)
-from .training.memory import DEFAULT_SHARE, free_memory_bytes, plan_memory, saved_bytes_per_text
+from .training.memory import DEFAULT_SHARE, MemoryPlan, free_memory_bytes, plan_memory, saved_bytes_per_text
 from .training.remine import RemineSettings, ScoreTracker, due, remine
 from .training.report import model_card, plot_training, read_log
 from .training.run_folder import RunFolder, differences
@@ -195,7 +195,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.encoder.backbone.gradient_checkpointing_enable()
         self.amp = autocast_dtype(cfg.precision, self.device)
-        self.grad_cache_chunk, self.memory_note = self.plan_memory()
+        self.memory = self.plan_memory()
+        self.grad_cache_chunk = self.memory.chunk_size
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         self.optimizer = make_optimizer(self.encoder, cfg)
         self.group_size = 1 + cfg.num_negatives
@@ -219,8 +220,9 @@ class Trainer:
         self.eval_rset = (load_retrieval_set(cfg.eval_data or cfg.data[0], cfg.eval_split,
                                              skip_invalid=cfg.skip_invalid) if cfg.eval_split else None)
 
-    def plan_memory(self) -> tuple[int | None, str | None]:
-        """GradCache's chunk (None: off) for this run's steps, and the line saying why it went on."""
+    def plan_memory(self) -> MemoryPlan:
+        """How this run's steps are cut so their activations fit (GradCache's chunk, None: off); `memory_note`
+        says why GradCache went on, when it did."""
         cfg = self.cfg
         n_queries = self.local_batch_size()
         n_passages = n_queries * (1 + cfg.num_negatives)
@@ -239,9 +241,8 @@ class Trainer:
         plan = plan_memory(n_queries=n_queries, n_passages=n_passages, query_bytes=per_query,
                            passage_bytes=per_passage, budget_bytes=budget, chunk_size=cfg.grad_cache_chunk_size,
                            passage_length=passage_tokens)
-        if plan.chunk_size and not cfg.grad_cache_chunk_size:
-            return plan.chunk_size, plan.describe(where)
-        return plan.chunk_size, None
+        self.memory_note = plan.describe(where) if plan.chunk_size and not cfg.grad_cache_chunk_size else None
+        return plan
 
     def local_batch_size(self) -> int:
         return self.cfg.train_batch_size // self.ctx.world_size
@@ -606,8 +607,9 @@ def _run_train(cfg: TrainConfig, ctx: Distributed) -> dict:
                "objective": str(trainer.objective), "before": trainer.state["before"], "after": after,
                "best": trainer.state["best"], "seconds": round(time.perf_counter() - started, 1),
                "processes": ctx.world_size, "remine_rounds": trainer.state["remine_rounds"]}
-    if trainer.grad_cache_chunk and not cfg.grad_cache_chunk_size:
-        summary["grad_cache_chunk_size"] = trainer.grad_cache_chunk
+    summary["memory"] = {"step_activation_gib": round(trainer.memory.step_bytes / 2 ** 30, 3),
+                         "budget_gib": round(trainer.memory.budget_bytes / 2 ** 30, 3),
+                         "grad_cache_chunk_size": trainer.grad_cache_chunk}
     if ctx.is_main:
         teacher = None
         if cfg.labels:

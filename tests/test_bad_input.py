@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from conftest import read_jsonl, write_jsonl
 from distill.cli import main
 from distill.data import DataError, load_retrieval_set
 

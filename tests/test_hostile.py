@@ -285,7 +285,7 @@ def test_a_step_over_the_memory_budget_turns_grad_cache_on_or_is_refused(tiny_be
                            "--memory-budget-gb", "0.005")) == 0
     said = capsys.readouterr().out
     assert "GradCache on with chunks of" in said and "over the 0.0 GiB budget" in said
-    chunk = json.loads((out / "training_summary.json").read_text())["grad_cache_chunk_size"]
+    chunk = json.loads((out / "training_summary.json").read_text())["memory"]["grad_cache_chunk_size"]
     assert 1 <= chunk < 8 * 4 + 8
     assert main(train_args(tiny_bert_dir, squad_mini_train_labels, tmp_path / "tiny", "--max-steps", "2",
                            "--memory-budget-gb", "0.00001")) == 2
