@@ -9,7 +9,7 @@ so the default plan (32 queries, groups of 8, 256-token abstracts) needs about
 Rather than a formula per architecture, `saved_bytes_per_text` measures it: one
 forward of two texts at the batch's length, with grad on, under
 `torch.autograd.graph.saved_tensors_hooks`, counting the storage of every
-non-parameter tensor autograd keeps (each storage once). Texts in one forward
+tensor autograd keeps that is not a weight or a view of one (each storage once). Texts in one forward
 add up linearly at a fixed length, so the step needs about
 texts x bytes-per-text (x `SAFETY` for the forward's temporaries).
 
@@ -38,10 +38,11 @@ def saved_bytes_per_text(encoder, length: int, dtype: torch.dtype | None = None)
     ids = torch.full((2, length), token, dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
     seen: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
 
     def pack(t: torch.Tensor):
-        if not (t.is_leaf and t.requires_grad):  # parameters are saved too, but they are not per-text memory
-            storage = t.untyped_storage()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:  # weights (and views of them, W.T) are saved too, once per model
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
