@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.data import load_retrieval_set  # noqa: E402
-from distill.evaluate import compare_to_run, read_trec_run  # noqa: E402
+from distill.data.records import read_trec_run  # noqa: E402
+from distill.evaluate import compare_to_run  # noqa: E402
 
 ROWS = [("InfoNCE (hard labels)", "infonce"), ("soft-label weighted", "soft_label"),
         ("soft-label + rank filtering", "rank_filter"), ("KL", "kl"),
@@ -48,7 +49,7 @@ def versus(metrics: dict, reference: dict | None, qrels) -> str:
     """This row's paired nDCG@10 difference from the reference row, with its 95% interval and p-value."""
     if reference is None or metrics is reference:
         return ""
-    c = compare_to_run(read_trec_run(metrics["run"]), read_trec_run(reference["run"]), qrels)
+    c = compare_to_run(read_trec_run(metrics["run"]).rankings(), read_trec_run(reference["run"]).rankings(), qrels)
     return f"{100 * c.mean_difference:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}] p={c.p_value:.2g}"
 
 

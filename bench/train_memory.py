@@ -76,7 +76,7 @@ def main() -> None:
         labels = synthetic_labels(folder, tmp)
         loaded, _ = train(args.model, folder, labels, tmp / "zero", "--max-steps", "1", "--train-batch-size", "1",
                           "--num-negatives", "0", "--memory-budget-gb", "1000")
-        print(f"| batch x group | texts | estimate (GiB) | peak RSS - loaded (GiB) | ratio |")
+        print("| batch x group | texts | estimate (GiB) | peak RSS - loaded (GiB) | ratio |")
         print("|---|---|---|---|---|")
         for batch in args.batches:
             peak, summary = train(args.model, folder, labels, tmp / f"b{batch}", "--max-steps", "1",

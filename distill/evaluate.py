@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import add_command
-from .data import DataError, Problem, RetrievalSet, load_retrieval_set
+from .data import DataError, RetrievalSet, load_retrieval_set
+from .data.records import ranked, read_trec_run
 from .encoding import EncodingSettings
 from .files import write_lines_atomic, write_text_atomic
 from .index import IndexConfig, build_index, corpus_embeddings, embeddings, query_source, search
@@ -61,14 +62,9 @@ def retrieve(encoder: BiEncoder, rset: RetrievalSet, *, top_k: int = 100, batch_
             for i, qid in enumerate(rset.queries.ids)}
 
 
-def rankings_from_hits(hits: dict[str, list[tuple[str, float]]]) -> dict[str, list[str]]:
-    """Passage ids per query by descending score, ties by ascending id (as sentence-transformers)."""
-    return {qid: [pid for pid, _ in sorted(h, key=lambda x: (-x[1], x[0]))] for qid, h in hits.items()}
-
-
 def evaluate(encoder: BiEncoder, rset: RetrievalSet, **retrieve_options) -> dict[str, float]:
     hits = retrieve(encoder, rset, **retrieve_options)
-    return mean_metrics(rankings_from_hits(hits), rset.qrels, DEFAULT_CUTOFFS)
+    return mean_metrics(ranked(hits), rset.qrels, DEFAULT_CUTOFFS)
 
 
 def write_trec_run(path: Path, hits: dict[str, list[tuple[str, float]]], tag: str) -> None:
@@ -87,26 +83,6 @@ def write_trec_run(path: Path, hits: dict[str, list[tuple[str, float]]], tag: st
                 yield f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n"
 
     write_lines_atomic(path, lines())
-
-
-def read_trec_run(path: Path) -> dict[str, list[str]]:
-    """Each query's passage ids from a TREC run file, by descending score (ties by ascending id)."""
-    hits: dict[str, list[tuple[str, float]]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 6:
-                raise DataError(Problem(str(path), number, None, f"a TREC run line has 6 fields (qid Q0 pid rank "
-                                        f"score tag), this one has {len(parts)}", "bad run line"))
-            try:
-                score = float(parts[4])
-            except ValueError:
-                raise DataError(Problem(str(path), number, "score", f"not a number: {parts[4]!r}",
-                                        "bad run line")) from None
-            hits.setdefault(parts[0], []).append((parts[2], score))
-    return rankings_from_hits(hits)
 
 
 def compare_to_run(rankings: dict[str, list[str]], baseline: dict[str, list[str]], qrels, *, seed: int = 0,
@@ -172,7 +148,7 @@ def run(cfg: EvalConfig) -> int:
     if cfg.skip_invalid:
         print(rset.problems.summary())
     started = time.perf_counter()
-    baseline = read_trec_run(cfg.baseline_run) if cfg.baseline_run else None  # bad file: fail before encoding
+    baseline = read_trec_run(cfg.baseline_run).rankings() if cfg.baseline_run else None  # bad file: fail before encoding
     if baseline is not None:
         missing = sum(q not in baseline for q in rset.qrels)
         if missing == len(rset.qrels):
@@ -182,7 +158,7 @@ def run(cfg: EvalConfig) -> int:
     encoder = cfg.load_encoder(cfg.model)
     hits = retrieve(encoder, rset, top_k=cfg.top_k, batch_size=cfg.batch_size, include_title=cfg.include_title,
                     cache_dir=cfg.cache_path, index=cfg.index_config(), show_progress=cfg.show_progress)
-    rankings = rankings_from_hits(hits)
+    rankings = ranked(hits)
     metrics = mean_metrics(rankings, rset.qrels, DEFAULT_CUTOFFS)
     seconds = time.perf_counter() - started
     print(f"{len(rset.queries)} {cfg.split} queries, {len(rset.corpus)} passages, {seconds:.1f} s")

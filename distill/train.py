@@ -46,14 +46,14 @@ from .encoding import EncodingSettings
 from .evaluate import evaluate, format_table
 from .losses import LOSSES, LossInputs, Objective
 from .negatives import SamplingParams
-from .data.records import read_labels
+from .data.records import read_labels, read_train_log
 from .training import checkpoint
 from .training.batches import EpochPlan, Group, false_negative_mask, plan_epoch
 from .training.distributed import (Distributed, barrier, broadcast_object, close_distributed, gather_with_local_grad,
                                    init_distributed, sum_gradients)
 from .training.memory import DEFAULT_SHARE, MemoryPlan, free_memory_bytes, plan_memory, saved_bytes_per_text
 from .training.remine import RemineSettings, ScoreTracker, due, remine
-from .training.report import model_card, plot_training, read_log
+from .training.report import model_card, plot_training
 from .training.run_folder import RunFolder, differences
 from .training.setup import (autocast_dtype, load_examples, longest_texts, make_optimizer, make_scheduler, rng_state,
                              set_rng_state)
@@ -620,7 +620,7 @@ def _run_train(cfg: TrainConfig, ctx: Distributed) -> dict:
             base_model=cfg.model, data=list(cfg.data), labels=[str(p) for p in (cfg.labels or cfg.candidates or [])],
             teacher=teacher, objective=str(trainer.objective), settings=asdict(cfg), before=trainer.state["before"],
             after=after, eval_split=cfg.eval_split))
-        plot_training(read_log(out / LOG), out / "training.png", cfg.eval_metric)
+        plot_training(read_train_log(out / LOG), out / "training.png", cfg.eval_metric)
         write_text_atomic(out / DONE, json.dumps(summary, indent=2) + "\n")
         for name in (checkpoint.FOLDER, checkpoint.FOLDER + ".old", checkpoint.FOLDER + ".tmp"):
             shutil.rmtree(out / name, ignore_errors=True)

@@ -81,7 +81,7 @@ def test_unknown_split_lists_the_available_ones(small_beir, capsys):
 
 def test_run_file_rescored_gives_the_reported_metrics_and_compares_with_a_baseline(tiny_bert_dir, small_beir,
                                                                                    tmp_path, capsys):
-    from distill.evaluate import read_trec_run
+    from distill.data.records import read_trec_run
     from distill.metrics import mean_metrics
 
     run, out = tmp_path / "runs" / "tiny.trec", tmp_path / "m.json"
@@ -96,7 +96,7 @@ def test_run_file_rescored_gives_the_reported_metrics_and_compares_with_a_baseli
         assert [int(r[3]) for r in mine] == list(range(1, len(mine) + 1)) and len(mine) == 10
         scores = [float(r[4]) for r in mine]
         assert scores == sorted(scores, reverse=True) and {r[1] for r in mine} == {"Q0"}
-    rescored = mean_metrics(read_trec_run(run), rset.qrels)
+    rescored = mean_metrics(read_trec_run(run).rankings(), rset.qrels)
     for name, k in DEFAULT_CUTOFFS:
         if k <= 10:
             assert rescored[f"{name}@{k}"] == pytest.approx(reported[f"{name}@{k}"], abs=1e-9)

@@ -374,3 +374,4 @@ def test_settings_of_the_wrong_type_are_refused_before_anything_runs(tiny_bert_d
     with pytest.raises(ValueError, match="train_batch_size': 4.7 is not an int"):
         config_from_args(TrainConfig, make_parser().parse_args(["--config", str(settings), "train", "--model", "m",
                                                                 "--data", "d", "--output", "o"]))
+

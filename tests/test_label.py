@@ -115,7 +115,7 @@ def test_candidates_file_is_used_and_checked(tiny_llama_dir, small_beir, tmp_pat
         assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "bad.jsonl", "--candidates", str(candidates),
                                "--overwrite")) == 2
         err = capsys.readouterr().err.strip()
-        assert f"candidates.jsonl:2: field '{field}'" in err and len(err.splitlines()) == 1
+        assert f'candidates.jsonl:2: field "{field}"' in err and len(err.splitlines()) == 1
 
 
 def test_queries_without_answers(tiny_llama_dir, small_beir, tmp_path, capsys):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from distill.evaluate import rankings_from_hits
+from distill.data.records import ranked
 from distill.metrics import mean_metrics, ndcg_at_k
 
 
@@ -30,7 +30,7 @@ def test_metrics_equal_sentence_transformers_on_a_random_run_with_ties():
             for q in queries}
     for q in list(queries)[:30]:  # make sure many queries do find their passages
         hits[q] += [(p, 1.0) for p in qrels[q] if p not in dict(hits[q])]
-    ours = mean_metrics(rankings_from_hits(hits), qrels)
+    ours = mean_metrics(ranked(hits), qrels)
 
     evaluator = _evaluator_class()(queries, corpus, {q: set(d) for q, d in qrels.items()}, mrr_at_k=[10],
                                    ndcg_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[1, 5, 10, 100],

@@ -6,22 +6,25 @@ every line is checked once, with the corpus's error contract (file:line:field,
 take the records, never raw dicts. Rewards must be finite numbers: one NaN or
 infinity in a labels file would otherwise turn the softmax over a group, and
 so the whole student, into NaN. A candidates file (`distill mine`) is read by
-`read_candidates`, checked against the split and the corpus it belongs to.
+`read_candidates`, checked against the split and the corpus it belongs to;
+generations (`distill generate`), TREC runs (`distill eval --run-file`) and the
+training log (`train_log.jsonl`) each have their record and reader here too.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import DataError, Problem
-from .sources import iter_jsonl
+from .sources import iter_jsonl, iter_text_lines
 
 if TYPE_CHECKING:
-    from . import RetrievalSet
+    from .retrieval import RetrievalSet
 
 
 @dataclass(frozen=True)
@@ -94,30 +97,226 @@ def read_labels(path: Path) -> list[LabelRecord]:
     return records
 
 
-def read_candidates(path: Path, rset: "RetrievalSet") -> list[tuple[str, list[str]]]:
-    """(qid, candidate pids) per line of a candidates file, checked against the split and the corpus."""
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One query's mined candidates (`distill mine`), or a user's own list: only `qid` and `pids` are required."""
+
+    qid: str
+    pids: tuple[str, ...]
+    line: int
+    scores: tuple[float, ...] | None = None           # s(q, d) per candidate (dense or BM25, see score_kind)
+    score_kind: str | None = None                     # "dense" | "bm25" | None
+    source: str | None = None                         # the strategy that chose them
+    positives: tuple[str, ...] | None = None          # the query's positives when mined
+    positive_scores: tuple[float, ...] | None = None  # s(q, d+) per positive (dense only)
+    sources: tuple[str, ...] | None = None            # hybrid: the pool each candidate came from
+
+
+def _numbers(path: Path, line: int, raw: dict, name: str, length: int) -> tuple[float, ...] | None:
+    values = raw.get(name)
+    if values is None:
+        return None
+    if (not isinstance(values, list) or len(values) != length
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+        raise _problem(path, line, name, f"must be null or a list of {length} finite numbers")
+    return tuple(float(v) for v in values)
+
+
+def _ids(path: Path, line: int, raw: dict, name: str, required: bool) -> tuple[str, ...] | None:
+    values = raw.get(name)
+    if values is None and not required:
+        return None
+    if not isinstance(values, list) or not all(isinstance(p, str) and p for p in values):
+        raise _problem(path, line, name, "must be a list of passage id strings")
+    return tuple(values)
+
+
+def _candidate_record(path: Path, line: int, raw: dict) -> CandidateRecord:
+    qid = raw.get("qid")
+    if not isinstance(qid, str) or not qid:
+        raise _problem(path, line, "qid", "missing or not a non-empty string")
+    pids = _ids(path, line, raw, "pids", required=True)
+    positives = _ids(path, line, raw, "positives", required=False)
+    text = {}
+    for name in ("score_kind", "source"):
+        value = raw.get(name)
+        if value is not None and not isinstance(value, str):
+            raise _problem(path, line, name, f"must be a string, got {value!r}")
+        text[name] = value
+    sources = raw.get("sources")
+    if sources is not None and (not isinstance(sources, list) or len(sources) != len(pids)
+                                or not all(isinstance(v, str) for v in sources)):
+        raise _problem(path, line, "sources", f"must be a list of {len(pids)} strings")
+    return CandidateRecord(qid, pids, line, _numbers(path, line, raw, "scores", len(pids)), text["score_kind"],
+                           text["source"], positives,
+                           _numbers(path, line, raw, "positive_scores", len(positives or ())),
+                           None if sources is None else tuple(sources))
+
+
+def iter_candidates(path: Path) -> Iterator[CandidateRecord]:
+    """Each line of a candidates file as a checked `CandidateRecord`, one at a time (exports stream them)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such candidates file")
+    for line, raw in iter_jsonl(path):
+        if isinstance(raw, Problem):
+            raise DataError(raw)
+        yield _candidate_record(path, line, raw)
+
+
+def read_candidates(path: Path, rset: RetrievalSet) -> list[CandidateRecord]:
+    """Every line of a candidates file, checked against the split (known query, once) and the corpus (known ids)."""
+    path = Path(path)
     out, seen = [], {}
     split_ids = set(rset.qrels)
-    for line_no, record in iter_jsonl(path):
-        if isinstance(record, Problem):
-            raise DataError(record)
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{line_no}: a candidates line must be a JSON object")
-        qid, pids = record.get("qid"), record.get("pids")
-        if not isinstance(qid, str) or not qid:
-            raise DataError(f"{path}:{line_no}: field 'qid': missing or not a non-empty string")
-        if not isinstance(pids, list) or not all(isinstance(p, str) for p in pids):
-            raise DataError(f"{path}:{line_no}: field 'pids': must be a list of passage id strings")
-        if qid not in split_ids:
-            raise DataError(f"{path}:{line_no}: field 'qid': {qid!r} is not a query of split {rset.split!r}")
-        if qid in seen:
-            raise DataError(f"{path}:{line_no}: field 'qid': {qid!r} repeats line {seen[qid]}")
-        rows = rset.corpus.rows_of(pids)
+    for record in iter_candidates(path):
+        if record.qid not in split_ids:
+            raise _problem(path, record.line, "qid", f"{record.qid!r} is not a query of split {rset.split!r}")
+        if record.qid in seen:
+            raise _problem(path, record.line, "qid", f"{record.qid!r} repeats line {seen[record.qid]}")
+        rows = rset.corpus.rows_of(list(record.pids))
         if (rows < 0).any():
-            raise DataError(f"{path}:{line_no}: field 'pids': unknown passage id {pids[int(np.argmax(rows < 0))]!r}")
-        seen[qid] = line_no
-        out.append((qid, pids))
+            raise _problem(path, record.line, "pids",
+                           f"unknown passage id {record.pids[int(np.argmax(rows < 0))]!r}")
+        seen[record.qid] = record.line
+        out.append(record)
+    return out
+
+
+@dataclass(frozen=True)
+class GeneratedSample:
+    """One completion the teacher wrote for a passage, parsed, with the filter that removed it (None: kept so far)."""
+
+    question: str | None
+    answer: str | None
+    support: float | None      # mean answer log-prob given the passage (the unsupported filter), when scored
+    rejected: str | None       # the filter that removed it
+    raw: str                   # the completion as sampled
+    completed: bool = False    # the answer came from the greedy second pass
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One passage's samples (`distill generate`'s generations.jsonl)."""
+
+    pid: str
+    samples: tuple[GeneratedSample, ...]
+    line: int
+
+    def to_json(self) -> dict:
+        return {"pid": self.pid, "samples": [
+            {"question": s.question, "answer": s.answer, "support": s.support, "rejected": s.rejected, "raw": s.raw,
+             **({"completed": True} if s.completed else {})} for s in self.samples]}
+
+
+def _optional_str(path: Path, line: int, raw: dict, name: str) -> str | None:
+    value = raw.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _problem(path, line, name, f"must be a string or null, got {value!r}")
+    return value
+
+
+def read_generations(paths: list[Path]) -> list[GenerationRecord]:
+    """Every passage's samples from generations files, in order, each line checked."""
+    out = []
+    for path in map(Path, paths):
+        for line, raw in iter_jsonl(path):
+            if isinstance(raw, Problem):
+                raise DataError(raw)
+            pid, samples = raw.get("pid"), raw.get("samples")
+            if not isinstance(pid, str) or not pid:
+                raise _problem(path, line, "pid", "missing or not a non-empty string")
+            if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
+                raise _problem(path, line, "samples", "must be a list of objects")
+            checked = []
+            for s in samples:
+                support = s.get("support")
+                if support is not None and (isinstance(support, bool) or not isinstance(support, (int, float))
+                                            or not math.isfinite(support)):
+                    raise _problem(path, line, "samples", f"support must be null or a finite number, got {support!r}")
+                raw_text = s.get("raw")
+                if not isinstance(raw_text, str):
+                    raise _problem(path, line, "samples", "each sample needs its raw completion (a string)")
+                checked.append(GeneratedSample(_optional_str(path, line, s, "question"),
+                                               _optional_str(path, line, s, "answer"),
+                                               None if support is None else float(support),
+                                               _optional_str(path, line, s, "rejected"), raw_text,
+                                               bool(s.get("completed", False))))
+            out.append(GenerationRecord(pid, tuple(checked), line))
+    return out
+
+
+def ranked(hits: dict[str, list[tuple[str, float]]]) -> dict[str, list[str]]:
+    """Passage ids per query by descending score, ties by ascending id (sentence-transformers' order)."""
+    return {qid: [pid for pid, _ in sorted(h, key=lambda x: (-x[1], x[0]))] for qid, h in hits.items()}
+
+
+@dataclass(frozen=True)
+class TrecRun:
+    """A TREC run file (`qid Q0 pid rank score tag`): each query's (passage, score) pairs as written."""
+
+    path: Path
+    hits: dict[str, list[tuple[str, float]]]
+
+    def rankings(self) -> dict[str, list[str]]:
+        return ranked(self.hits)
+
+
+def read_trec_run(path: Path) -> TrecRun:
+    """A TREC run file, each line checked (six fields, a numeric score)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such run file")
+    hits: dict[str, list[tuple[str, float]]] = {}
+    for number, text in iter_text_lines(path):
+        if isinstance(text, Problem):
+            raise DataError(text)
+        parts = text.split()
+        if not parts:
+            continue
+        if len(parts) != 6:
+            raise DataError(Problem(str(path), number, None, f"a TREC run line has 6 fields (qid Q0 pid rank "
+                                    f"score tag), this one has {len(parts)}", "bad run line"))
+        try:
+            score = float(parts[4])
+        except ValueError:
+            raise DataError(Problem(str(path), number, "score", f"not a number: {parts[4]!r}", "bad run line")) from None
+        hits.setdefault(parts[0], []).append((parts[2], score))
+    return TrecRun(path, hits)
+
+
+@dataclass(frozen=True)
+class TrainLogRecord:
+    """One line of a training log (`train_log.jsonl`): a logged step, an evaluation or a re-mining round."""
+
+    kind: str                           # "train" | "eval" | "remine"
+    step: int
+    line: int
+    loss: float | None = None           # train: mean loss over the logged window
+    terms: dict | None = None           # train: each loss term
+    lr: float | None = None
+    epoch: int | None = None
+    samples_per_s: float | None = None
+    metrics: dict | None = None         # eval: retrieval metrics (None when nothing was evaluated)
+    extra: dict | None = None           # remine: reason, examples, changed, seconds
+
+
+def read_train_log(path: Path) -> list[TrainLogRecord]:
+    """A training log's records; an absent log is empty. Losses may be any float (NaN is what stopped a run)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    known = {"kind", "step", "loss", "terms", "lr", "epoch", "samples_per_s", "metrics"}
+    for line, raw in iter_jsonl(path):
+        if isinstance(raw, Problem):
+            raise DataError(raw)
+        kind, step = raw.get("kind"), raw.get("step")
+        if kind not in ("train", "eval", "remine"):
+            raise _problem(path, line, "kind", f"must be train, eval or remine, got {kind!r}")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise _problem(path, line, "step", f"must be an integer, got {step!r}")
+        extra = {k: v for k, v in raw.items() if k not in known} or None
+        out.append(TrainLogRecord(kind, step, line, raw.get("loss"), raw.get("terms"), raw.get("lr"), raw.get("epoch"),
+                                  raw.get("samples_per_s"), raw.get("metrics"), extra))
     return out

@@ -1,4 +1,4 @@
-"""The data layer: every file the project reads is read here.
+"""Retrieval sets: a corpus, queries and one split's qrels, read and cross-checked.
 
 A retrieval set is a corpus, queries and qrels, read from a BEIR-style folder
 (`corpus.*`, `queries.*`, `qrels/<split>.tsv`) whose tables may be JSON Lines,
@@ -24,8 +24,6 @@ from .errors import DataError, Problem, ProblemLog
 from .tables import (CORPUS_FIELDS, QRELS_FIELDS, QUERY_FIELDS, drop_duplicate_ids, drop_unknown_ids,
                      read_table)
 
-__all__ = ["Corpus", "Queries", "RetrievalSet", "DataError", "Problem", "ProblemLog", "EMBEDDED_SETS", "has_table", "data_files", "data_digest",
-           "load_corpus", "load_corpus_of", "load_queries", "load_retrieval_set", "resolve_data_dir", "format_passage"]
 
 logger = logging.getLogger(__name__)
 

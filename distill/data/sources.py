@@ -36,6 +36,11 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, "str | Problem"]]:
                                        "not UTF-8")
 
 
+def iter_text_lines(path: Path) -> Iterator[tuple[int, "str | Problem"]]:
+    """Each line of a text file (TREC runs, plain lists), decoded as `_decoded_lines` does."""
+    return _decoded_lines(path)
+
+
 def iter_jsonl(path: Path) -> Iterator[Record]:
     """Lines of a JSON Lines file; blank lines are ignored."""
     for line_no, line in _decoded_lines(path):

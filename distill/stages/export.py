@@ -22,15 +22,19 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..data import RetrievalSet
-from ..data.sources import iter_jsonl
+from ..data import DataError, RetrievalSet
+from ..data.records import CandidateRecord, iter_candidates
+from ..data.sources import is_hf_dataset_dir
 from ..files import write_lines_atomic
 
 EXPORT_BATCH = 4096
 
 
-def _records(candidates: Path) -> Iterator[dict]:
-    for _, record in iter_jsonl(candidates):
+def _records(candidates: Path) -> Iterator[CandidateRecord]:
+    for record in iter_candidates(candidates):
+        if record.positives is None:
+            raise DataError(f"{candidates}:{record.line}: field \"positives\": missing; exports need the candidates "
+                            "file distill mine writes")
         yield record
 
 
@@ -45,10 +49,11 @@ def export_flagembedding(candidates: Path, rset: RetrievalSet, output: Path, inc
 
     def lines():
         for record in _records(candidates):
-            line = {"query": query_text[record["qid"]], "pos": texts(record["positives"]), "neg": texts(record["pids"])}
-            if record.get("score_kind") == "dense" and record.get("positive_scores") is not None:
-                line["pos_scores"] = record["positive_scores"]
-                line["neg_scores"] = record["scores"]
+            line = {"query": query_text[record.qid], "pos": texts(list(record.positives)),
+                    "neg": texts(list(record.pids))}
+            if record.score_kind == "dense" and record.positive_scores is not None:
+                line["pos_scores"] = list(record.positive_scores)
+                line["neg_scores"] = list(record.scores)
             yield json.dumps(line, ensure_ascii=False) + "\n"
 
     rows = write_lines_atomic(output, lines())
@@ -62,7 +67,7 @@ def _export_n_tuple(candidates: Path, rset: RetrievalSet, output: Path, include_
 
     query_text = dict(zip(rset.queries.ids, rset.queries.texts))
     texts = _texts(rset, include_title)
-    n = max((len(r["pids"]) for r in _records(candidates)), default=0)
+    n = max((len(r.pids) for r in _records(candidates)), default=0)
     if n == 0:
         raise ValueError(f"{candidates}: no query has negatives; nothing to export")
     columns = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, n + 1)]
@@ -84,19 +89,19 @@ def _export_n_tuple(candidates: Path, rset: RetrievalSet, output: Path, include_
                         values.clear()
 
             for record in _records(candidates):
-                if len(record["pids"]) < n:
+                if len(record.pids) < n:
                     skipped += 1
                     continue
-                if scores and record.get("score_kind") != "dense":
+                if scores and record.score_kind != "dense":
                     raise ValueError(f"{candidates}: n-tuple-scores needs dense scores (mine with a --model)")
-                negatives = texts(record["pids"])
-                for j, positive in enumerate(texts(record["positives"])):
-                    batch["anchor"].append(query_text[record["qid"]])
+                negatives = texts(list(record.pids))
+                for j, positive in enumerate(texts(list(record.positives))):
+                    batch["anchor"].append(query_text[record.qid])
                     batch["positive"].append(positive)
                     for i, negative in enumerate(negatives, start=1):
                         batch[f"negative_{i}"].append(negative)
                     if scores:
-                        batch["scores"].append([record["positive_scores"][j], *record["scores"]])
+                        batch["scores"].append([record.positive_scores[j], *record.scores])
                     rows += 1
                 if len(batch["anchor"]) >= EXPORT_BATCH:
                     flush()
@@ -104,6 +109,9 @@ def _export_n_tuple(candidates: Path, rset: RetrievalSet, output: Path, include_
         staged = Path(work) / "dataset"
         Dataset.from_parquet(str(parquet), cache_dir=str(Path(work) / "cache")).save_to_disk(str(staged))
         if output.exists():
+            if output.is_dir() and not is_hf_dataset_dir(output):  # replace an earlier export, nothing else
+                raise ValueError(f"--export-output {output}: is a folder that is not a saved dataset; it is left as "
+                                 "it is: give a new path")
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         os.replace(staged, output)
     return {"rows": rows, "skipped": skipped}
@@ -114,6 +122,18 @@ EXPORTERS: dict[str, Callable[..., dict]] = {
     "n-tuple": lambda c, r, o, include_title=True: _export_n_tuple(c, r, o, include_title, scores=False),
     "n-tuple-scores": lambda c, r, o, include_title=True: _export_n_tuple(c, r, o, include_title, scores=True),
 }
+
+
+def check_export_output(fmt: str, output: Path) -> None:
+    """Before any work: the export may replace a file, or (n-tuple formats) an earlier saved dataset, nothing else."""
+    output = Path(output)
+    if not output.is_dir():
+        return
+    if fmt == "flagembedding":
+        raise ValueError(f"--export-output {output}: is a folder; flagembedding writes one JSON Lines file")
+    if not is_hf_dataset_dir(output):
+        raise ValueError(f"--export-output {output}: is a folder that is not a saved dataset; it is left as it is: "
+                         "give a new path")
 
 
 def export_candidates(candidates: Path, rset: RetrievalSet, fmt: str, output: Path, include_title: bool = True) -> dict:

@@ -43,7 +43,7 @@ from labelers.reward import MAX_PASSAGE_TOKENS, Group, RewardInputs, score_group
 
 from ..config import add_command
 from ..data import Corpus, load_corpus_of
-from ..data.sources import iter_jsonl
+from ..data.records import GeneratedSample, GenerationRecord, read_generations
 from ..encoding import EncodingSettings
 from ..files import file_digest, write_json_atomic, write_lines_atomic
 from ..index import build_index, corpus_embeddings, embeddings, query_source, search
@@ -220,10 +220,6 @@ def complete_shards(folder: Path, settings: dict) -> list[Path] | None:
     return None
 
 
-def read_generations(paths: list[Path]) -> list[dict]:
-    return [record for path in paths for _, record in iter_jsonl(path)]
-
-
 def round_trip_ranks(cfg: GenerateConfig, corpus: Corpus, questions: list[str], source_rows: list[int]) -> list[int | None]:
     """Rank of each question's source passage in the retriever's top `round_trip_k` (None when absent)."""
     if not questions:
@@ -242,7 +238,16 @@ def round_trip_ranks(cfg: GenerateConfig, corpus: Corpus, questions: list[str], 
     return ranks
 
 
-def write_folder(folder: Path, corpus: Corpus, kept: list[dict]) -> None:
+@dataclass(frozen=True)
+class Candidate:
+    """A generated sample on its way through the corpus-wide filters: its query id, passage and sample."""
+
+    id: str
+    pid: str
+    sample: GeneratedSample
+
+
+def write_folder(folder: Path, corpus: Corpus, kept: list[Candidate]) -> None:
     """corpus.jsonl (the input's passages), queries.jsonl and qrels/train.tsv."""
     def corpus_lines():
         for batch in corpus.table.select(["id", "title", "text", "doc_id"]).to_batches(max_chunksize=65536):
@@ -254,43 +259,44 @@ def write_folder(folder: Path, corpus: Corpus, kept: list[dict]) -> None:
 
     write_lines_atomic(folder / "corpus.jsonl", corpus_lines())
     write_lines_atomic(folder / "queries.jsonl", (json.dumps(
-        {"_id": q["id"], "text": q["question"], "answers": [q["answer"]], "positives": [q["pid"]],
-         "support": q["support"]}, ensure_ascii=False) + "\n" for q in kept))
+        {"_id": q.id, "text": q.sample.question, "answers": [q.sample.answer], "positives": [q.pid],
+         "support": q.sample.support}, ensure_ascii=False) + "\n" for q in kept))
     (folder / "qrels").mkdir(exist_ok=True)
     write_lines_atomic(folder / "qrels" / "train.tsv",
-                 ["query-id\tcorpus-id\tscore\n"] + [f"{q['id']}\t{q['pid']}\t1\n" for q in kept])
+                       ["query-id\tcorpus-id\tscore\n"] + [f"{q.id}\t{q.pid}\t1\n" for q in kept])
 
 
-def finish(cfg: GenerateConfig, corpus: Corpus, records: list[dict], settings: dict, seconds: float) -> dict:
+def finish(cfg: GenerateConfig, corpus: Corpus, records: list[GenerationRecord], settings: dict,
+           seconds: float) -> dict:
     """Corpus-wide filters, the BEIR folder and the summary (written last: its presence means done)."""
     folder = Path(cfg.output)
     samples, counts = [], {name: 0 for name in cfg.filters}
     for record in records:
-        for k, s in enumerate(record["samples"]):
-            samples.append({"id": f"gen-{record['pid']}-{k}", "pid": record["pid"], **s})
-            if s["rejected"]:
-                counts[s["rejected"]] += 1
-    reasons = [s["rejected"] for s in samples]
-    pairs = [Pair(s["question"], s["answer"], "", s["support"]) for s in samples]
+        for k, s in enumerate(record.samples):
+            samples.append(Candidate(f"gen-{record.pid}-{k}", record.pid, s))
+            if s.rejected:
+                counts[s.rejected] += 1
+    reasons = [c.sample.rejected for c in samples]
+    pairs = [Pair(c.sample.question, c.sample.answer, "", c.sample.support) for c in samples]
     filter_settings = cfg.filter_settings([])  # duplicate and round_trip do not look at the examples
     if "duplicate" in cfg.filters:
         reasons, found = apply_filters(pairs, ["duplicate"], filter_settings, reasons)
         counts.update(found)
     if "round_trip" in cfg.filters:
         alive = [i for i, r in enumerate(reasons) if r is None]
-        rows = corpus.rows_of([samples[i]["pid"] for i in alive])
-        for i, rank in zip(alive, round_trip_ranks(cfg, corpus, [samples[i]["question"] for i in alive], list(rows))):
+        rows = corpus.rows_of([samples[i].pid for i in alive])
+        for i, rank in zip(alive, round_trip_ranks(cfg, corpus, [samples[i].sample.question for i in alive],
+                                                   list(rows))):
             pairs[i].rank = rank
         reasons, found = apply_filters(pairs, ["round_trip"], filter_settings, reasons)
         counts.update(found)
     kept = [s for s, r in zip(samples, reasons) if r is None]
     write_folder(folder, corpus, kept)
-    completed = {"answered": sum(bool(s.get("completed")) for s in samples),
-                 "kept": sum(bool(s.get("completed")) for s in kept)}
+    completed = {"answered": sum(c.sample.completed for c in samples), "kept": sum(c.sample.completed for c in kept)}
     summary = {"passages": len(records), "generated": len(samples), "removed": counts, "kept": len(kept),
                "completed_answers": completed,
                "seconds": round(seconds, 1), "settings": settings, "complete": True,
-               "examples": [{"question": q["question"], "answer": q["answer"], "pid": q["pid"]} for q in kept[:3]]}
+               "examples": [{"question": q.sample.question, "answer": q.sample.answer, "pid": q.pid} for q in kept[:3]]}
     write_json_atomic(folder / SUMMARY, summary)
     return summary
 

@@ -189,7 +189,8 @@ def run_label(cfg: LabelConfig) -> dict:
         raise ValueError("--num-random must be >= 0")
     rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
     if cfg.candidates:
-        units: list[tuple[str, list[str] | None]] = list(read_candidates(Path(cfg.candidates), rset))
+        units: list[tuple[str, list[str] | None]] = [(r.qid, list(r.pids))
+                                                     for r in read_candidates(Path(cfg.candidates), rset)]
     else:
         units = [(qid, None) for qid in rset.queries.ids]
     uncovered = len(rset.qrels) - len(units)

@@ -35,14 +35,13 @@ import pyarrow.compute as pc
 
 from ..config import add_command
 from ..data import DataError, RetrievalSet, load_retrieval_set
-from ..data.records import read_labels
-from ..data.sources import iter_jsonl
+from ..data.records import iter_candidates, read_labels
 from ..encoding import EncodingSettings
 from ..files import file_digest
 from ..index import build_index, embeddings, passage_source, query_source, search
 from ..negatives import STRATEGIES, MiningBatch, Ranked, SamplingParams, query_rng, teacher_exclusions
 from ..negatives.bm25 import TOKENIZERS, BM25Index
-from .export import EXPORTERS, export_candidates
+from .export import EXPORTERS, check_export_output, export_candidates
 from .writer import Shard, is_complete, write_resumable
 
 logger = logging.getLogger(__name__)
@@ -237,14 +236,14 @@ def job_settings(cfg: MineConfig, rset: RetrievalSet, shard: Shard, encoder) -> 
 def summarize(output: Path, num_negatives: int) -> dict:
     """Counts and mean scores over a finished candidates file."""
     n, negatives, short, pos, neg = 0, 0, 0, [], []
-    for _, record in iter_jsonl(output):
+    for record in iter_candidates(output):
         n += 1
-        negatives += len(record["pids"])
-        short += len(record["pids"]) < num_negatives
-        if record["scores"] is not None and record["score_kind"] == "dense":
-            neg.extend(record["scores"])
-        if record["positive_scores"]:
-            pos.extend(record["positive_scores"])
+        negatives += len(record.pids)
+        short += len(record.pids) < num_negatives
+        if record.scores is not None and record.score_kind == "dense":
+            neg.extend(record.scores)
+        if record.positive_scores:
+            pos.extend(record.positive_scores)
     return {"queries": n, "negatives": negatives, "mean_positive_score": float(np.mean(pos)) if pos else None,
             "mean_negative_score": float(np.mean(neg)) if neg else None, "short": short}
 
@@ -254,6 +253,8 @@ def run_mine(cfg: MineConfig) -> dict:
         raise ValueError("--num-negatives must be >= 1")
     if cfg.export and not cfg.export_output:
         raise ValueError("--export needs --export-output")
+    if cfg.export:
+        check_export_output(cfg.export, cfg.export_output)
     shard = Shard.parse(cfg.shard)
     rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
     qids = rset.queries.ids

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.records import read_labels
-from ..training.report import read_log
+from ..data.records import read_labels, read_train_log
 
 METRICS = ("ndcg@10", "recall@1", "recall@10", "mrr@10")
 
@@ -39,9 +38,9 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
             rewards.legend()
     rewards.set_title("teacher reward (mean answer log-prob)")
     rewards.set_xlabel("nats / token")
-    log = [r for r in read_log(run_dir / "model" / "train_log.jsonl") if r.get("kind") == "train"]
+    log = [r for r in read_train_log(run_dir / "model" / "train_log.jsonl") if r.kind == "train"]
     if log:
-        curve.plot([r["step"] for r in log], [r["loss"] for r in log], color="black", marker=".")
+        curve.plot([r.step for r in log], [r.loss for r in log], color="black", marker=".")
     curve.set_title("training loss")
     curve.set_xlabel("step")
     x = range(len(METRICS))

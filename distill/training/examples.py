@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError, RetrievalSet
-from ..data.records import LabelRecord
+from ..data.records import CandidateRecord, LabelRecord
 
 
 @dataclass
@@ -94,12 +94,12 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
     return ExampleSet([e for e, k in zip(out, keep) if k], skipped)
 
 
-def examples_from_candidates(records: list[tuple[str, list[str]]], rset: RetrievalSet, task: int = 0) -> ExampleSet:
-    """Candidates (qid, negative pids) -> examples without rewards; slot 0 is the first qrels positive."""
+def examples_from_candidates(records: list[CandidateRecord], rset: RetrievalSet, task: int = 0) -> ExampleSet:
+    """Candidates (negative pids) -> examples without rewards; slot 0 is the first qrels positive."""
     texts = dict(zip(rset.queries.ids, rset.queries.texts))
     out, skipped = [], {"no negatives": 0}
-    rows_each = rset.corpus.rows_of_each([pids for _, pids in records])
-    for (qid, _), rows in zip(records, rows_each):
+    rows_each = rset.corpus.rows_of_each([list(r.pids) for r in records])
+    for qid, rows in zip((r.qid for r in records), rows_each):
         positives = _positive_rows(rset, qid)
         pool = rows[~np.isin(rows, positives)]
         if not len(pool):

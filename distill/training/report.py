@@ -1,43 +1,38 @@
 """What a training run leaves for people: a PNG of its curves and a model card."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from ..data.records import TrainLogRecord
 
 
-def plot_training(log: list[dict], output: Path, metric: str = "ndcg@10") -> Path | None:
+def plot_training(log: list[TrainLogRecord], output: Path, metric: str = "ndcg@10") -> Path | None:
     """Training loss (and each loss term) by step, and the dev metrics by step, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in log if r.get("kind") == "train"]
-    evals = [r for r in log if r.get("kind") == "eval"]
+    train = [r for r in log if r.kind == "train"]
+    evals = [r for r in log if r.kind == "eval" and r.metrics]
     if not train and not evals:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
-        steps = [r["step"] for r in train]
-        left.plot(steps, [r["loss"] for r in train], label="loss", color="black")
-        for name in sorted({k for r in train for k in r.get("terms", {})}):
-            if len(train[0].get("terms", {})) > 1:
-                left.plot(steps, [r["terms"].get(name) for r in train], label=name, alpha=0.7)
+        steps = [r.step for r in train]
+        left.plot(steps, [r.loss for r in train], label="loss", color="black")
+        for name in sorted({k for r in train for k in (r.terms or {})}):
+            if len(train[0].terms or {}) > 1:
+                left.plot(steps, [(r.terms or {}).get(name) for r in train], label=name, alpha=0.7)
         for r in log:
-            if r.get("kind") == "remine":
-                left.axvline(r["step"], color="grey", alpha=0.3, linestyle=":")
+            if r.kind == "remine":
+                left.axvline(r.step, color="grey", alpha=0.3, linestyle=":")
     left.set_xlabel("step")
     left.set_title("training loss")
     if evals:
-        steps = [r["step"] for r in evals]
+        steps = [r.step for r in evals]
         for name in (metric, "recall@10", "mrr@10"):
-            right.plot(steps, [100 * r["metrics"][name] for r in evals], marker="o", label=name)
+            right.plot(steps, [100 * r.metrics[name] for r in evals], marker="o", label=name)
     else:
         right.text(0.5, 0.5, "no dev split evaluated", ha="center", va="center", transform=right.transAxes)
     right.set_xlabel("step")
