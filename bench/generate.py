@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.data import load_corpus_of  # noqa: E402
-from distill.stages.generate import GenerateConfig, PairWriter, selected_rows  # noqa: E402
+from distill.stages.generate import GenerateConfig, QuestionSampler, selected_rows  # noqa: E402
 from labelers.backends.hf import HFBackend, HFBackendConfig  # noqa: E402
 from labelers.models import smollm2_135m_instruct  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     cfg = GenerateConfig(data=args.data, output=Path("unused"), llm=str(llm), max_passages=args.passages)
     corpus, _ = load_corpus_of(cfg.data)
     rows = selected_rows(corpus, cfg)
-    writer = PairWriter(cfg, corpus, rows)
+    writer = QuestionSampler(cfg, corpus, rows)
     prompts = [writer.prompts.build(p) for p in corpus.passages_at(rows, include_title=True)]
     sampling = dataclasses.replace(cfg.sampling(), stop=writer.prompts.stops())
     model = None

@@ -51,6 +51,7 @@ from .metrics import PairedComparison
 from .stages.generate import GenerateConfig, run_generate
 from .stages.label import LabelConfig, run_label
 from .stages.mine import MineConfig, run_mine
+from .stages.writer import is_complete
 from .train import TrainConfig, run_train
 
 SECTIONS = ("generate", "mine", "label", "train", "eval")
@@ -110,10 +111,10 @@ def _stages(run: RunSettings) -> list[Stage]:
             lambda cfg: Path(cfg.output).is_file(), reads=evaluated),
         Stage("mine", MineConfig, run_mine, lambda r: dict(
             model=r.model, data=_train_data(r), split=r.split, seed=r.seed, output=out / "candidates.jsonl"), "mine",
-            lambda cfg: Path(cfg.output).is_file(), reads=trains_on, after=generated),
+            lambda cfg: is_complete(Path(cfg.output)), reads=trains_on, after=generated),
         Stage("label", LabelConfig, run_label, lambda r: dict(
             **teacher, data=_train_data(r), split=r.split, candidates=out / "candidates.jsonl",
-            output=out / "labels.jsonl"), "label", lambda cfg: Path(cfg.output).is_file(), reads=trains_on,
+            output=out / "labels.jsonl"), "label", lambda cfg: is_complete(Path(cfg.output)), reads=trains_on,
             after=generated + ("mine",)),
         Stage("train", TrainConfig, run_train, lambda r: dict(
             model=r.model, data=[_train_data(r)], labels=[out / "labels.jsonl"], split=r.split, seed=r.seed,

@@ -48,7 +48,8 @@ from ..encoding import EncodingSettings
 from ..files import file_digest, write_json_atomic, write_lines_atomic
 from ..index import build_index, corpus_embeddings, embeddings, query_source, search
 from .teacher import TeacherSettings, default_template
-from .writer import Shard, is_complete, read_progress, write_resumable
+from .record_stage import run_record_stage
+from .writer import Shard, is_complete, read_progress
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +128,14 @@ def selected_rows(corpus: Corpus, cfg: GenerateConfig) -> np.ndarray:
     return rows
 
 
-class PairWriter:
-    """Samples, parses and filters pairs for a slice of the job's passages; deterministic in the slice."""
+class QuestionSampler:
+    """The generate stage's sampling (a `RecordStage`): for a slice of the job's passages, the teacher's
+    samples, parsed and put through the per-passage filters; deterministic in the slice."""
 
-    def __init__(self, cfg: GenerateConfig, corpus: Corpus, rows: np.ndarray):
-        self.cfg, self.corpus, self.rows = cfg, corpus, rows
+    desc, unit = "generate", "passage"
+
+    def __init__(self, cfg: GenerateConfig, corpus: Corpus, rows: np.ndarray, shard: Shard = Shard()):
+        self.cfg, self.corpus, self.rows, self.shard = cfg, corpus, rows, shard
         tokenizer = cfg.load_tokenizer()
         chat = bool(getattr(tokenizer, "chat_template", None))
         template = load_template(cfg.prompt or default_template(cfg.language, "generate", chat))
@@ -142,7 +146,7 @@ class PairWriter:
         if self.support.template.continuation != "answer":
             raise ValueError(f"--support-prompt {self.support.template.name} must score answers")
         self.filters = [f for f in PASSAGE_FILTERS if f in cfg.filters]
-        self.settings = cfg.filter_settings(few_shot)
+        self.filter_config = cfg.filter_settings(few_shot)
         self.backend = None
         self.generated = 0
 
@@ -154,13 +158,34 @@ class PairWriter:
             self.backend.close()
             self.backend = None
 
-    def start_backend(self) -> None:
+    @property
+    def n_units(self) -> int:
+        return len(self.rows)
+
+    def settings(self) -> dict:
+        """What the samples depend on; resuming with anything else changed is refused."""
+        cfg = self.cfg
+        keys = ["llm", "backend", "language", "num_few_shot", "questions_per_passage", "temperature", "top_p",
+                "max_new_tokens", "complete_answers", "max_passages", "min_passage_chars", "seed", "max_passage_tokens",
+                "include_title", "chunk_size", "min_question_chars", "max_question_chars", "min_answer_chars",
+                "max_answer_chars", "max_copy_overlap", "min_support"]
+        settings = {k: getattr(cfg, k) for k in keys}
+        settings.update(templates=self.template_names(), data=self.corpus.fingerprint(), shard=str(self.shard),
+                        seeding="per-sample", stops=list(self.prompts.stops()),
+                        filters=[f for f in PASSAGE_FILTERS if f in cfg.filters],
+                        few_shot=file_digest(cfg.few_shot) if cfg.few_shot else None)
+        return settings
+
+    def start(self) -> None:
         if self.backend is None:
             self.backend = self.cfg.create_backend(self.cfg.seed)
 
+    def postfix(self, seconds: float) -> str:
+        return f"{self.generated / max(seconds, 1e-9):.2f} samples/s"
+
     def process(self, start: int, stop: int) -> list[dict]:
         cfg = self.cfg
-        self.start_backend()
+        self.start()
         rows = self.rows[start:stop]
         passages = self.corpus.passages_at(rows, include_title=cfg.include_title)
         sampling = cfg.sampling()  # vllm/openai: passage p's j-th sample draws from seed + p * n + j
@@ -170,13 +195,13 @@ class PairWriter:
         self.generated += len(generations)
         pairs = [Pair(g.question, g.answer, passages[g.passage_index]) for g in generations]
         cheap = [f for f in self.filters if f != "unsupported"]
-        reasons, _ = apply_filters(pairs, cheap, self.settings)
+        reasons, _ = apply_filters(pairs, cheap, self.filter_config)
         alive = [i for i, r in enumerate(reasons) if r is None]
         if alive and "unsupported" in self.filters:
             groups = [Group(pairs[i].question, [pairs[i].answer], [pairs[i].passage]) for i in alive]
             for i, (reward,) in zip(alive, score_groups(self.backend, self.support, groups, "mean")):
                 pairs[i].support = reward.value
-            reasons, _ = apply_filters(pairs, ["unsupported"], self.settings, reasons)
+            reasons, _ = apply_filters(pairs, ["unsupported"], self.filter_config, reasons)
         ids = self.corpus.ids_at(rows)
         records = [{"pid": pid, "samples": []} for pid in ids]
         for g, pair, reason in zip(generations, pairs, reasons):
@@ -185,19 +210,6 @@ class PairWriter:
                  "support": None if pair.support is None else round(pair.support, 6), "rejected": reason,
                  "raw": g.raw, **({"completed": True} if g.completed else {})})
         return records
-
-
-def job_settings(cfg: GenerateConfig, writer: PairWriter, data_digest: str, shard: Shard) -> dict:
-    keys = ["llm", "backend", "language", "num_few_shot", "questions_per_passage", "temperature", "top_p",
-            "max_new_tokens", "complete_answers", "max_passages", "min_passage_chars", "seed", "max_passage_tokens",
-            "include_title", "chunk_size", "min_question_chars", "max_question_chars", "min_answer_chars",
-            "max_answer_chars", "max_copy_overlap", "min_support"]
-    settings = {k: getattr(cfg, k) for k in keys}
-    settings.update(templates=writer.template_names(), data=data_digest, shard=str(shard), seeding="per-sample",
-                    stops=list(writer.prompts.stops()),
-                    filters=[f for f in PASSAGE_FILTERS if f in cfg.filters],
-                    few_shot=file_digest(cfg.few_shot) if cfg.few_shot else None)
-    return settings
 
 
 def final_settings(cfg: GenerateConfig, passage_settings: dict) -> dict:
@@ -339,8 +351,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     corpus, problems = load_corpus_of(cfg.data, cfg.skip_invalid)
     rows = selected_rows(corpus, cfg)
     start, stop = shard.bounds(len(rows))
-    writer = PairWriter(cfg, corpus, rows[start:stop])
-    settings = job_settings(cfg, writer, corpus.fingerprint(), shard)
+    sampler = QuestionSampler(cfg, corpus, rows[start:stop], shard)
+    settings = sampler.settings()
     done = final_settings(cfg, settings)
     if not cfg.overwrite and shard.count == 1 and is_generated(folder, done):
         summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
@@ -353,23 +365,14 @@ def run_generate(cfg: GenerateConfig) -> dict:
     paths = None if (cfg.overwrite or shard.count > 1) else complete_shards(folder, settings)
     if paths is None:
         output = shard_output(folder, shard)
-        writer.start_backend()  # the teacher loads before the output is touched
-
-        def rates(seconds: float) -> str:
-            return f"{writer.generated / max(seconds, 1e-9):.2f} samples/s"
-
-        try:
-            write_resumable(output, len(writer.rows), writer.process, settings=settings, chunk_size=cfg.chunk_size,
-                            overwrite=cfg.overwrite, show_progress=cfg.show_progress, desc="generate",
-                            unit="passage", postfix=rates)
-        finally:
-            writer.close()
+        run_record_stage(sampler, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,
+                         show_progress=cfg.show_progress)
         paths = [output]
         if shard.count > 1:
             progress = read_progress(output)
             print(f"shard {shard}: {progress['units_done']} passages -> {output}; run without --shard over the same "
                   "--output to finish the folder")
-            return {"output": str(output), "shard": str(shard), "passages": len(writer.rows)}
+            return {"output": str(output), "shard": str(shard), "passages": sampler.n_units}
     summary = finish(cfg, corpus, read_generations(paths), done, time.perf_counter() - started)
     print_summary(summary, folder)
     if problems.total:

@@ -39,7 +39,8 @@ from ..files import file_digest
 from ..negatives import query_rng
 from ..negatives.uniform import draw_uniform
 from .teacher import TeacherSettings, default_template
-from .writer import Shard, is_complete, write_resumable
+from .record_stage import run_record_stage
+from .writer import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,14 @@ class LabelConfig(TeacherSettings):
 
 
 class Labeler:
-    """Turns a slice of the job's queries into label records; deterministic in the slice."""
+    """The label stage (a `RecordStage`): a slice of the job's queries into label records, deterministic in the
+    slice."""
 
-    def __init__(self, cfg: LabelConfig, rset: RetrievalSet, units: list[tuple[str, list[str] | None]]):
-        self.cfg, self.rset, self.units = cfg, rset, units
+    desc, unit = "label", "query"
+
+    def __init__(self, cfg: LabelConfig, rset: RetrievalSet, units: list[tuple[str, list[str] | None]],
+                 shard: Shard = Shard()):
+        self.cfg, self.rset, self.units, self.shard = cfg, rset, units, shard
         self.tokenizer = cfg.load_tokenizer()
         chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.answer_inputs = RewardInputs(self.tokenizer, load_template(
@@ -99,6 +104,27 @@ class Labeler:
 
     def prompt_names(self) -> dict[str, str]:
         return {"answer": self.answer_inputs.template.name, "query": self.query_inputs.template.name}
+
+    @property
+    def n_units(self) -> int:
+        return len(self.units)
+
+    def settings(self) -> dict:
+        """What the output depends on; resuming with anything else changed is refused."""
+        cfg = self.cfg
+        keys = ["llm", "backend", "split", "num_random", "seed", "normalization", "max_passage_tokens",
+                "include_title", "missing_answers", "max_answer_tokens", "chunk_size"]
+        settings = {k: getattr(cfg, k) for k in keys}
+        settings.update(prompts=self.prompt_names(), shard=str(self.shard), data=self.rset.fingerprint(),
+                        candidates=file_digest(cfg.candidates) if cfg.candidates else None)
+        return settings
+
+    def start(self) -> None:
+        self._backend()
+
+    def postfix(self, seconds: float) -> str:
+        seconds = max(seconds, 1e-9)
+        return f"{self.labels / seconds:.1f} labels/s, {self.tokens / seconds:.0f} tok/s"
 
     def _backend(self):
         if self.backend is None:
@@ -168,16 +194,6 @@ class Labeler:
                 job["target"] = "query"
 
 
-def job_settings(cfg: LabelConfig, labeler: Labeler, shard: Shard, data_digest: str) -> dict:
-    """What the output depends on; resuming with anything else changed is refused."""
-    keys = ["llm", "backend", "split", "num_random", "seed", "normalization", "max_passage_tokens", "include_title",
-            "missing_answers", "max_answer_tokens", "chunk_size"]
-    settings = {k: getattr(cfg, k) for k in keys}
-    settings.update(prompts=labeler.prompt_names(), shard=str(shard), data=data_digest,
-                    candidates=file_digest(cfg.candidates) if cfg.candidates else None)
-    return settings
-
-
 def run_label(cfg: LabelConfig) -> dict:
     shard = Shard.parse(cfg.shard)
     cfg.check_llm()
@@ -201,26 +217,14 @@ def run_label(cfg: LabelConfig) -> dict:
         raise DataError(f"{cfg.candidates}: holds no candidates line, so there is nothing to label")
     start, stop = shard.bounds(len(units))
     units = units[start:stop]
-    labeler = Labeler(cfg, rset, units)
-    settings = job_settings(cfg, labeler, shard, rset.fingerprint())
+    labeler = Labeler(cfg, rset, units, shard)
     output = Path(cfg.output)
-    if not cfg.overwrite and is_complete(output, settings):
-        print(f"{output}: already complete ({len(units)} queries); nothing to do")
-        return {"output": str(output), "queries": len(units), "skipped": True}
-
     started = time.perf_counter()
-    labeler._backend()  # load the teacher before the output is touched: a model that fails leaves no file behind
-
-    def rates(seconds: float) -> str:
-        seconds = max(seconds, 1e-9)
-        return f"{labeler.labels / seconds:.1f} labels/s, {labeler.tokens / seconds:.0f} tok/s"
-
-    try:
-        summary = write_resumable(output, len(units), labeler.process, settings=settings, chunk_size=cfg.chunk_size,
-                                  overwrite=cfg.overwrite, show_progress=cfg.show_progress, desc="label",
-                                  unit="query", postfix=rates)
-    finally:
-        labeler.close()
+    run = run_record_stage(labeler, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,
+                           show_progress=cfg.show_progress)
+    if run.already_complete:
+        return {"output": str(output), "queries": len(units), "skipped": True}
+    summary = run.job
     elapsed = time.perf_counter() - started
     report = {"output": str(output), "queries": len(units), "resumed_from": summary.resumed_from,
               "labels": labeler.labels, "tokens": labeler.tokens, "seconds": round(elapsed, 2),

@@ -42,7 +42,8 @@ from ..index import build_index, embeddings, passage_source, query_source, searc
 from ..negatives import STRATEGIES, MiningBatch, Ranked, SamplingParams, query_rng, teacher_exclusions
 from ..negatives.bm25 import TOKENIZERS, BM25Index
 from .export import EXPORTERS, check_export_output, export_candidates
-from .writer import Shard, is_complete, write_resumable
+from .record_stage import run_record_stage
+from .writer import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +110,15 @@ def _rows_by_doc(rset: RetrievalSet) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 class Miner:
-    """Turns a slice of the job's queries into candidate records; deterministic in the slice."""
+    """The mine stage (a `RecordStage`): a slice of the job's queries into candidate records, deterministic in
+    the slice. Embeddings, the faiss index and BM25 are built in `start()`, only when there is work."""
 
-    def __init__(self, cfg: MineConfig, rset: RetrievalSet, bounds: tuple[int, int], encoder=None):
-        self.cfg, self.rset = cfg, rset
+    unit = "query"
+
+    def __init__(self, cfg: MineConfig, rset: RetrievalSet, shard: Shard, encoder=None):
+        self.cfg, self.rset, self.shard = cfg, rset, shard
+        bounds = shard.bounds(len(rset.queries))
+        self.desc = f"mine {cfg.strategy}"
         self.offset = bounds[0]
         qids = self.qids = rset.queries.ids[bounds[0]:bounds[1]]
         self.params = cfg.sampling_params()
@@ -139,6 +145,35 @@ class Miner:
         if encoder is None and ("dense" in pools or self.params.filters_scores):
             raise ValueError(f"--strategy {cfg.strategy}" + (" with score filters" if "dense" not in pools else "")
                              + " needs a dense --model")
+        self.bm25 = self.docs = None
+
+    @property
+    def n_units(self) -> int:
+        return len(self.qids)
+
+    def settings(self) -> dict:
+        """What the output depends on; resuming with anything else changed is refused."""
+        cfg, encoder = self.cfg, self.encoder
+        keys = ["model", "split", "strategy", "num_negatives", "seed", "chunk_size", "include_title", "index",
+                "bm25_tokenizer", "bm25_k1", "bm25_b"]
+        settings = {k: getattr(cfg, k) for k in keys}
+        settings.update(sampling=dataclasses.asdict(cfg.sampling_params()), shard=str(self.shard),
+                        data=self.rset.fingerprint(), labels=file_digest(cfg.labels) if cfg.labels else None)
+        if encoder is not None:
+            settings["encoder"] = hashlib.sha256(json.dumps(
+                [encoder.weights_fingerprint(), dataclasses.asdict(encoder.config)], sort_keys=True,
+                default=str).encode()).hexdigest()[:24]
+        return settings
+
+    def postfix(self, seconds: float) -> str:
+        return ""  # the bar's own queries/s says it all
+
+    def close(self) -> None:
+        pass
+
+    def start(self) -> None:
+        cfg, encoder, corpus, rset = self.cfg, self.encoder, self.rset.corpus, self.rset
+        pools = set(self.strategy.POOLS)
         if encoder is not None:
             cache = cfg.cache_path
             self.passages = embeddings(encoder, passage_source(corpus, cfg.include_title), cache_dir=cache,
@@ -148,7 +183,6 @@ class Miner:
                                       batch_size=cfg.batch_size, show_progress=cfg.show_progress)
             if "dense" in pools:
                 self.index = build_index(self.passages, cfg.index_config())
-        self.bm25 = None
         if "bm25" in pools:
             self.bm25 = BM25Index(corpus.iter_passages(include_title=cfg.include_title), cfg.bm25_tokenizer,
                                   cfg.bm25_k1, cfg.bm25_b)
@@ -219,20 +253,6 @@ class Miner:
         return records
 
 
-def job_settings(cfg: MineConfig, rset: RetrievalSet, shard: Shard, encoder) -> dict:
-    """What the output depends on; resuming with anything else changed is refused."""
-    keys = ["model", "split", "strategy", "num_negatives", "seed", "chunk_size", "include_title", "index",
-            "bm25_tokenizer", "bm25_k1", "bm25_b"]
-    settings = {k: getattr(cfg, k) for k in keys}
-    settings.update(sampling=dataclasses.asdict(cfg.sampling_params()), shard=str(shard), data=rset.fingerprint(),
-                    labels=file_digest(cfg.labels) if cfg.labels else None)
-    if encoder is not None:
-        settings["encoder"] = hashlib.sha256(json.dumps(
-            [encoder.weights_fingerprint(), dataclasses.asdict(encoder.config)], sort_keys=True,
-            default=str).encode()).hexdigest()[:24]
-    return settings
-
-
 def summarize(output: Path, num_negatives: int) -> dict:
     """Counts and mean scores over a finished candidates file."""
     n, negatives, short, pos, neg = 0, 0, 0, [], []
@@ -257,22 +277,13 @@ def run_mine(cfg: MineConfig) -> dict:
         check_export_output(cfg.export, cfg.export_output)
     shard = Shard.parse(cfg.shard)
     rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
-    qids = rset.queries.ids
-    start, stop = shard.bounds(len(qids))
-    qids = qids[start:stop]
     started = time.perf_counter()
     encoder = cfg.load_encoder(cfg.model) if cfg.model else None
-    settings = job_settings(cfg, rset, shard, encoder)
+    miner = Miner(cfg, rset, shard, encoder)
     output = Path(cfg.output)
-    if not cfg.overwrite and is_complete(output, settings):
-        print(f"{output}: already complete ({len(qids)} queries); nothing to do")
-        resumed_from = len(qids)
-    else:
-        miner = Miner(cfg, rset, (start, stop), encoder)
-        summary = write_resumable(output, len(qids), miner.process, settings=settings, chunk_size=cfg.chunk_size,
-                                  overwrite=cfg.overwrite, show_progress=cfg.show_progress, desc=f"mine {cfg.strategy}",
-                                  unit="query")
-        resumed_from = summary.resumed_from
+    run = run_record_stage(miner, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,
+                           show_progress=cfg.show_progress)
+    qids, resumed_from = miner.qids, run.job.resumed_from
     stats = summarize(output, cfg.num_negatives)
     elapsed = time.perf_counter() - started
     print(f"mined {stats['negatives']} {cfg.strategy} negatives for {stats['queries']} {cfg.split} queries in "
