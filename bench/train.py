@@ -18,7 +18,8 @@ import torch
 
 
 def our_trainer(model: str, data: str, steps: int, batch: int, max_length: int, out: Path):
-    from distill.train import TrainConfig, Trainer
+    from distill.training.config import TrainConfig
+    from distill.training.trainer import Trainer
     from distill.training.distributed import Distributed
 
     cfg = TrainConfig(model=model, data=[data], output=out, loss="infonce", num_negatives=0,

@@ -15,8 +15,10 @@ from labelers.backends import BackendError
 
 from . import evaluate
 from .data import DataError
-from . import cache, pipeline, train
+from . import cache, pipeline
 from .stages import generate, label, mine
+from .training import run as train
+from .training.step import NonFiniteLoss
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
 COMMANDS = [generate, mine, label, train, evaluate, pipeline, cache]
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except train.NonFiniteLoss as exc:
+    except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except BackendError as exc:

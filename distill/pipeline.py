@@ -52,7 +52,8 @@ from .stages.generate import GenerateConfig, run_generate
 from .stages.label import LabelConfig, run_label
 from .stages.mine import MineConfig, run_mine
 from .stages.writer import is_complete
-from .train import TrainConfig, run_train
+from .training.config import TrainConfig
+from .training.run import run_train
 
 SECTIONS = ("generate", "mine", "label", "train", "eval")
 VOLATILE = {"show_progress", "overwrite", "resume"}  # do not change a stage's output

@@ -362,7 +362,7 @@ def test_settings_of_the_wrong_type_are_refused_before_anything_runs(tiny_bert_d
     # the same checker reads `distill --config` (YAML 1.1 reads 3e-5 as a string)
     from distill.cli import make_parser
     from distill.config import config_from_args
-    from distill.train import TrainConfig
+    from distill.training.config import TrainConfig
 
     settings = tmp_path / "train.yaml"
     settings.write_text("learning_rate: 3e-5\ntrain_batch_size: 4\n")

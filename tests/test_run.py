@@ -44,7 +44,7 @@ def test_overrides_reach_their_section_and_unknown_settings_are_named(tmp_path, 
     assert run.output_dir == Path("elsewhere") and run.generate is True  # a generate section turns it on
     assert sections["train"]["learning_rate"] == "3e-5" and sections["train"]["max_steps"] == 24
     from distill.config import config_from_mapping
-    from distill.train import TrainConfig
+    from distill.training.config import TrainConfig
 
     train = config_from_mapping(TrainConfig, {"model": "m", "data": "d", "output": "o", **sections["train"]}, "train")
     assert train.learning_rate == 3e-5 and train.data == ["d"] and train.output == Path("o")

@@ -206,7 +206,8 @@ def test_trained_folder_loads_in_sentence_transformers_with_card_log_and_plot(ti
 
 
 def test_remining_follows_the_student(tiny_bert_dir, squad_mini_train_labels, tmp_path):
-    from distill.train import TrainConfig, Trainer
+    from distill.training.config import TrainConfig
+    from distill.training.trainer import Trainer
     from distill.training.distributed import Distributed
 
     cfg = TrainConfig(model=str(tiny_bert_dir), data=["squad-mini"], labels=[squad_mini_train_labels],

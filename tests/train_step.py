@@ -8,7 +8,8 @@ import sys
 import torch
 
 from distill.config import add_dataclass_arguments, config_from_args
-from distill.train import Trainer, TrainConfig
+from distill.training.config import TrainConfig
+from distill.training.trainer import Trainer
 from distill.training.distributed import close_distributed, init_distributed, sum_gradients
 
 out, argv = sys.argv[1], sys.argv[2:]
@@ -17,7 +18,8 @@ add_dataclass_arguments(parser, TrainConfig)
 cfg = config_from_args(TrainConfig, parser.parse_args(argv))
 ctx = init_distributed("cpu")
 trainer = Trainer(cfg, ctx)
-loss, parts, _ = trainer.micro_step(trainer.plan.batches[0])
+step = trainer.backward(trainer.plan.batches[0])
+loss, parts = float(step.total.detach()), step.parts
 params = [p for p in trainer.encoder.backbone.parameters() if p.requires_grad]
 sum_gradients(params, ctx)
 if ctx.is_main:

@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,26 @@ import torch
 from ..data import DataError
 from ..files import fsync_folder, write_json_atomic
 from .batches import EpochPlan, Group
+
+@dataclass
+class TrainState:
+    """Where a run is: counters, the evaluations kept, and how much of the log belongs to this state."""
+
+    step: int = 0                  # optimizer steps done
+    epoch: int = 0
+    batch: int = 0                 # batches of this epoch's plan done
+    remine_rounds: int = 0
+    best: dict | None = None       # {"step", "metrics"} of the best evaluation so far
+    before: dict | None = None     # metrics before training
+    log_bytes: int = 0             # train_log.jsonl is cut back to this on resume
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict) -> TrainState:
+        return cls(**payload)
+
 
 FOLDER = "checkpoint"
 LEGACY_FILE = "checkpoint.pt"

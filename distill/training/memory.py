@@ -122,3 +122,28 @@ def plan_memory(*, n_queries: int, n_passages: int, query_bytes: float, passage_
                          f"over the {budget_bytes / 2**30:.2f} GiB budget, so no --grad-cache-chunk-size fits: {hint}, "
                          "or raise --memory-budget-gb (--train-batch-size does not change this)")
     return MemoryPlan(step, budget_bytes, min(chunk, texts), texts, passage_length)
+
+
+def plan_for_run(encoder, rsets, examples, cfg, n_queries: int, amp: torch.dtype | None,
+                 device: torch.device) -> tuple[MemoryPlan, str | None]:
+    """A run's plan: measured per-text bytes at its longest texts, its budget (`--memory-budget-gb`, or a share
+    of what is free, split between the processes of one machine), and the line to print when GradCache went on."""
+    from .setup import longest_texts
+
+    n_passages = n_queries * (1 + cfg.num_negatives)
+    query_tokens, passage_tokens = longest_texts(encoder, rsets, examples, cfg.include_title)
+    per_query = saved_bytes_per_text(encoder, query_tokens, amp)
+    per_passage = saved_bytes_per_text(encoder, passage_tokens, amp)
+    if cfg.memory_budget_gb is not None:
+        budget, where = cfg.memory_budget_gb * 2 ** 30, "--memory-budget-gb"
+    else:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+        free = free_memory_bytes(device)
+        budget = DEFAULT_SHARE * free / processes
+        where = (f"{DEFAULT_SHARE:.0%} of the {free / 2 ** 30:.1f} GiB free "
+                 + ("RAM" if device.type == "cpu" else f"on {device}")
+                 + (f", shared by {processes} processes" if processes > 1 else ""))
+    plan = plan_memory(n_queries=n_queries, n_passages=n_passages, query_bytes=per_query, passage_bytes=per_passage,
+                       budget_bytes=budget, chunk_size=cfg.grad_cache_chunk_size, passage_length=passage_tokens)
+    note = plan.describe(where) if plan.chunk_size and not cfg.grad_cache_chunk_size else None
+    return plan, note

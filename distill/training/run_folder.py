@@ -18,6 +18,7 @@ read as finished or refused, never emptied: nobody wrote down their files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -120,3 +121,22 @@ class RunFolder:
         if new != self.record["written"]:
             self.record["written"] = new
             write_json_atomic(self.path / MANIFEST, self.record)
+
+    def save_model(self, encoder, name: str | None = None) -> None:
+        """The encoder as a sentence-transformers folder: `name` (best/) is replaced whole, the run folder itself
+        entry by entry. It is written to a temp folder first, so the record names every entry before it exists."""
+        tmp = self.path / (f"{name}.tmp" if name else "model.tmp")
+        self.wrote(tmp.name, *([name] if name else []))
+        shutil.rmtree(tmp, ignore_errors=True)
+        encoder.save(tmp)
+        if name:
+            shutil.rmtree(self.path / name, ignore_errors=True)
+            os.replace(tmp, self.path / name)
+            return
+        entries = sorted(p.name for p in tmp.iterdir())
+        self.wrote(*entries)
+        for entry in entries:
+            if (self.path / entry).is_dir():
+                shutil.rmtree(self.path / entry)
+            os.replace(tmp / entry, self.path / entry)
+        tmp.rmdir()

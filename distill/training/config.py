@@ -1,0 +1,120 @@
+"""`distill train`'s settings: one dataclass, whose fields are the command's flags and YAML keys.
+
+`VOLATILE` names the settings that do not change what a run computes (progress bars, where the cache is, the
+device, the memory budget): a resumed or repeated run may change those; any other change is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..encoding import EncodingSettings
+from ..losses import LOSSES
+
+VOLATILE = {"resume", "overwrite", "show_progress", "allow_partial", "cache", "cache_dir", "device",
+            "memory_budget_gb"}
+
+
+@dataclass(kw_only=True)
+class TrainConfig(EncodingSettings):
+    model: str = field(metadata={"help": "student to start from: our folder, a sentence-transformers folder or a HF encoder"})
+    data: list[str] = field(metadata={"help": "BEIR-style folder(s); several = several tasks, one task per batch"})
+    output: Path = field(metadata={"help": "folder for the trained model, checkpoints, log and plot"})
+    labels: list[Path] | None = field(default=None, metadata={
+        "help": "teacher labels (distill label), one per --data; rewards for the soft-label losses"})
+    candidates: list[Path] | None = field(default=None, metadata={
+        "help": "instead of --labels: candidates (distill mine), one per --data; hard labels only"})
+    split: str = field(default="train", metadata={"help": "qrels split to train on"})
+    loss: str = field(default="rank_filter", metadata={
+        "help": f"objective: loss[:weight],...  from {sorted(LOSSES)} (e.g. rank_filter, kl:1.0,infonce:0.2)"})
+    temperature: float = field(default=0.05, metadata={"help": "τ in s(q,k) = <e_q, e_k> / τ"})
+    teacher_temperature: float = field(default=1.0, metadata={"help": "T_t in softmax(r / T_t)"})
+    student_temperature: float = field(default=1.0, metadata={"help": "T_s in the KL loss's softmax(s / T_s)"})
+    num_negatives: int = field(default=7, metadata={"help": "negatives per query (group size - 1); 0 = in-batch only"})
+    positive: str = field(default="first", metadata={"help": "slot-0 positive when a query has several: the first "
+                                                               "or the one the teacher rewards most",
+                                                       "choices": ["first", "teacher"]})
+    drop_disputed: bool = field(default=False, metadata={
+        "help": "with --labels: leave out a query whose teacher rewards one of its negatives at least as high as its "
+                "positive (for synthetic queries: one that fits another passage as well; InPars-v2's reranker filter)"})
+    keep_top_margin: float = field(default=1.0, metadata={
+        "help": "with --labels: train on this share of the queries, those the teacher confirms most clearly (largest "
+                "r(q,d+) - max r(q,d-); InPars-v2 keeps its reranker's top synthetic queries); 1.0 keeps all"})
+    batch_dedup: str = field(default="positives", metadata={
+        "help": "what may not repeat within a batch: positives (no positive is another query's key) or strict "
+                "(no passage twice) or none; a query's own positives are masked out of its in-batch keys in every mode",
+                "choices": ["positives", "strict", "none"]})
+    train_batch_size: int = field(default=32, metadata={"help": "queries per step over all devices"})
+    epochs: int = field(default=1, metadata={"help": "passes over the examples"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warm-up"})
+    scheduler: str = field(default="linear", metadata={"help": "decay after warm-up",
+                                                       "choices": ["linear", "cosine", "constant"]})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    precision: str = field(default="auto", metadata={"help": "auto: bf16 (else fp16) autocast on GPUs, fp32 on CPUs",
+                                                     "choices": ["auto", "fp32", "bf16", "fp16"]})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    grad_cache_chunk_size: int | None = field(default=None, metadata={
+        "help": "GradCache: encode this many texts at a time with cached gradients (big batches, small memory)"})
+    eval_split: str | None = field(default=None, metadata={"help": "qrels split evaluated during training (e.g. dev)"})
+    eval_data: str | None = field(default=None, metadata={"help": "folder of --eval-split (default: the first --data)"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: before and after only)"})
+    eval_metric: str = field(default="ndcg@10", metadata={"help": "metric that picks the best checkpoint"})
+    save_steps: int = field(default=100, metadata={"help": "write the resumable checkpoint every N steps"})
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, negative draws and dropout"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUTDIR/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "delete OUTDIR's previous run and start again"})
+    remine_steps: int = field(default=0, metadata={"help": "ANCE: re-mine every pool with the student every N steps"})
+    dynamic_remine: bool = field(default=False, metadata={
+        "help": "Conan-Embedding: re-mine examples whose mean negative score s has s*1.15 < s_0 and |s| < 0.8"})
+    dynamic_remine_steps: int = field(default=100, metadata={"help": "how often the dynamic rule is checked"})
+    remine_strategy: str = field(default="dense", metadata={"help": "how re-mined negatives are picked",
+                                                            "choices": ["dense", "simans"]})
+    remine_pool_size: int | None = field(default=None, metadata={"help": "candidates kept per query when re-mining "
+                                                                         "(default: --num-negatives)"})
+    range_min: int = field(default=0, metadata={"help": "re-mining: skip the student's first N candidates"})
+    range_max: int = field(default=50, metadata={"help": "re-mining: consider candidates up to this rank"})
+    simans_a: float = field(default=0.5, metadata={"help": "re-mining with simans: sharpness a"})
+    simans_b: float = field(default=0.0, metadata={"help": "re-mining with simans: shift b"})
+    skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
+    allow_partial: bool = field(default=False, metadata={
+        "help": "train on a --labels/--candidates file whose job has not finished (its progress file says so)"})
+    memory_budget_gb: float | None = field(default=None, metadata={
+        "help": "activation memory a step may use; above it GradCache goes on (default: 60%% of the free RAM, "
+                "or of the free GPU memory)"})
+    show_progress: bool = field(default=True, metadata={"help": "progress bar"})
+
+    def __post_init__(self) -> None:
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
+        for name in ("labels", "candidates"):
+            value = getattr(self, name)
+            if value is not None:
+                value = [value] if isinstance(value, (str, Path)) else list(value)
+                if len(value) != len(self.data):
+                    raise ValueError(f"--{name} needs one file per --data ({len(self.data)}), got {len(value)}")
+                setattr(self, name, [Path(v) for v in value])
+        if self.labels and self.candidates:
+            raise ValueError("give --labels or --candidates, not both")
+        if (self.drop_disputed or self.keep_top_margin < 1.0) and not self.labels:
+            raise ValueError("--drop-disputed and --keep-top-margin need the teacher's rewards: give --labels "
+                             "(from distill label)")
+        if not 0.0 < self.keep_top_margin <= 1.0:
+            raise ValueError(f"--keep-top-margin must be in (0, 1], got {self.keep_top_margin}")
+        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:
+            raise ValueError("--train-batch-size and --gradient-accumulation-steps must be >= 1, "
+                             "--num-negatives >= 0")
+        for name in ("temperature", "teacher_temperature", "student_temperature", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("epochs", "save_steps", "logging_steps", "dynamic_remine_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "grad_cache_chunk_size", "remine_pool_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}")
