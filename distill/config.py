@@ -1,12 +1,28 @@
-"""Config dataclasses to command-line flags and back, with YAML defaults.
+"""Config dataclasses to command-line flags and back, with YAML defaults: one source of truth per setting.
 
 A sub-command's settings are one dataclass; each field becomes a flag of the
-same name (`batch_size` -> `--batch-size`), its default and `metadata["help"]`
-written once. A YAML file given with `--config` supplies values that flags on
-the command line override. Values from YAML, from `distill run` overrides and
-from flags all go through one checker (`coerce`), so a setting has the same
-type whichever way it came: `3e-5` (a string to YAML 1.1) becomes a float,
-while `4.7` for an int or `[3]` for a number is an error naming the setting.
+same name (`batch_size` -> `--batch-size`) and a YAML key, its default and
+type written once. Field metadata says the rest:
+
+- `help`: the flag's help; `choices`: the values allowed (flags and YAML alike);
+- `volatile`: True when the setting does not change what the command writes
+  (progress bars, cache folders, devices, server addresses); `output_settings`
+  leaves those out, and every fingerprint (a resumable job's settings, a
+  `distill run` stage's, a training run's) is derived from it;
+- `backends`: the teacher backends a setting applies to; set for another, it
+  is an error (`check_backend_settings`).
+
+A YAML file given with `--config` supplies values that flags on the command
+line override. Values from YAML, from `distill run` overrides and from flags
+all go through one checker (`coerce`), so a setting has the same type whichever
+way it came: `3e-5` (a string to YAML 1.1) becomes a float, while `4.7` for an
+int or `[3]` for a number is an error naming the setting.
+
+Why not transformers' `HfArgumentParser`: it passes every metadata key to
+`argparse.add_argument` (so `volatile` or `backends` would break it), registers
+both `--batch_size` and `--batch-size`, reads booleans as `--flag False` rather
+than `--no-flag`, and fills in defaults, so YAML cannot sit under the flags
+given (nor can `--dry-run` tell which were given).
 """
 from __future__ import annotations
 
@@ -198,3 +214,27 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, cls: type[T],
 
     parser.set_defaults(handler=handler)
     return parser
+
+
+def output_settings(cfg: Any, exclude: typing.Iterable[str] = ()) -> dict:
+    """The settings that change what the command writes (fields not marked `volatile`, less `exclude`), as JSON
+    types with sorted keys: what every fingerprint of a job is built from."""
+    import json
+
+    chosen = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if not f.metadata.get("volatile") and f.name not in set(exclude)}
+    return json.loads(json.dumps(chosen, sort_keys=True, default=str))
+
+
+def check_backend_settings(cfg: Any, backend: str) -> None:
+    """A setting that only some backends take (`metadata["backends"]`), set to other than its default for another
+    backend, is an error: one line naming the setting and the backend."""
+    for f in dataclasses.fields(cfg):
+        takes = f.metadata.get("backends")
+        if takes is None or backend in takes:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if getattr(cfg, f.name) != default:
+            raise ValueError(f"--{f.name.replace('_', '-')} applies to the {' and '.join(takes)} backend"
+                             f"{'s' if len(takes) > 1 else ''}, not to --backend {backend}")

@@ -14,14 +14,14 @@ from .model import BiEncoder
 
 @dataclass(kw_only=True)
 class EncodingSettings:
-    batch_size: int = field(default=64, metadata={"help": "texts per encoder batch"})
+    batch_size: int = field(default=64, metadata={"volatile": True, "help": "texts per encoder batch"})
     include_title: bool = field(default=True, metadata={"help": "embed passages as 'title text' (BEIR's convention)"})
     cache_dir: Path | None = field(default_factory=default_cache_dir,
-                                   metadata={"help": "embedding cache (corpus and queries); --no-cache to disable"})
-    cache: bool = field(default=True, metadata={"help": "use the embedding cache"})
+                                   metadata={"volatile": True, "help": "embedding cache (corpus and queries); --no-cache to disable"})
+    cache: bool = field(default=True, metadata={"volatile": True, "help": "use the embedding cache"})
     index: str = field(default="flat", metadata={"help": "faiss index kind", "choices": ["flat", "ivf", "hnsw"]})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code to run"})
+    device: str | None = field(default=None, metadata={"volatile": True, "help": "torch device (default: cuda if available, else cpu)"})
+    trust_remote_code: bool = field(default=False, metadata={"volatile": True, "help": "allow the model's own code to run"})
     pooling: str | None = field(default=None, metadata={"help": "override pooling", "choices": ["cls", "mean"]})
     query_prefix: str | None = field(default=None, metadata={"help": "override the query instruction prefix"})
     passage_prefix: str | None = field(default=None, metadata={"help": "override the passage prefix"})

@@ -44,7 +44,7 @@ class EvalConfig(EncodingSettings):
         "help": "TREC run of another model on the same split: report this model's paired nDCG@10 gain over it"})
     seed: int = field(default=0, metadata={"help": "seed of --baseline-run's bootstrap and randomization test"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
-    show_progress: bool = field(default=True, metadata={"help": "progress bars"})
+    show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bars"})
 
 
 def retrieve(encoder: BiEncoder, rset: RetrievalSet, *, top_k: int = 100, batch_size: int = 64,

@@ -42,21 +42,22 @@ from typing import Any
 
 from labelers.models import checked_model_source
 
-from .config import config_from_mapping, load_yaml_mapping
+from .config import config_from_mapping, load_yaml_mapping, output_settings
 from .data import DataError, data_files, has_table, load_retrieval_set, resolve_data_dir
 from .evaluate import EvalConfig, format_table
 from .evaluate import run as run_eval
 from .files import write_json_atomic
 from .metrics import PairedComparison
+from .stages.generate import SUMMARY as GENERATE_SUMMARY
 from .stages.generate import GenerateConfig, run_generate
 from .stages.label import LabelConfig, run_label
 from .stages.mine import MineConfig, run_mine
 from .stages.writer import is_complete
 from .training.config import TrainConfig
+from .training.run import DONE as TRAIN_DONE
 from .training.run import run_train
 
 SECTIONS = ("generate", "mine", "label", "train", "eval")
-VOLATILE = {"show_progress", "overwrite", "resume"}  # do not change a stage's output
 
 
 @dataclass
@@ -76,57 +77,70 @@ class RunSettings:
     show_progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
-@dataclass
-class Stage:
-    name: str
+@dataclass(frozen=True)
+class Command:
+    """A stage command the pipeline can run: its settings class, its runner, and how it says its output is whole."""
+
     config_cls: type
     runner: Callable[[Any], Any]
-    values: Callable[[RunSettings], dict]   # the pipeline's settings for this stage, before its section's
-    section: str
-    done: Callable[[Any], bool] = lambda cfg: True  # the stage's own check that its output is whole
-    reads: Callable[[RunSettings], list[str]] = lambda run: []  # data sets it reads (not other stages' output)
-    after: tuple[str, ...] = ()  # earlier stages whose output it reads
+    done: Callable[[Path], bool]   # given the stage's `output`
 
 
-def _train_data(run: RunSettings) -> str:
-    return str(run.output_dir / "generated") if run.generate else run.data
+COMMANDS: dict[str, Command] = {
+    "generate": Command(GenerateConfig, run_generate, lambda out: (out / GENERATE_SUMMARY).is_file()),
+    "eval": Command(EvalConfig, run_eval, Path.is_file),
+    "mine": Command(MineConfig, run_mine, is_complete),
+    "label": Command(LabelConfig, run_label, is_complete),
+    "train": Command(TrainConfig, run_train, lambda out: (out / TRAIN_DONE).is_file()),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the run, as data: which command, the settings the run gives it (its YAML section comes on top),
+    the data sets it reads, its output, and the earlier stages whose output it reads."""
+
+    name: str
+    command: str                      # key of COMMANDS; also the YAML section of its settings
+    values: dict                      # settings from the run's top level, before the section's
+    reads: tuple[str, ...] = ()       # data sets (not other stages' output)
+    after: tuple[str, ...] = ()
+
+    @property
+    def output(self) -> Path:
+        return Path(self.values["output"])
+
+    @property
+    def cmd(self) -> Command:
+        return COMMANDS[self.command]
 
 
 def _stages(run: RunSettings) -> list[Stage]:
     out = run.output_dir
     teacher = dict(llm=run.llm, backend=run.backend, language=run.language, seed=run.seed)
     eval_data = run.eval_data or run.data
-    evaluated = lambda r: [eval_data]  # noqa: E731
     # the training stages read the user's data, or the generated folder (then they depend on generate)
-    trains_on = (lambda r: []) if run.generate else (lambda r: [r.data])
+    train_data = str(out / "generated") if run.generate else run.data
+    trains_on = () if run.generate else (run.data,)
     generated = ("generate",) if run.generate else ()
-    stages = []
-    if run.generate:
-        stages.append(Stage("generate", GenerateConfig, run_generate, lambda r: dict(
-            **teacher, data=r.data, output=out / "generated", retriever=r.model), "generate",
-            lambda cfg: (Path(cfg.output) / "generate_summary.json").is_file(), reads=lambda r: [r.data]))
-    stages += [
-        Stage("eval_before", EvalConfig, run_eval, lambda r: dict(
-            model=r.model, data=eval_data, split=r.eval_split, output=out / "eval" / "before.json",
-            run_file=out / "eval" / "before.trec"), "eval",
-            lambda cfg: Path(cfg.output).is_file(), reads=evaluated),
-        Stage("mine", MineConfig, run_mine, lambda r: dict(
-            model=r.model, data=_train_data(r), split=r.split, seed=r.seed, output=out / "candidates.jsonl"), "mine",
-            lambda cfg: is_complete(Path(cfg.output)), reads=trains_on, after=generated),
-        Stage("label", LabelConfig, run_label, lambda r: dict(
-            **teacher, data=_train_data(r), split=r.split, candidates=out / "candidates.jsonl",
-            output=out / "labels.jsonl"), "label", lambda cfg: is_complete(Path(cfg.output)), reads=trains_on,
-            after=generated + ("mine",)),
-        Stage("train", TrainConfig, run_train, lambda r: dict(
-            model=r.model, data=[_train_data(r)], labels=[out / "labels.jsonl"], split=r.split, seed=r.seed,
-            output=out / "model"), "train", lambda cfg: (Path(cfg.output) / "training_summary.json").is_file(),
-            reads=trains_on, after=generated + ("label",)),
-        Stage("eval_after", EvalConfig, run_eval, lambda r: dict(
-            model=str(out / "model"), data=eval_data, split=r.eval_split, output=out / "eval" / "after.json",
-            run_file=out / "eval" / "after.trec", baseline_run=out / "eval" / "before.trec", seed=r.seed), "eval",
-            lambda cfg: Path(cfg.output).is_file(), reads=evaluated, after=("train", "eval_before")),
+    stages = [Stage("generate", "generate", dict(**teacher, data=run.data, output=out / "generated",
+                                                 retriever=run.model), reads=(run.data,))] if run.generate else []
+    return stages + [
+        Stage("eval_before", "eval", dict(model=run.model, data=eval_data, split=run.eval_split,
+                                          output=out / "eval" / "before.json", run_file=out / "eval" / "before.trec"),
+              reads=(eval_data,)),
+        Stage("mine", "mine", dict(model=run.model, data=train_data, split=run.split, seed=run.seed,
+                                   output=out / "candidates.jsonl"), reads=trains_on, after=generated),
+        Stage("label", "label", dict(**teacher, data=train_data, split=run.split, candidates=out / "candidates.jsonl",
+                                     output=out / "labels.jsonl"), reads=trains_on, after=generated + ("mine",)),
+        Stage("train", "train", dict(model=run.model, data=[train_data], labels=[out / "labels.jsonl"],
+                                     split=run.split, seed=run.seed, output=out / "model"),
+              reads=trains_on, after=generated + ("label",)),
+        Stage("eval_after", "eval", dict(model=str(out / "model"), data=eval_data, split=run.eval_split,
+                                         output=out / "eval" / "after.json", run_file=out / "eval" / "after.trec",
+                                         baseline_run=out / "eval" / "before.trec", seed=run.seed),
+              reads=(eval_data,), after=("train", "eval_before")),
     ]
-    return stages
 
 
 def _jsonable(value: Any) -> Any:
@@ -164,8 +178,8 @@ def stage_record(stage: Stage, cfg: Any, run: RunSettings, data_hash: Callable[[
                  fingerprints: dict[str, str]) -> dict:
     """What a stage's output depends on: its settings, the data it reads, the stages it reads from,
     and the fingerprint of all three."""
-    settings = _jsonable({k: v for k, v in dataclasses.asdict(cfg).items() if k not in VOLATILE})
-    inputs = {str(data): data_hash(str(data)) for data in stage.reads(run)}
+    settings = output_settings(cfg)
+    inputs = {str(data): data_hash(str(data)) for data in stage.reads}
     upstream = {name: fingerprints[name] for name in stage.after}
     fp = hashlib.sha256(json.dumps({"stage": stage.name, "settings": settings, "inputs": inputs,
                                     "upstream": upstream}, sort_keys=True).encode()).hexdigest()[:24]
@@ -270,12 +284,12 @@ class StageLedger:
 
 
 def stage_config(stage: Stage, run: RunSettings, section: dict, where: str):
-    values = stage.values(run)
-    known = {f.name for f in dataclasses.fields(stage.config_cls)}
+    values = dict(stage.values)
+    known = {f.name for f in dataclasses.fields(stage.cmd.config_cls)}
     if "show_progress" in known:
         values["show_progress"] = run.show_progress
     values.update(section)
-    return config_from_mapping(stage.config_cls, values, where)
+    return config_from_mapping(stage.cmd.config_cls, values, where)
 
 
 def plan(config_path: Path, overrides: dict[str, Any] | None = None,
@@ -286,18 +300,47 @@ def plan(config_path: Path, overrides: dict[str, Any] | None = None,
     if run.generate is None:
         run = dataclasses.replace(run, generate=generate if generate is not None
                                   else not has_training_queries(run.data, run.split))
-    return run, [(stage, stage_config(stage, run, sections[stage.section], f"{config_path}: {stage.section}"))
+    return run, [(stage, stage_config(stage, run, sections[stage.command], f"{config_path}: {stage.command}"))
                  for stage in _stages(run)]
 
 
-def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> None:
-    """Every stage's settings, defaults included, as YAML: what `distill run` would do."""
+def _inline_yaml(value: Any) -> str:
+    """One value as inline YAML that reads back to the same value (3e-05 is a string to YAML 1.1; 3.0e-05 is not)."""
     import yaml
 
+    text = yaml.safe_dump(_jsonable(value), default_flow_style=True, allow_unicode=True, width=1 << 30).strip()
+    return text[:-3].strip() if text.endswith("\n...") or text.endswith("...") else text
+
+
+def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> None:
+    """What `distill run` would do: the stages in order with what each reads and writes, then every setting of
+    the run and of each stage, defaults included, each with where it came from (flag, yaml, run or default)."""
+    overrides = overrides or {}
     run, stages = plan(config_path, overrides)
-    print(yaml.safe_dump(_jsonable({"run": dataclasses.asdict(run)}), sort_keys=False), end="")
+    raw = {str(k).replace("-", "_"): v for k, v in load_yaml_mapping(config_path).items()}
+    given = {name: {str(k).replace("-", "_") for k in (raw.get(name) or {})} if isinstance(raw.get(name), dict)
+             else set() for name in SECTIONS}
+
+    def source(section: str | None, name: str, from_run: dict) -> str:
+        if (f"{section}.{name}" if section else name) in overrides:
+            return "flag"
+        if (name in given.get(section, set())) if section else (name in raw):
+            return "yaml"
+        return "run" if name in from_run else "default"
+
+    print("plan:")
     for stage, cfg in stages:
-        print(yaml.safe_dump(_jsonable({stage.name: dataclasses.asdict(cfg)}), sort_keys=False), end="")
+        reads = [*stage.reads, *(f"<{name}>" for name in stage.after)]
+        print(f"  {stage.name} ({stage.command}): {', '.join(reads) or '-'} -> {cfg.output}")
+    print(f"  report: eval/before.json, eval/after.json -> {run.output_dir / 'report.png'}")
+    print("run:")
+    for f in dataclasses.fields(run):
+        print(f"  {f.name}: {_inline_yaml(getattr(run, f.name))}  # {source(None, f.name, {})}")
+    for stage, cfg in stages:
+        print(f"{stage.name}:")
+        for f in dataclasses.fields(cfg):
+            value = _inline_yaml(getattr(cfg, f.name))
+            print(f"  {f.name}: {value}  # {source(stage.command, f.name, {**stage.values, 'show_progress': 1})}")
 
 
 def check_models(run: RunSettings, planned: list[tuple[Stage, Any]]) -> None:
@@ -330,7 +373,7 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
         fp = fingerprints[stage.name] = record["fingerprint"]
         state = ledger.read(stage.name)
         header = f"== [{number}/{len(stages) + 1}] {stage.name}"
-        if state and state.get("fingerprint") == fp and state.get("status") == "complete" and stage.done(cfg):
+        if state and state.get("fingerprint") == fp and state.get("status") == "complete" and stage.cmd.done(Path(cfg.output)):
             print(f"{header}: complete, skipped ({state.get('seconds', 0):.0f} s when it ran)")
             continue
         # Changed since this stage last ran here: start it again. Otherwise let the stage resume its own
@@ -344,7 +387,7 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
         if state is None or changed:
             ledger.write(stage.name, {**record, "status": "started", "started_at": time.time()})
         began = time.perf_counter()
-        report = stage.runner(cfg)
+        report = stage.cmd.runner(cfg)
         seconds = time.perf_counter() - began
         ledger.write(stage.name, {**record, "status": "complete", "finished_at": time.time(),
                                   "seconds": round(seconds, 1), "report": _jsonable(report) if isinstance(report, dict)

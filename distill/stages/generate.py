@@ -41,7 +41,7 @@ from labelers.generation import PairPrompts, generate_pairs, load_examples, pack
 from labelers.prompts import load_template
 from labelers.reward import MAX_PASSAGE_TOKENS, Group, RewardInputs, score_groups
 
-from ..config import add_command
+from ..config import add_command, output_settings
 from ..data import Corpus, load_corpus_of
 from ..data.records import GeneratedSample, GenerationRecord, read_generations
 from ..encoding import EncodingSettings
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 PASSAGE_FILTERS = ("parse", "length", "copied", "unsupported")  # decided per passage, while sampling
 CORPUS_FILTERS = ("duplicate", "round_trip")                    # need every pair (or the retriever)
 SUMMARY = "generate_summary.json"
+AFTER_SAMPLING = ("round_trip_k", "retriever")  # settings of the corpus-wide filters: changing them keeps the samples
 _F = FilterSettings()
 
 
@@ -98,10 +99,10 @@ class GenerateConfig(TeacherSettings):
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
     shard: str | None = field(default=None, metadata={"help": "i/n: sample only the i-th of n slices of the passages"})
     chunk_size: int = field(default=16, metadata={"help": "passages per fsync'd output chunk (and per backend call)"})
-    batch_size: int = field(default=64, metadata={"help": "retriever: texts per encoder batch"})
-    overwrite: bool = field(default=False, metadata={"help": "discard earlier output instead of resuming it"})
+    batch_size: int = field(default=64, metadata={"volatile": True, "help": "retriever: texts per encoder batch"})
+    overwrite: bool = field(default=False, metadata={"volatile": True, "help": "discard earlier output instead of resuming it"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
-    show_progress: bool = field(default=True, metadata={"help": "progress bar"})
+    show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bar"})
 
     def few_shot_examples(self) -> list:
         """The examples each prompt shows (the packaged ones unless --few-shot names a file)."""
@@ -165,11 +166,8 @@ class QuestionSampler:
     def settings(self) -> dict:
         """What the samples depend on; resuming with anything else changed is refused."""
         cfg = self.cfg
-        keys = ["llm", "backend", "language", "num_few_shot", "questions_per_passage", "temperature", "top_p",
-                "max_new_tokens", "complete_answers", "max_passages", "min_passage_chars", "seed", "max_passage_tokens",
-                "include_title", "chunk_size", "min_question_chars", "max_question_chars", "min_answer_chars",
-                "max_answer_chars", "max_copy_overlap", "min_support"]
-        settings = {k: getattr(cfg, k) for k in keys}
+        settings = output_settings(cfg, exclude=AFTER_SAMPLING + ("data", "output", "prompt", "support_prompt",
+                                                                  "few_shot", "shard", "filters"))
         settings.update(templates=self.template_names(), data=self.corpus.fingerprint(), shard=str(self.shard),
                         seeding="per-sample", stops=list(self.prompts.stops()),
                         filters=[f for f in PASSAGE_FILTERS if f in cfg.filters],

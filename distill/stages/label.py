@@ -32,7 +32,7 @@ from pathlib import Path
 from labelers.prompts import load_template
 from labelers.reward import MAX_PASSAGE_TOKENS, Group, RewardInputs, score_groups
 
-from ..config import add_command
+from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
 from ..data.records import read_candidates
 from ..files import file_digest
@@ -71,9 +71,9 @@ class LabelConfig(TeacherSettings):
     max_answer_tokens: int = field(default=32, metadata={"help": "--missing-answers generate: answer length limit"})
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
     chunk_size: int = field(default=16, metadata={"help": "queries per fsync'd output chunk (and per backend call)"})
-    overwrite: bool = field(default=False, metadata={"help": "discard an existing output instead of resuming it"})
+    overwrite: bool = field(default=False, metadata={"volatile": True, "help": "discard an existing output instead of resuming it"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
-    show_progress: bool = field(default=True, metadata={"help": "progress bar"})
+    show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bar"})
 
 
 class Labeler:
@@ -112,9 +112,7 @@ class Labeler:
     def settings(self) -> dict:
         """What the output depends on; resuming with anything else changed is refused."""
         cfg = self.cfg
-        keys = ["llm", "backend", "split", "num_random", "seed", "normalization", "max_passage_tokens",
-                "include_title", "missing_answers", "max_answer_tokens", "chunk_size"]
-        settings = {k: getattr(cfg, k) for k in keys}
+        settings = output_settings(cfg, exclude=("data", "output", "candidates", "shard", "prompt", "query_prompt"))
         settings.update(prompts=self.prompt_names(), shard=str(self.shard), data=self.rset.fingerprint(),
                         candidates=file_digest(cfg.candidates) if cfg.candidates else None)
         return settings

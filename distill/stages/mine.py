@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import add_command
+from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
 from ..data.records import iter_candidates, read_labels
 from ..encoding import EncodingSettings
@@ -78,13 +78,13 @@ class MineConfig(EncodingSettings):
     seed: int = field(default=0, metadata={"help": "seed of every random choice (per query)"})
     shard: str | None = field(default=None, metadata={"help": "i/n: mine only the i-th of n slices of the queries"})
     chunk_size: int = field(default=1024, metadata={"help": "queries per search chunk and fsync'd output chunk"})
-    overwrite: bool = field(default=False, metadata={"help": "start again instead of resuming"})
+    overwrite: bool = field(default=False, metadata={"volatile": True, "help": "start again instead of resuming"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
     export: str | None = field(default=None, metadata={"help": "also write a training file in this format",
                                                        "choices": sorted(EXPORTERS)})
     export_output: Path | None = field(default=None, metadata={
         "help": "where --export writes (JSONL for flagembedding, a datasets folder for n-tuple*)"})
-    show_progress: bool = field(default=True, metadata={"help": "progress bars"})
+    show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bars"})
 
     def sampling_params(self) -> SamplingParams:
         names = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -154,11 +154,9 @@ class Miner:
     def settings(self) -> dict:
         """What the output depends on; resuming with anything else changed is refused."""
         cfg, encoder = self.cfg, self.encoder
-        keys = ["model", "split", "strategy", "num_negatives", "seed", "chunk_size", "include_title", "index",
-                "bm25_tokenizer", "bm25_k1", "bm25_b"]
-        settings = {k: getattr(cfg, k) for k in keys}
-        settings.update(sampling=dataclasses.asdict(cfg.sampling_params()), shard=str(self.shard),
-                        data=self.rset.fingerprint(), labels=file_digest(cfg.labels) if cfg.labels else None)
+        settings = output_settings(cfg, exclude=("data", "output", "labels", "shard", "export", "export_output"))
+        settings.update(shard=str(self.shard), data=self.rset.fingerprint(),
+                        labels=file_digest(cfg.labels) if cfg.labels else None)
         if encoder is not None:
             settings["encoder"] = hashlib.sha256(json.dumps(
                 [encoder.weights_fingerprint(), dataclasses.asdict(encoder.config)], sort_keys=True,

@@ -1,11 +1,15 @@
 """The teacher-LLM settings that `label` and `generate` share, and the backend they build.
 
 A stage's config inherits `TeacherSettings`, so both stages have the same
-backend flags with the same defaults, written once here.
+backend flags with the same defaults, written once here. A setting that only
+one backend takes (`metadata["backends"]`) set for another is an error, never
+silently dropped.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..config import check_backend_settings
 
 from labelers.backends import BACKENDS, Backend, create_backend
 from labelers.models import check_causal_lm, checked_model_source, load_error
@@ -15,23 +19,36 @@ from labelers.models import check_causal_lm, checked_model_source, load_error
 class TeacherSettings:
     llm: str = field(metadata={"help": "teacher LLM: local folder or hub name (its tokenizer is used by every backend)"})
     backend: str = field(default="hf", metadata={"help": "LLM backend", "choices": sorted(BACKENDS)})
-    base_url: str = field(default="http://localhost:8000/v1", metadata={"help": "openai backend: server URL"})
-    served_model: str | None = field(default=None,
-                                     metadata={"help": "openai backend: model name on the server (default: --llm)"})
-    api_key_env: str = field(default="OPENAI_API_KEY",
-                             metadata={"help": "openai backend: environment variable holding the API key"})
-    device: str | None = field(default=None, metadata={"help": "hf backend: torch device"})
-    dtype: str | None = field(default=None, metadata={"help": "hf/vllm backends: float32|bfloat16|float16 "
-                                                             "(default: bf16 on GPUs that have it, fp32 on CPU)"})
+    base_url: str = field(default="http://localhost:8000/v1", metadata={
+        "help": "openai backend: server URL", "backends": ("openai",), "volatile": True})
+    served_model: str | None = field(default=None, metadata={
+        "help": "openai backend: model name on the server (default: --llm)", "backends": ("openai",)})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "openai backend: environment variable holding the API key", "backends": ("openai",),
+        "volatile": True})
+    device: str | None = field(default=None, metadata={
+        "help": "hf backend: torch device", "backends": ("hf",), "volatile": True})
+    dtype: str | None = field(default=None, metadata={
+        "help": "hf/vllm backends: float32|bfloat16|float16 (default: bf16 on GPUs that have it, fp32 on CPU)",
+        "backends": ("hf", "vllm")})
     token_budget: int | None = field(default=None, metadata={
-        "help": "hf backend: padded tokens per forward pass (default: 2048 to score on a CPU, else 8192)"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length"})
+        "help": "hf backend: padded tokens per forward pass (default: 2048 to score on a CPU, else 8192)",
+        "backends": ("hf",), "volatile": True})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "vllm backend: context length", "backends": ("vllm",), "volatile": True})
     enforce_eager: bool = field(default=False, metadata={
-        "help": "vllm backend: no graph compilation (starts in seconds; use where compilation fails)"})
-    concurrency: int = field(default=4, metadata={"help": "openai backend: requests in flight"})
-    max_retry_seconds: float = field(default=600.0, metadata={"help": "openai backend: retry a failing request "
-                                                                      "this long before giving up"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code to run"})
+        "help": "vllm backend: no graph compilation (starts in seconds; use where compilation fails)",
+        "backends": ("vllm",), "volatile": True})
+    concurrency: int = field(default=4, metadata={
+        "help": "openai backend: requests in flight", "backends": ("openai",), "volatile": True})
+    max_retry_seconds: float = field(default=600.0, metadata={
+        "help": "openai backend: retry a failing request this long before giving up", "backends": ("openai",),
+        "volatile": True})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code to run",
+                                                              "volatile": True})
+
+    def __post_init__(self) -> None:
+        check_backend_settings(self, self.backend)
 
     def create_backend(self, seed: int = 0) -> Backend:
         return create_backend(

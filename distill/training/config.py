@@ -1,7 +1,7 @@
 """`distill train`'s settings: one dataclass, whose fields are the command's flags and YAML keys.
 
-`VOLATILE` names the settings that do not change what a run computes (progress bars, where the cache is, the
-device, the memory budget): a resumed or repeated run may change those; any other change is refused.
+Settings marked `volatile` do not change what a run computes (progress bars, where the cache is, the device, the
+memory budget): a resumed or repeated run may change those; any other change is refused.
 """
 from __future__ import annotations
 
@@ -10,10 +10,6 @@ from pathlib import Path
 
 from ..encoding import EncodingSettings
 from ..losses import LOSSES
-
-VOLATILE = {"resume", "overwrite", "show_progress", "allow_partial", "cache", "cache_dir", "device",
-            "memory_budget_gb"}
-
 
 @dataclass(kw_only=True)
 class TrainConfig(EncodingSettings):
@@ -66,8 +62,8 @@ class TrainConfig(EncodingSettings):
     save_steps: int = field(default=100, metadata={"help": "write the resumable checkpoint every N steps"})
     logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
     seed: int = field(default=0, metadata={"help": "seed of data order, negative draws and dropout"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUTDIR/checkpoint.pt"})
-    overwrite: bool = field(default=False, metadata={"help": "delete OUTDIR's previous run and start again"})
+    resume: bool = field(default=False, metadata={"volatile": True, "help": "continue from OUTDIR/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"volatile": True, "help": "delete OUTDIR's previous run and start again"})
     remine_steps: int = field(default=0, metadata={"help": "ANCE: re-mine every pool with the student every N steps"})
     dynamic_remine: bool = field(default=False, metadata={
         "help": "Conan-Embedding: re-mine examples whose mean negative score s has s*1.15 < s_0 and |s| < 0.8"})
@@ -81,12 +77,12 @@ class TrainConfig(EncodingSettings):
     simans_a: float = field(default=0.5, metadata={"help": "re-mining with simans: sharpness a"})
     simans_b: float = field(default=0.0, metadata={"help": "re-mining with simans: shift b"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
-    allow_partial: bool = field(default=False, metadata={
+    allow_partial: bool = field(default=False, metadata={"volatile": True, 
         "help": "train on a --labels/--candidates file whose job has not finished (its progress file says so)"})
-    memory_budget_gb: float | None = field(default=None, metadata={
+    memory_budget_gb: float | None = field(default=None, metadata={"volatile": True, 
         "help": "activation memory a step may use; above it GradCache goes on (default: 60%% of the free RAM, "
                 "or of the free GPU memory)"})
-    show_progress: bool = field(default=True, metadata={"help": "progress bar"})
+    show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bar"})
 
     def __post_init__(self) -> None:
         self.data = [self.data] if isinstance(self.data, str) else list(self.data)

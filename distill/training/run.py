@@ -33,13 +33,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import add_command
+from ..config import add_command, output_settings
 from ..data import data_digest
 from ..data.records import read_labels, read_train_log
 from ..evaluate import format_table
 from ..files import file_digest, write_text_atomic
 from . import checkpoint
-from .config import VOLATILE, TrainConfig
+from .config import TrainConfig
 from .distributed import Distributed, barrier, close_distributed, init_distributed
 from .report import model_card, plot_training
 from .run_folder import RunFolder, differences
@@ -50,7 +50,7 @@ DONE = "training_summary.json"
 
 def run_settings(cfg: TrainConfig) -> dict:
     """What a run computes from: its settings (less `VOLATILE`) and the content of every file it reads."""
-    settings = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in VOLATILE}, default=str))
+    settings = output_settings(cfg)
     settings["inputs"] = {
         "data": [data_digest(d) for d in cfg.data],
         "labels": [file_digest(p) for p in cfg.labels] if cfg.labels else None,

@@ -1,0 +1,60 @@
+"""Settings have one source of truth: the dataclass field. Its metadata decides what a fingerprint holds, which
+backend a setting belongs to, and `distill run --dry-run` says where each value came from."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from conftest import read_jsonl
+from distill.cli import main
+
+
+def label_args(llm, data, out, *extra, dtype="float32"):
+    return ["label", "--llm", str(llm), "--data", str(data), "--split", "test", "--output", str(out),
+            "--device", "cpu", "--dtype", dtype, "--no-show-progress", "--chunk-size", "4", *extra]
+
+
+def test_a_setting_of_another_backend_is_an_error(tiny_llama_dir, tmp_path, capsys):
+    for args, named in ((["--backend", "vllm", "--device", "cuda:1"], "--device applies to the hf backend"),
+                        (["--backend", "hf", "--base-url", "http://x:1/v1"], "--base-url applies to the openai"),
+                        (["--backend", "openai", "--dtype", "bfloat16"], "--dtype applies to the hf and vllm backends")):
+        out = tmp_path / "labels.jsonl"
+        assert main(["label", "--llm", str(tiny_llama_dir), "--data", "squad-mini", "--output", str(out),
+                     "--no-show-progress", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0] and "not to --backend" in err[0], err
+        assert not out.exists()
+
+
+def test_volatile_settings_may_change_on_resume_and_the_others_may_not(tiny_llama_dir, small_beir, tmp_path, capsys):
+    out = tmp_path / "labels.jsonl"
+    assert main(label_args(tiny_llama_dir, small_beir, out)) == 0
+    whole = out.read_bytes()
+    progress = json.loads((tmp_path / "labels.jsonl.progress.json").read_text())
+    assert "token_budget" not in progress["settings"] and "dtype" in progress["settings"]
+    # a finished job with only an operational setting changed is still finished
+    capsys.readouterr()
+    assert main(label_args(tiny_llama_dir, small_beir, out, "--token-budget", "512", "--no-trust-remote-code")) == 0
+    assert "already complete" in capsys.readouterr().out and out.read_bytes() == whole
+    # a setting that changes the rewards is refused, and named
+    assert main(label_args(tiny_llama_dir, small_beir, out, dtype="bfloat16")) == 2
+    err = capsys.readouterr().err
+    assert "dtype" in err and "other settings" in err
+    assert len(read_jsonl(out)) == len(whole.splitlines())
+
+
+def test_dry_run_says_where_every_setting_came_from(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "data": "squad-mini", "model": "m",
+                                      "llm": "l", "train": {"epochs": 2}}))
+    assert main(["run", str(config), "--dry-run", "--train.learning-rate", "3e-5"]) == 0
+    printed = capsys.readouterr().out
+    plan = yaml.safe_load(printed)
+    assert plan["train"]["learning_rate"] == 3e-5 and plan["train"]["epochs"] == 2
+    lines = {line.strip().split(":")[0] + "@" + section: line for section, block in
+             (("train", printed.split("\ntrain:\n")[1].split("\neval_after:\n")[0]),) for line in block.splitlines()}
+    assert lines["learning_rate@train"].endswith("# flag") and lines["epochs@train"].endswith("# yaml")
+    assert lines["model@train"].endswith("# run") and lines["weight_decay@train"].endswith("# default")
+    assert "  label (label): squad-mini, <mine> -> " in printed  # the plan: what each stage reads and writes
+    assert not (tmp_path / "run").exists()
