@@ -32,7 +32,7 @@ class FewShotExample:
     answer: str
 
 
-def load_examples(path: str | Path) -> list[FewShotExample]:
+def load_few_shot(path: str | Path) -> list[FewShotExample]:
     """Few-shot examples from JSON Lines `{"passage", "question", "answer"}`; errors name file, line and field."""
     examples = []
     with open(path, encoding="utf-8") as f:

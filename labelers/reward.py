@@ -87,7 +87,7 @@ class RewardInputs:
 
 
 @dataclass(frozen=True)
-class Group:
+class RewardGroup:
     """One query's candidates to score: the question, its reference answers (may be empty), the passages."""
 
     question: str
@@ -104,7 +104,7 @@ class Reward:
     answer_index: int | None  # None for query likelihood
 
 
-def score_groups(backend: Backend, inputs: RewardInputs, groups: Sequence[Group],
+def score_groups(backend: Backend, inputs: RewardInputs, groups: Sequence[RewardGroup],
                  normalization: str = "mean") -> list[list[Reward]]:
     """Rewards for many queries' candidates, sent to the backend as one batch of pairs.
 

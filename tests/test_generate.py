@@ -63,10 +63,10 @@ def test_a_question_without_its_answer_gets_one_from_a_greedy_pass(smollm2_dir):
     from transformers import AutoTokenizer
 
     from labelers.backends import create_backend
-    from labelers.generation import Generation, PairPrompts, fill_missing_answers, load_examples, packaged_examples
+    from labelers.generation import Generation, PairPrompts, fill_missing_answers, load_few_shot, packaged_examples
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    prompts = PairPrompts(tokenizer, load_template("generate_en_chat"), load_examples(packaged_examples("en")))
+    prompts = PairPrompts(tokenizer, load_template("generate_en_chat"), load_few_shot(packaged_examples("en")))
     passages = ["The Zorblat festival is held every spring in the mountain town of Quenby, where bakers compete "
                 "to make the largest honey cake.",
                 "Dr. Ilsa Marrow discovered the blue fern Pteris caeruleana in 1987 while surveying the cloud "
@@ -112,9 +112,9 @@ def test_copied_filter_removes_a_repeated_few_shot_question_or_passage():
     """SmolLM2 wrote the last few-shot question for 172 of 600 scifact samples; the copied filter drops them."""
     from dataclasses import replace
 
-    from labelers.generation import load_examples, packaged_examples
+    from labelers.generation import load_few_shot, packaged_examples
 
-    few_shot = load_examples(packaged_examples("en"))
+    few_shot = load_few_shot(packaged_examples("en"))
     examples = tuple(e.question for e in few_shot)
     repeated = Pair(examples[-1].upper().rstrip("?"), "1911", PASSAGE)
     same_start = Pair(examples[-1].split(" win ")[0] + " cross the Amazon River?", "1911", PASSAGE)
@@ -135,14 +135,14 @@ def test_duplicate_filter_keeps_the_first_of_equal_questions():
 def test_unsupported_filter_uses_the_teachers_answer_likelihood(smollm2_dir):
     """Real SmolLM2 scores: the passage's own answer is kept, an answer the passage does not hold is removed."""
     from labelers.backends import create_backend
-    from labelers.reward import Group, RewardInputs, score_groups
+    from labelers.reward import RewardGroup, RewardInputs, score_groups
     from transformers import AutoTokenizer
 
     inputs = RewardInputs(AutoTokenizer.from_pretrained(smollm2_dir), load_template("reward_en_chat"))
     backend = create_backend("hf", model=str(smollm2_dir), dtype="float32")
     pairs = [Pair("Where does the Amazon River flow into?", "the Atlantic Ocean", PASSAGE),
              Pair("Who painted the Mona Lisa in the Louvre?", "Xylophone Quartz Zebra", PASSAGE)]
-    for pair, (reward,) in zip(pairs, score_groups(backend, inputs, [Group(p.question, [p.answer], [p.passage])
+    for pair, (reward,) in zip(pairs, score_groups(backend, inputs, [RewardGroup(p.question, [p.answer], [p.passage])
                                                                       for p in pairs])):
         pair.support = reward.value
     assert pairs[0].support > SETTINGS.min_support > pairs[1].support

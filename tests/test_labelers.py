@@ -9,7 +9,7 @@ import torch
 
 from labelers.backends.hf import HFBackend, HFBackendConfig, length_buckets, shared_prefix_length
 from labelers.prompts import load_template, packaged_templates, parse_template
-from labelers.reward import Group, RewardInputs, score_groups
+from labelers.reward import RewardGroup, RewardInputs, score_groups
 
 
 def reference_logprob_sum(model, prompt: list[int], continuation: list[int]) -> float:
@@ -140,7 +140,7 @@ def test_best_of_several_answers_is_kept(tiny_llama_dir):
 
     inputs = RewardInputs(AutoTokenizer.from_pretrained(tiny_llama_dir), load_template("reward_en"))
     answers = ["james watt", "watt", "the scottish inventor james watt"]
-    best = score_groups(backend, inputs, [Group("who?", answers, ["a passage about steam", "another one"])])[0]
+    best = score_groups(backend, inputs, [RewardGroup("who?", answers, ["a passage about steam", "another one"])])[0]
     for reward, passage in zip(best, ["a passage about steam", "another one"]):
         score, which = reward.score, reward.answer_index
         each = []

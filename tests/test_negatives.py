@@ -9,9 +9,9 @@ from scipy.stats import chisquare
 from distill.data import load_retrieval_set
 from distill.index import build_index, corpus_embeddings, search
 from distill.model import BiEncoder
-from distill.negatives import STRATEGIES, MiningBatch, Ranked, SamplingParams, query_rng, teacher_exclusions
+from distill.negatives import STRATEGIES, MiningBatch, Ranked, CandidateWindow, query_rng, teacher_exclusions
 from distill.negatives.bm25 import BM25Index, tokenize
-from distill.negatives.filters import score_filter_mask
+from distill.negatives.window import score_filter_mask
 from distill.negatives.simans import sample_without_replacement, simans_log_probabilities
 from distill.negatives.uniform import draw_uniform
 
@@ -46,7 +46,7 @@ def make_batch(m, seed=0) -> MiningBatch:
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_no_positive_is_ever_a_negative(mined, strategy):
-    chosen = STRATEGIES[strategy].select(make_batch(mined), NUM, SamplingParams(range_max=40))
+    chosen = STRATEGIES[strategy].select(make_batch(mined), NUM, CandidateWindow(range_max=40))
     assert len(chosen) == len(mined["qids"])
     total = 0
     for c, positives in zip(chosen, mined["positives"]):
@@ -66,7 +66,7 @@ def full_ranking(m, b):
 
 @pytest.mark.parametrize("sampling", ["top", "random"])
 def test_dense_respects_the_rank_window(mined, sampling):
-    params = SamplingParams(range_min=5, range_max=25, sampling=sampling)
+    params = CandidateWindow(range_min=5, range_max=25, sampling=sampling)
     chosen = STRATEGIES["dense"].select(make_batch(mined, seed=3), NUM, params)
     for b, c in enumerate(chosen):
         order, scores = full_ranking(mined, b)
@@ -80,8 +80,8 @@ def test_margin_filters_follow_their_formulas():
     rng = np.random.default_rng(0)
     scores = rng.uniform(-1, 1, size=(6, 30))
     positive = np.array([0.8, 0.5, -0.2, 0.0, 0.9, -0.7])
-    for params in (SamplingParams(absolute_margin=0.1), SamplingParams(relative_margin=0.05),
-                   SamplingParams(max_score=0.6), SamplingParams(min_score=-0.5)):
+    for params in (CandidateWindow(absolute_margin=0.1), CandidateWindow(relative_margin=0.05),
+                   CandidateWindow(max_score=0.6), CandidateWindow(min_score=-0.5)):
         got = score_filter_mask(scores, positive, params)
         for b in range(6):
             for k in range(30):
@@ -95,7 +95,7 @@ def test_margin_filters_follow_their_formulas():
 
 def test_dense_margin_keeps_only_candidates_below_the_positive(mined):
     batch = make_batch(mined)
-    chosen = STRATEGIES["dense"].select(batch, NUM, SamplingParams(absolute_margin=0.05, range_max=60))
+    chosen = STRATEGIES["dense"].select(batch, NUM, CandidateWindow(absolute_margin=0.05, range_max=60))
     for b, c in enumerate(chosen):
         assert (c.scores + 0.05 <= batch.positive_scores[b] + 1e-6).all()
         order, scores = full_ranking(mined, b)
@@ -137,7 +137,7 @@ def test_simans_without_replacement_first_draw_is_the_formula_and_draws_are_dist
 def test_simans_sampler_favours_candidates_scored_like_the_positive(mined):
     batch = make_batch(mined)
     # the tiny random encoder's scores lie within ~0.01 of each other: a must be large to be selective
-    params = SamplingParams(range_max=60, simans_a=1e6)
+    params = CandidateWindow(range_max=60, simans_a=1e6)
     chosen_gap, window_gap, nearest_gap = [], [], []
     for b, c in enumerate(STRATEGIES["simans"].select(batch, NUM, params)):
         order, scores = full_ranking(mined, b)
@@ -151,7 +151,7 @@ def test_simans_sampler_favours_candidates_scored_like_the_positive(mined):
 
 
 def test_same_seed_same_draws_other_seed_other_draws(mined):
-    params = SamplingParams(range_max=40)
+    params = CandidateWindow(range_max=40)
     for strategy in ("random", "simans", "same_doc"):
         one = STRATEGIES[strategy].select(make_batch(mined, seed=7), NUM, params)
         two = STRATEGIES[strategy].select(make_batch(mined, seed=7), NUM, params)
@@ -171,14 +171,14 @@ def test_random_is_uniform_and_never_excluded():
 
 
 def test_same_doc_draws_only_from_the_positives_article(mined):
-    chosen = STRATEGIES["same_doc"].select(make_batch(mined), NUM, SamplingParams())
+    chosen = STRATEGIES["same_doc"].select(make_batch(mined), NUM, CandidateWindow())
     titles = mined["rset"].corpus.table["title"].to_pylist()
     for c, positives in zip(chosen, mined["positives"]):
         assert {titles[r] for r in c.rows} <= {titles[p] for p in positives}
 
 
 def test_hybrid_mixes_both_pools(mined):
-    chosen = STRATEGIES["hybrid"].select(make_batch(mined), 6, SamplingParams(range_max=40))
+    chosen = STRATEGIES["hybrid"].select(make_batch(mined), 6, CandidateWindow(range_max=40))
     sources = [s for c in chosen for s in c.sources]
     assert 0.3 < sources.count("bm25") / len(sources) < 0.7
 

@@ -55,7 +55,7 @@ class Chosen:
 
 
 @dataclass
-class SamplingParams:
+class CandidateWindow:
     """Settings shared by the samplers; each reads the ones it needs."""
 
     range_min: int = 0                      # rank window [range_min, range_max) over surviving candidates

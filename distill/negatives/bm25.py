@@ -16,9 +16,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from .base import Chosen, MiningBatch, Ranked, SamplingParams
+from .base import Chosen, MiningBatch, Ranked, CandidateWindow
 from .dense import pick
-from .filters import excluded_mask, rank_window, score_filter_mask
+from .window import excluded_mask, rank_window, score_filter_mask
 
 POOLS = ("bm25",)
 
@@ -85,7 +85,7 @@ class BM25Index:
         return Ranked(rows, scores)
 
 
-def select(batch: MiningBatch, num: int, params: SamplingParams) -> list[Chosen]:
+def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.bm25 is None:
         raise ValueError("the bm25 strategy needs a BM25 index")
     ranked = batch.bm25

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Chosen, MiningBatch, SamplingParams
-from .filters import surviving_window
+from .base import Chosen, MiningBatch, CandidateWindow
+from .window import surviving_window
 
 POOLS = ("dense",)
 
@@ -23,7 +23,7 @@ def pick(n: int, num: int, sampling: str, rng: np.random.Generator) -> np.ndarra
     return np.sort(rng.choice(n, size=num, replace=False))
 
 
-def select(batch: MiningBatch, num: int, params: SamplingParams) -> list[Chosen]:
+def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.dense is None:
         raise ValueError("the dense strategy needs a dense --model")
     out = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import bm25, dense
-from .base import Chosen, MiningBatch, SamplingParams
+from .base import Chosen, MiningBatch, CandidateWindow
 
 POOLS = ("dense", "bm25")
 
@@ -28,7 +28,7 @@ def interleave(lists: list[Chosen], num: int) -> Chosen:
     return Chosen(np.array(rows, dtype=np.int64), np.array(scores, dtype=np.float32), sources)
 
 
-def select(batch: MiningBatch, num: int, params: SamplingParams) -> list[Chosen]:
+def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.score_rows is None:
         raise ValueError("the hybrid strategy needs a dense --model")
     from_dense = dense.select(batch, num, params)

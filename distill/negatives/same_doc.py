@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Chosen, MiningBatch, SamplingParams
+from .base import Chosen, MiningBatch, CandidateWindow
 
 POOLS = ("same_doc",)
 
 
-def select(batch: MiningBatch, num: int, params: SamplingParams) -> list[Chosen]:
+def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.same_doc is None:
         raise ValueError("the same_doc strategy needs the corpus' doc_id field")
     out = []

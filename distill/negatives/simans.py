@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Chosen, MiningBatch, SamplingParams
-from .filters import surviving_window
+from .base import Chosen, MiningBatch, CandidateWindow
+from .window import surviving_window
 
 POOLS = ("dense",)
 
@@ -41,7 +41,7 @@ def sample_without_replacement(log_p: np.ndarray, k: int, rng: np.random.Generat
     return top[np.argsort(-keys[top], kind="stable")]
 
 
-def select(batch: MiningBatch, num: int, params: SamplingParams) -> list[Chosen]:
+def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.dense is None or batch.positive_scores is None:
         raise ValueError("SimANS needs a dense --model (candidate and positive scores)")
     out = []

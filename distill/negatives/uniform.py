@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Chosen, MiningBatch, SamplingParams
+from .base import Chosen, MiningBatch, CandidateWindow
 
 POOLS: tuple[str, ...] = ()
 
@@ -20,7 +20,7 @@ def draw_uniform(n_rows: int, excluded: np.ndarray | set[int], k: int, rng: np.r
     return np.array([r for r in draw.tolist() if r not in banned][:k], dtype=np.int64)
 
 
-def select(batch: MiningBatch, num: int, params: SamplingParams) -> list[Chosen]:
+def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     out = []
     for b in range(len(batch)):
         rows = draw_uniform(batch.corpus_size, batch.excluded[b], num, batch.rngs[b])

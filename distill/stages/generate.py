@@ -37,9 +37,9 @@ import numpy as np
 
 from labelers.backends import Sampling
 from labelers.filters import FILTERS, FilterSettings, Pair, apply_filters
-from labelers.generation import PairPrompts, generate_pairs, load_examples, packaged_examples
+from labelers.generation import PairPrompts, generate_pairs, load_few_shot, packaged_examples
 from labelers.prompts import load_template
-from labelers.reward import MAX_PASSAGE_TOKENS, Group, RewardInputs, score_groups
+from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score_groups
 
 from ..config import add_command, output_settings
 from ..data import Corpus, load_corpus_of
@@ -47,7 +47,7 @@ from ..data.records import GeneratedSample, GenerationRecord, read_generations
 from ..encoding import EncodingSettings
 from ..files import file_digest, write_json_atomic, write_lines_atomic
 from ..index import build_index, corpus_embeddings, embeddings, query_source, search
-from .teacher import TeacherSettings, default_template
+from .teacher_settings import TeacherSettings, default_template
 from .record_stage import run_record_stage
 from .writer import Shard, is_complete, read_progress
 
@@ -106,7 +106,7 @@ class GenerateConfig(TeacherSettings):
 
     def few_shot_examples(self) -> list:
         """The examples each prompt shows (the packaged ones unless --few-shot names a file)."""
-        return load_examples(self.few_shot or packaged_examples(self.language))[:self.num_few_shot]
+        return load_few_shot(self.few_shot or packaged_examples(self.language))[:self.num_few_shot]
 
     def filter_settings(self, few_shot: list) -> FilterSettings:
         examples = tuple(text for e in few_shot for text in (e.question, e.passage))
@@ -196,7 +196,7 @@ class QuestionSampler:
         reasons, _ = apply_filters(pairs, cheap, self.filter_config)
         alive = [i for i, r in enumerate(reasons) if r is None]
         if alive and "unsupported" in self.filters:
-            groups = [Group(pairs[i].question, [pairs[i].answer], [pairs[i].passage]) for i in alive]
+            groups = [RewardGroup(pairs[i].question, [pairs[i].answer], [pairs[i].passage]) for i in alive]
             for i, (reward,) in zip(alive, score_groups(self.backend, self.support, groups, "mean")):
                 pairs[i].support = reward.value
             reasons, _ = apply_filters(pairs, ["unsupported"], self.filter_config, reasons)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 from labelers.prompts import load_template
-from labelers.reward import MAX_PASSAGE_TOKENS, Group, RewardInputs, score_groups
+from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score_groups
 
 from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
@@ -38,7 +38,7 @@ from ..data.records import read_candidates
 from ..files import file_digest
 from ..negatives import query_rng
 from ..negatives.uniform import draw_uniform
-from .teacher import TeacherSettings, default_template
+from .teacher_settings import TeacherSettings, default_template
 from .record_stage import run_record_stage
 from .writer import Shard
 
@@ -163,7 +163,7 @@ class Labeler:
             chosen = [i for i, j in enumerate(jobs) if j["target"] == target]
             if not chosen:
                 continue
-            groups = [Group(jobs[i]["question"], jobs[i]["answers"], jobs[i]["passages"]) for i in chosen]
+            groups = [RewardGroup(jobs[i]["question"], jobs[i]["answers"], jobs[i]["passages"]) for i in chosen]
             for i, rewards in zip(chosen, score_groups(self._backend(), inputs, groups, cfg.normalization)):
                 job = jobs[i]
                 record = {"qid": job["qid"], "pids": job["pids"], "rewards": [r.value for r in rewards],

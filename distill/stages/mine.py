@@ -37,9 +37,10 @@ from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
 from ..data.records import iter_candidates, read_labels
 from ..encoding import EncodingSettings
+from ..negatives.settings import WindowSettings
 from ..files import file_digest
 from ..index import build_index, embeddings, passage_source, query_source, search
-from ..negatives import STRATEGIES, MiningBatch, Ranked, SamplingParams, query_rng, teacher_exclusions
+from ..negatives import STRATEGIES, MiningBatch, Ranked, CandidateWindow, query_rng, teacher_exclusions
 from ..negatives.bm25 import TOKENIZERS, BM25Index
 from .export import EXPORTERS, check_export_output, export_candidates
 from .record_stage import run_record_stage
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class MineConfig(EncodingSettings):
+class MineConfig(EncodingSettings, WindowSettings):
     data: str = field(metadata={"help": "BEIR-style folder (corpus, queries, qrels/<split>.tsv) or an embedded set name"})
     output: Path = field(metadata={"help": "candidates JSON Lines to write"})
     model: str | None = field(default=None, metadata={
@@ -58,8 +59,6 @@ class MineConfig(EncodingSettings):
     split: str = field(default="train", metadata={"help": "qrels split whose queries get negatives"})
     strategy: str = field(default="dense", metadata={"help": "how negatives are chosen", "choices": sorted(STRATEGIES)})
     num_negatives: int = field(default=7, metadata={"help": "negatives per query, beyond its positives"})
-    range_min: int = field(default=0, metadata={"help": "skip the first N surviving candidates (likely positives)"})
-    range_max: int = field(default=100, metadata={"help": "consider surviving candidates up to this rank"})
     absolute_margin: float | None = field(default=None, metadata={"help": "drop d if s(q,d) + m > s(q,d+)"})
     relative_margin: float | None = field(default=None,
                                           metadata={"help": "drop d if s(q,d) > s(q,d+) - |s(q,d+)|*m (NV-Retriever: 0.05)"})
@@ -67,8 +66,6 @@ class MineConfig(EncodingSettings):
     min_score: float | None = field(default=None, metadata={"help": "drop d if s(q,d) < this"})
     sampling: str = field(default="top", metadata={"help": "dense/bm25/hybrid: the window's top N or N at random",
                                                    "choices": ["top", "random"]})
-    simans_a: float = field(default=0.5, metadata={"help": "SimANS sharpness a in exp(-a(s - s+ - b)^2)"})
-    simans_b: float = field(default=0.0, metadata={"help": "SimANS shift b: the peak is at s = s+ + b"})
     bm25_tokenizer: str = field(default="ngram", metadata={"help": "BM25 text splitting (ngram: words + CJK char "
                                                                   "uni/bigrams)", "choices": list(TOKENIZERS)})
     bm25_k1: float = field(default=1.5, metadata={"help": "BM25 k1"})
@@ -86,9 +83,9 @@ class MineConfig(EncodingSettings):
         "help": "where --export writes (JSONL for flagembedding, a datasets folder for n-tuple*)"})
     show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bars"})
 
-    def sampling_params(self) -> SamplingParams:
-        names = {f.name for f in dataclasses.fields(SamplingParams)}
-        return SamplingParams(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+    def candidate_window(self) -> CandidateWindow:
+        return super().candidate_window(absolute_margin=self.absolute_margin, relative_margin=self.relative_margin,
+                                        max_score=self.max_score, min_score=self.min_score, sampling=self.sampling)
 
 
 def _rows_by_doc(rset: RetrievalSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,7 +118,7 @@ class Miner:
         self.desc = f"mine {cfg.strategy}"
         self.offset = bounds[0]
         qids = self.qids = rset.queries.ids[bounds[0]:bounds[1]]
-        self.params = cfg.sampling_params()
+        self.params = cfg.candidate_window()
         self.strategy = STRATEGIES[cfg.strategy]
         pools = set(self.strategy.POOLS)
         corpus = rset.corpus

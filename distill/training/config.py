@@ -10,9 +10,10 @@ from pathlib import Path
 
 from ..encoding import EncodingSettings
 from ..losses import LOSSES
+from ..negatives.settings import WindowSettings
 
 @dataclass(kw_only=True)
-class TrainConfig(EncodingSettings):
+class TrainConfig(EncodingSettings, WindowSettings):
     model: str = field(metadata={"help": "student to start from: our folder, a sentence-transformers folder or a HF encoder"})
     data: list[str] = field(metadata={"help": "BEIR-style folder(s); several = several tasks, one task per batch"})
     output: Path = field(metadata={"help": "folder for the trained model, checkpoints, log and plot"})
@@ -72,10 +73,6 @@ class TrainConfig(EncodingSettings):
                                                             "choices": ["dense", "simans"]})
     remine_pool_size: int | None = field(default=None, metadata={"help": "candidates kept per query when re-mining "
                                                                          "(default: --num-negatives)"})
-    range_min: int = field(default=0, metadata={"help": "re-mining: skip the student's first N candidates"})
-    range_max: int = field(default=50, metadata={"help": "re-mining: consider candidates up to this rank"})
-    simans_a: float = field(default=0.5, metadata={"help": "re-mining with simans: sharpness a"})
-    simans_b: float = field(default=0.0, metadata={"help": "re-mining with simans: shift b"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
     allow_partial: bool = field(default=False, metadata={"volatile": True, 
         "help": "train on a --labels/--candidates file whose job has not finished (its progress file says so)"})

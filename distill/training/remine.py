@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data import RetrievalSet
-from ..negatives import STRATEGIES, MiningBatch, Ranked, SamplingParams, query_rng
+from ..negatives import STRATEGIES, MiningBatch, Ranked, CandidateWindow, query_rng
 from .examples import Example
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def due(step: int, every: int, total_steps: int) -> bool:
 class RemineSettings:
     strategy: str = "dense"
     pool_size: int = 7
-    params: SamplingParams = field(default_factory=SamplingParams)
+    params: CandidateWindow = field(default_factory=CandidateWindow)
     seed: int = 0
     from_labels: bool = False      # candidates = the labelled pool (objective needs rewards)
     include_title: bool = True

@@ -28,7 +28,7 @@ def check_finished(path, allow_partial: bool) -> None:
     print(f"WARNING: {path} is unfinished ({done} of {units} queries); training on those {done} (--allow-partial)")
 
 
-def load_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int]]:
+def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int]]:
     rsets, examples, skipped = [], [], {}
     for path in (cfg.labels or []) + (cfg.candidates or []):
         check_finished(path, cfg.allow_partial)

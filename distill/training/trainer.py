@@ -23,7 +23,6 @@ import torch
 from ..data import DataError, load_retrieval_set
 from ..evaluate import evaluate
 from ..losses import Objective
-from ..negatives import SamplingParams
 from . import checkpoint
 from .batches import EpochPlan, Group, false_negative_mask, plan_epoch
 from .checkpoint import TrainState
@@ -32,7 +31,7 @@ from .distributed import Distributed, barrier, broadcast_object, sum_gradients
 from .memory import plan_for_run
 from .remine import RemineSettings, ScoreTracker, due, remine
 from .run_folder import RunFolder
-from .setup import autocast_dtype, load_examples, make_optimizer, make_scheduler, rng_state, set_rng_state
+from .setup import autocast_dtype, load_training_examples, make_optimizer, make_scheduler, rng_state, set_rng_state
 from .step import Scoring, StepLoss, batch_loss, check_finite, forward_backward
 
 LOG = "train_log.jsonl"
@@ -49,7 +48,7 @@ class Trainer:
         self.objective = Objective.parse(cfg.loss)
         if self.objective.needs_rewards and not cfg.labels:
             raise ValueError(f"--loss {cfg.loss} needs teacher rewards: give --labels (from distill label)")
-        self.rsets, self.examples, self.skipped = load_examples(cfg)
+        self.rsets, self.examples, self.skipped = load_training_examples(cfg)
         device = cfg.device or (f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
         self.encoder = cfg.load_encoder(cfg.model).to(device)
@@ -74,8 +73,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.remine_settings = RemineSettings(
             strategy=cfg.remine_strategy, pool_size=cfg.remine_pool_size or max(cfg.num_negatives, 1),
-            params=SamplingParams(range_min=cfg.range_min, range_max=cfg.range_max, simans_a=cfg.simans_a,
-                                  simans_b=cfg.simans_b),
+            params=cfg.candidate_window(),
             seed=cfg.seed, from_labels=self.objective.needs_rewards, include_title=cfg.include_title,
             batch_size=cfg.batch_size)
         self.tracker = ScoreTracker()

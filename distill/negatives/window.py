@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SamplingParams
+from .base import CandidateWindow
 
 
 def excluded_mask(rows: np.ndarray, excluded: list[np.ndarray]) -> np.ndarray:
@@ -28,7 +28,7 @@ def excluded_mask(rows: np.ndarray, excluded: list[np.ndarray]) -> np.ndarray:
     return mask
 
 
-def score_filter_mask(scores: np.ndarray, positive_scores: np.ndarray | None, params: SamplingParams) -> np.ndarray:
+def score_filter_mask(scores: np.ndarray, positive_scores: np.ndarray | None, params: CandidateWindow) -> np.ndarray:
     """[B, K] True where a score filter drops the candidate."""
     drop = np.zeros(scores.shape, dtype=bool)
     if params.absolute_margin is not None or params.relative_margin is not None:
@@ -58,7 +58,7 @@ def rank_window(rows: np.ndarray, scores: np.ndarray, dropped: np.ndarray, range
     return out
 
 
-def surviving_window(batch, ranked, params: SamplingParams) -> list[tuple[np.ndarray, np.ndarray]]:
+def surviving_window(batch, ranked, params: CandidateWindow) -> list[tuple[np.ndarray, np.ndarray]]:
     """Exclusions, score filters and rank window applied to one pool of a batch."""
     dropped = excluded_mask(ranked.rows, batch.excluded)
     if params.filters_scores:
