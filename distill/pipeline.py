@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -42,11 +41,11 @@ from typing import Any
 
 from labelers.models import checked_model_source
 
-from .config import config_from_mapping, load_yaml_mapping, output_settings
-from .data import DataError, data_files, has_table, load_retrieval_set, resolve_data_dir
+from .config import config_from_mapping, load_yaml_mapping
+from .data import DataError, has_table, load_retrieval_set, resolve_data_dir
 from .evaluate import EvalConfig, format_table
 from .evaluate import run as run_eval
-from .files import write_json_atomic
+from .run_ledger import DataHashes, StageLedger, stage_record, why_changed
 from .metrics import PairedComparison
 from .stages.generate import SUMMARY as GENERATE_SUMMARY
 from .stages.generate import GenerateConfig, run_generate
@@ -147,64 +146,6 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-class DataHashes:
-    """Content hashes of data sets, remembered per file (path, size, mtime) in `cache` so that an
-    unchanged file is hashed once; a copied or touched file with the same bytes hashes the same."""
-
-    def __init__(self, cache: Path):
-        self.cache = cache
-        self.known: dict[str, list] = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
-
-    def file(self, path: Path) -> str:
-        stat = path.stat()
-        key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
-        if key in self.known and self.known[key][:2] == seen:
-            return self.known[key][2]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        self.known[key] = [*seen, digest.hexdigest()]
-        write_json_atomic(self.cache, self.known)
-        return digest.hexdigest()
-
-    def __call__(self, data: str) -> str:
-        folder = resolve_data_dir(data)
-        entries = [(str(p.relative_to(folder)), self.file(p)) for p in data_files(folder)]
-        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
-
-
-def stage_record(stage: Stage, cfg: Any, run: RunSettings, data_hash: Callable[[str], str],
-                 fingerprints: dict[str, str]) -> dict:
-    """What a stage's output depends on: its settings, the data it reads, the stages it reads from,
-    and the fingerprint of all three."""
-    settings = output_settings(cfg)
-    inputs = {str(data): data_hash(str(data)) for data in stage.reads}
-    upstream = {name: fingerprints[name] for name in stage.after}
-    fp = hashlib.sha256(json.dumps({"stage": stage.name, "settings": settings, "inputs": inputs,
-                                    "upstream": upstream}, sort_keys=True).encode()).hexdigest()[:24]
-    return {"fingerprint": fp, "settings": settings, "inputs": inputs, "upstream": upstream}
-
-
-def why_changed(old: dict, new: dict) -> str:
-    """One line saying what differs between a stage's recorded dependencies and its current ones."""
-    if "settings" not in old:
-        return "recorded by an older version"
-    reasons = []
-    for kind, label in (("settings", "settings changed"), ("inputs", "data changed"),
-                        ("upstream", "earlier stage redone")):
-        keys = sorted(k for k in set(old[kind]) | set(new[kind]) if old[kind].get(k) != new[kind].get(k))
-        if not keys:
-            continue
-        if kind == "settings":  # a setting a record lacks came with a newer version (None is a real value)
-            shown = [[repr(side[k]) if k in side else "(not recorded)" for side in (old[kind], new[kind])]
-                     for k in keys[:3]]
-            keys = [f"{k} {was} -> {now}" for k, (was, now) in zip(keys, shown)] + (
-                [f"+{len(keys) - 3} more"] if len(keys) > 3 else [])
-        reasons.append(f"{label}: {', '.join(keys)}")
-    return "; ".join(reasons) or "fingerprint changed"
-
-
 def has_training_queries(data: str, split: str) -> bool:
     """True when `data` holds queries for `split`; False for raw text (a folder without a queries table).
     Any problem with queries that are there stops the run: a malformed queries file or a mistyped split
@@ -266,21 +207,6 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         out[(section + "." if section else "") + name.replace("-", "_")] = yaml.safe_load(value)
         i += 1
     return out
-
-
-class StageLedger:
-    """OUTPUT_DIR/stages/<name>.json: a stage's fingerprint and whether it started or completed."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder / "stages"
-        self.folder.mkdir(parents=True, exist_ok=True)
-
-    def read(self, name: str) -> dict | None:
-        path = self.folder / f"{name}.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-    def write(self, name: str, record: dict) -> None:
-        write_json_atomic(self.folder / f"{name}.json", record)
 
 
 def stage_config(stage: Stage, run: RunSettings, section: dict, where: str):
@@ -369,7 +295,7 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
     fingerprints: dict[str, str] = {}
     started_run = time.perf_counter()
     for number, (stage, cfg) in enumerate(planned, 1):
-        record = stage_record(stage, cfg, run, data_hash, fingerprints)
+        record = stage_record(stage, cfg, data_hash, fingerprints)
         fp = fingerprints[stage.name] = record["fingerprint"]
         state = ledger.read(stage.name)
         header = f"== [{number}/{len(stages) + 1}] {stage.name}"

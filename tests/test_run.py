@@ -163,7 +163,7 @@ def test_data_hash_follows_the_bytes_not_the_file_times(tmp_path):
     """A copied or touched data set is the same data (no stage reruns); one changed byte is not."""
     import os
 
-    from distill.pipeline import DataHashes
+    from distill.run_ledger import DataHashes
 
     data = _copy_set(SQUAD_MINI, tmp_path / "a")
     hashes = DataHashes(tmp_path / "hashes.json")
@@ -180,7 +180,8 @@ def test_data_hash_follows_the_bytes_not_the_file_times(tmp_path):
 
 
 def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert_dir, tiny_llama_dir):
-    from distill.pipeline import DataHashes, plan, stage_record, why_changed
+    from distill.pipeline import plan
+    from distill.run_ledger import DataHashes, stage_record, why_changed
 
     train_data, eval_data = _copy_set(SQUAD_MINI, tmp_path / "train"), _copy_set(SQUAD_MINI, tmp_path / "eval")
     config = write_config(tmp_path / "run.yaml", tmp_path / "out", tiny_bert_dir, tiny_llama_dir)
@@ -190,7 +191,7 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
         run, planned = plan(config, overrides)
         fingerprints, out = {}, {}
         for stage, cfg in planned:
-            out[stage.name] = stage_record(stage, cfg, run, DataHashes(tmp_path / "hashes.json"), fingerprints)
+            out[stage.name] = stage_record(stage, cfg, DataHashes(tmp_path / "hashes.json"), fingerprints)
             fingerprints[stage.name] = out[stage.name]["fingerprint"]
         return out
 
