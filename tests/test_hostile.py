@@ -375,3 +375,18 @@ def test_settings_of_the_wrong_type_are_refused_before_anything_runs(tiny_bert_d
         config_from_args(TrainConfig, make_parser().parse_args(["--config", str(settings), "train", "--model", "m",
                                                                 "--data", "d", "--output", "o"]))
 
+
+
+def test_measuring_memory_leaves_the_random_stream_alone(tiny_bert_dir):
+    """The measure runs a forward with dropout on; training's dropout masks must not depend on it."""
+    import torch
+
+    from distill.model import BiEncoder
+    from distill.training.memory import saved_bytes_per_text
+
+    encoder = BiEncoder.load(str(tiny_bert_dir), device="cpu")
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    saved_bytes_per_text(encoder, 32)
+    assert torch.equal(torch.rand(4), expected)

@@ -50,7 +50,10 @@ def saved_bytes_per_text(encoder, length: int, dtype: torch.dtype | None = None)
     encoder.train()
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
                                                                                                   enabled=False))
-    with torch.enable_grad(), autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # dropout draws from torch's generator: fork it, so measuring leaves training's random stream as it was
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), autocast, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = encoder(ids, mask)
     del out
     encoder.train(was_training)
