@@ -40,6 +40,7 @@ class LabelRecord:
     target: str | None = None      # "answer" | "generated_answer" | "query"
     model: str | None = None
     prompt: str | None = None
+    retriever_scores: tuple[float, ...] | None = None  # queries without qrels: the pool's retriever scores
 
 
 def _problem(path: Path, line: int, field: str, message: str) -> DataError:
@@ -76,8 +77,9 @@ def _label_record(path: Path, line: int, raw: dict) -> LabelRecord:
         if value is not None and not isinstance(value, str):
             raise _problem(path, line, name, f"must be a string, got {value!r}")
         text[name] = value
+    retriever_scores = _numbers(path, line, raw, "retriever_scores", len(pids))
     return LabelRecord(qid, tuple(pids), tuple(float(r) for r in rewards), n_positives, line,
-                       None if n_tokens is None else tuple(n_tokens), **text)
+                       None if n_tokens is None else tuple(n_tokens), **text, retriever_scores=retriever_scores)
 
 
 def read_labels(path: Path) -> list[LabelRecord]:
@@ -168,7 +170,7 @@ def read_candidates(path: Path, rset: RetrievalSet) -> list[CandidateRecord]:
     """Every line of a candidates file, checked against the split (known query, once) and the corpus (known ids)."""
     path = Path(path)
     out, seen = [], {}
-    split_ids = set(rset.qrels)
+    split_ids = set(rset.queries.ids)
     for record in iter_candidates(path):
         if record.qid not in split_ids:
             raise _problem(path, record.line, "qid", f"{record.qid!r} is not a query of split {rset.split!r}")

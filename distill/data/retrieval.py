@@ -142,9 +142,14 @@ class RetrievalSet:
     split: str
     problems: ProblemLog = field(default_factory=ProblemLog)
 
+    @property
+    def labelled(self) -> bool:
+        """False for a split of queries without relevance labels (a query log, questions with answers only)."""
+        return bool(self.qrels)
+
     def positives(self, qid: str) -> list[str]:
-        """The query's relevant passage ids (qrels grade > 0), in qrels order."""
-        return [pid for pid, grade in self.qrels[qid].items() if grade > 0]
+        """The query's relevant passage ids (qrels grade > 0), in qrels order; none for an unlabelled query."""
+        return [pid for pid, grade in self.qrels.get(qid, {}).items() if grade > 0]
 
     def fingerprint(self) -> str:
         """Digest of the corpus content, the queries file and this split's qrels: a stage's input identity."""
@@ -254,12 +259,17 @@ def load_corpus_of(data: str | Path, skip_invalid: bool = False) -> tuple[Corpus
     return _non_empty(load_corpus(_find_table(resolve_data_dir(data), "corpus"), log), log), log
 
 
-def load_retrieval_set(data: str | Path, split: str = "test", skip_invalid: bool = False) -> RetrievalSet:
+def load_retrieval_set(data: str | Path, split: str = "test", skip_invalid: bool = False,
+                       unlabelled: bool = False) -> RetrievalSet:
     """Read and cross-check a BEIR-style folder for one split.
 
     Qrels come from `qrels/<split>.*`; when that file is absent, from the
     queries' own `positives` field. Qrels naming unknown queries or passages
     are errors (or, with `skip_invalid`, are dropped and counted).
+
+    With `unlabelled`, a split that has neither is a split of queries without
+    relevance labels: every query of the folder that no other split's qrels
+    judge (so held-out test queries never leak into training), with empty qrels.
     """
     folder = resolve_data_dir(data)
     log = ProblemLog(skip_invalid=skip_invalid)
@@ -274,6 +284,8 @@ def load_retrieval_set(data: str | Path, split: str = "test", skip_invalid: bool
                             + skipped)
     else:
         qrels = _qrels_from_positives(queries, corpus, log)
+        if not qrels and unlabelled:
+            return _unlabelled_split(folder, split, corpus, queries, log)
         if not qrels:
             available = sorted(p.stem for p in (folder / "qrels").glob("*")) if (folder / "qrels").is_dir() else []
             raise DataError(f"{folder}: no qrels/{split}.tsv and no query has \"positives\""
@@ -281,6 +293,21 @@ def load_retrieval_set(data: str | Path, split: str = "test", skip_invalid: bool
     split_queries = queries.select(list(qrels))
     logger.info("%s: %d passages, %d %s queries; %s", folder, len(corpus), len(split_queries), split, log.summary())
     return RetrievalSet(corpus, split_queries, qrels, split, log)
+
+
+def _unlabelled_split(folder: Path, split: str, corpus: Corpus, queries: Queries, log: ProblemLog) -> RetrievalSet:
+    judged: set[str] = set()
+    for other in sorted((folder / "qrels").glob("*")) if (folder / "qrels").is_dir() else []:
+        if other.is_file() and other.suffix in (".tsv", ".txt", ".trec") + TABLE_SUFFIXES:
+            judged.update(read_table(other, QRELS_FIELDS, ProblemLog(skip_invalid=True))["query-id"].to_pylist())
+    ids = [q for q in queries.ids if q not in judged]
+    if not ids:
+        raise DataError(f"{queries.path}: every query is judged in another split's qrels; split {split!r} has none "
+                        "left to train on")
+    if judged:
+        logger.info("%s: split %s: %d queries without qrels (%d judged in other splits left out)", folder, split,
+                    len(ids), len(queries) - len(ids))
+    return RetrievalSet(corpus, queries.select(ids), {}, split, log)
 
 
 def _load_qrels(path: Path, queries: Queries, corpus: Corpus, log: ProblemLog) -> dict[str, dict[str, int]]:

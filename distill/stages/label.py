@@ -45,6 +45,7 @@ from .writer import Shard
 logger = logging.getLogger(__name__)
 
 MISSING_ANSWERS = ("query", "generate", "error")
+Unit = tuple[str, "list[str] | None", "list[float] | None"]  # (qid, listed candidates, their retriever scores)
 
 
 @dataclass(kw_only=True)
@@ -82,7 +83,7 @@ class Labeler:
 
     desc, unit = "label", "query"
 
-    def __init__(self, cfg: LabelConfig, rset: RetrievalSet, units: list[tuple[str, list[str] | None]],
+    def __init__(self, cfg: LabelConfig, rset: RetrievalSet, units: list[Unit],
                  shard: Shard = Shard()):
         self.cfg, self.rset, self.units, self.shard = cfg, rset, units, shard
         self.tokenizer = cfg.load_tokenizer()
@@ -146,7 +147,7 @@ class Labeler:
     def process(self, start: int, stop: int) -> list[dict]:
         cfg, corpus = self.cfg, self.rset.corpus
         jobs = []
-        for qid, listed in self.units[start:stop]:
+        for qid, listed, retriever_scores in self.units[start:stop]:
             pids, n_pos = self.candidates_of(qid, listed)
             passages = corpus.passages_at(corpus.rows_of(pids), include_title=cfg.include_title)
             question, answers = self.query[qid]
@@ -155,7 +156,7 @@ class Labeler:
                 raise DataError(f"{self.rset.queries.path}: query {qid!r} has no answers "
                                 "(use --missing-answers query or generate)")
             jobs.append({"qid": qid, "pids": pids, "n_pos": n_pos, "passages": passages, "question": question,
-                         "answers": list(answers), "target": target})
+                         "answers": list(answers), "target": target, "retriever_scores": retriever_scores})
         self._write_missing_answers([j for j in jobs if j["target"] == "generated_answer"])
         records: list[dict | None] = [None] * len(jobs)
         for target, inputs in (("answer", self.answer_inputs), ("generated_answer", self.answer_inputs),
@@ -173,6 +174,8 @@ class Labeler:
                     record["answer_index"] = [r.answer_index for r in rewards]
                 elif target == "generated_answer":
                     record["answer"] = job["answers"][0]
+                if job["retriever_scores"] is not None:  # queries without qrels: the pool's retriever scores,
+                    record["retriever_scores"] = job["retriever_scores"]  # which training fuses with the rewards
                 record.update(model=cfg.llm, prompt=inputs.template.name, normalization=cfg.normalization)
                 records[i] = record
                 self.labels += len(rewards)
@@ -201,15 +204,21 @@ def run_label(cfg: LabelConfig) -> dict:
         hf_logging.disable_progress_bar()
     if cfg.num_random < 0:
         raise ValueError("--num-random must be >= 0")
-    rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
+    rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=True)
+    if not rset.labelled and not cfg.candidates:
+        raise ValueError(f"split {cfg.split!r} has no qrels: give --candidates (the retriever's pool per query, from "
+                         "distill mine) for the teacher to score")
+    if not rset.labelled and cfg.missing_answers == "generate":
+        raise ValueError("--missing-answers generate writes an answer from the query's positive passage; split "
+                         f"{cfg.split!r} has no qrels: use --missing-answers query (UPR)")
     if cfg.candidates:
-        units: list[tuple[str, list[str] | None]] = [(r.qid, list(r.pids))
-                                                     for r in read_candidates(Path(cfg.candidates), rset)]
+        units: list[Unit] = [(r.qid, list(r.pids), None if rset.labelled or r.scores is None else list(r.scores))
+                             for r in read_candidates(Path(cfg.candidates), rset)]
     else:
-        units = [(qid, None) for qid in rset.queries.ids]
-    uncovered = len(rset.qrels) - len(units)
+        units = [(qid, None, None) for qid in rset.queries.ids]
+    uncovered = len(rset.queries) - len(units)
     if uncovered:
-        print(f"{uncovered} of {len(rset.qrels)} {cfg.split} queries have no line in {cfg.candidates}: they are not "
+        print(f"{uncovered} of {len(rset.queries)} {cfg.split} queries have no line in {cfg.candidates}: they are not "
               "labelled (mine them too, or label without --candidates to score their positives and random passages)")
     if not units:
         raise DataError(f"{cfg.candidates}: holds no candidates line, so there is nothing to label")

@@ -47,6 +47,7 @@ from .record_stage import run_record_stage
 from .writer import Shard
 
 logger = logging.getLogger(__name__)
+DEFAULT_POOL_SIZE = 16  # the retriever's top K per query without qrels, for the teacher to choose from
 
 
 @dataclass(kw_only=True)
@@ -59,6 +60,9 @@ class MineConfig(EncodingSettings, WindowSettings):
     split: str = field(default="train", metadata={"help": "qrels split whose queries get negatives"})
     strategy: str = field(default="dense", metadata={"help": "how negatives are chosen", "choices": sorted(STRATEGIES)})
     num_negatives: int = field(default=7, metadata={"help": "negatives per query, beyond its positives"})
+    pool_size: int | None = field(default=None, metadata={
+        "help": "queries without qrels: candidates per query, the retriever's top K (default: 16); nothing is "
+                "removed as a positive"})
     absolute_margin: float | None = field(default=None, metadata={"help": "drop d if s(q,d) + m > s(q,d+)"})
     relative_margin: float | None = field(default=None,
                                           metadata={"help": "drop d if s(q,d) > s(q,d+) - |s(q,d+)|*m (NV-Retriever: 0.05)"})
@@ -114,6 +118,7 @@ class Miner:
 
     def __init__(self, cfg: MineConfig, rset: RetrievalSet, shard: Shard, encoder=None):
         self.cfg, self.rset, self.shard = cfg, rset, shard
+        self.num = pool_size(cfg, rset)
         bounds = shard.bounds(len(rset.queries))
         self.desc = f"mine {cfg.strategy}"
         self.offset = bounds[0]
@@ -142,6 +147,11 @@ class Miner:
         if encoder is None and ("dense" in pools or self.params.filters_scores):
             raise ValueError(f"--strategy {cfg.strategy}" + (" with score filters" if "dense" not in pools else "")
                              + " needs a dense --model")
+        if not rset.labelled and (cfg.strategy in NEEDS_POSITIVES or self.params.absolute_margin is not None
+                                  or self.params.relative_margin is not None):
+            raise ValueError(f"split {rset.split!r} has no qrels, so no positive to measure from: "
+                             f"--strategy {cfg.strategy} and the margin filters need one; use dense, bm25 or hybrid "
+                             "to take the retriever's top --pool-size")
         self.bm25 = self.docs = None
 
     @property
@@ -218,8 +228,9 @@ class Miner:
                             corpus_size=len(self.rset.corpus))
         if self.encoder is not None:
             batch.score_rows = lambda b, rows: self._scores(start, b, rows)
-            batch.positive_scores = np.array([batch.score_rows(b, self.positive_rows[start + b]).min()
-                                              for b in range(n)], dtype=np.float32)
+            if self.rset.labelled:
+                batch.positive_scores = np.array([batch.score_rows(b, self.positive_rows[start + b]).min()
+                                                  for b in range(n)], dtype=np.float32)
         if self.index is not None:
             queries = np.asarray(self.queries[self.offset + start:self.offset + stop], dtype=np.float32)
             batch.dense = self._rescored(search(self.index, queries, self.depth)[1], batch)
@@ -231,7 +242,7 @@ class Miner:
 
     def process(self, start: int, stop: int) -> list[dict]:
         batch = self.batch(start, stop)
-        chosen = self.strategy.select(batch, self.cfg.num_negatives, self.params)
+        chosen = self.strategy.select(batch, self.num, self.params)
         ids = self.rset.corpus.ids_at
         kind = "dense" if self.encoder is not None else ("bm25" if self.cfg.strategy == "bm25" else None)
         records = []
@@ -242,10 +253,23 @@ class Miner:
             if self.cfg.strategy == "hybrid":
                 record["sources"] = c.sources
             record["positives"] = self.positive_ids[start + b]
-            record["positive_scores"] = (None if self.encoder is None else
+            record["positive_scores"] = (None if self.encoder is None or not self.rset.labelled else
                                          [round(float(s), 6) for s in batch.score_rows(b, self.positive_rows[start + b])])
             records.append(record)
         return records
+
+
+NEEDS_POSITIVES = ("simans", "same_doc")  # SimANS centres on s(q, d+); same_doc looks up the positive's article
+
+
+def pool_size(cfg: MineConfig, rset: RetrievalSet) -> int:
+    """Candidates per query: --num-negatives beyond the positives, or for queries without qrels --pool-size (16)."""
+    if rset.labelled:
+        if cfg.pool_size is not None:
+            raise ValueError(f"--pool-size is for queries without qrels; split {rset.split!r} has qrels: use "
+                             "--num-negatives")
+        return cfg.num_negatives
+    return cfg.pool_size if cfg.pool_size is not None else DEFAULT_POOL_SIZE
 
 
 def summarize(output: Path, num_negatives: int) -> dict:
@@ -271,7 +295,10 @@ def run_mine(cfg: MineConfig) -> dict:
     if cfg.export:
         check_export_output(cfg.export, cfg.export_output)
     shard = Shard.parse(cfg.shard)
-    rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid)
+    rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=True)
+    if cfg.export and not rset.labelled:
+        raise ValueError(f"--export writes (query, positive, negatives) rows; split {cfg.split!r} has no qrels")
+    num = pool_size(cfg, rset)
     started = time.perf_counter()
     encoder = cfg.load_encoder(cfg.model) if cfg.model else None
     miner = Miner(cfg, rset, shard, encoder)
@@ -279,15 +306,15 @@ def run_mine(cfg: MineConfig) -> dict:
     run = run_record_stage(miner, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,
                            show_progress=cfg.show_progress)
     qids, resumed_from = miner.qids, run.job.resumed_from
-    stats = summarize(output, cfg.num_negatives)
+    stats = summarize(output, num)
     elapsed = time.perf_counter() - started
-    print(f"mined {stats['negatives']} {cfg.strategy} negatives for {stats['queries']} {cfg.split} queries in "
+    print(f"mined {stats['negatives']} {cfg.strategy} {'negatives' if rset.labelled else 'candidates'} for {stats['queries']} {cfg.split} queries in "
           f"{elapsed:.1f} s" + (f", resumed after {resumed_from}" if 0 < resumed_from < len(qids) else "")
           + f" -> {output}")
     if stats["mean_positive_score"] is not None and stats["mean_negative_score"] is not None:
         print(f"mean s(q, d+) {stats['mean_positive_score']:.4f}, mean s(q, d-) {stats['mean_negative_score']:.4f}")
     if stats["short"]:
-        print(f"{stats['short']} queries got fewer than {cfg.num_negatives} negatives (too few candidates survive "
+        print(f"{stats['short']} queries got fewer than {num} candidates (too few candidates survive "
               "the window and filters; widen --range-max or relax the margins)")
     report = {"output": str(output), **stats, "seconds": round(elapsed, 2), "shard": str(shard)}
     if cfg.export:

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..encoding import EncodingSettings
 from ..losses import LOSSES
 from ..negatives.settings import WindowSettings
+from .positives import POSITIVE_MODES
 
 @dataclass(kw_only=True)
 class TrainConfig(EncodingSettings, WindowSettings):
@@ -31,6 +32,19 @@ class TrainConfig(EncodingSettings, WindowSettings):
     positive: str = field(default="first", metadata={"help": "slot-0 positive when a query has several: the first "
                                                                "or the one the teacher rewards most",
                                                        "choices": ["first", "teacher"]})
+    positives: str = field(default="auto", metadata={
+        "help": "with --labels: where each query's positive comes from: its qrels, or chosen from its pool by the "
+                "teacher's reward, the teacher fused with the retriever (z-normalised sums), the pool's first passage "
+                "containing a reference answer (DPR), answer matches ranked by the fused score, or the retriever's top "
+                "1; auto: qrels where a query has them, else answer-match+teacher with answers, else "
+                "teacher+retriever", "choices": ["auto", *POSITIVE_MODES]})
+    min_positive_margin: float = field(default=0.0, metadata={
+        "help": "a chosen positive must beat its pool's second best by this much (z units); less and the query is "
+                "left out (counted)"})
+    false_negatives: str = field(default="keep", metadata={
+        "help": "with qrels: mined negatives the teacher rewards above the positive by --false-negative-margin are "
+                "kept, dropped, or made extra positives (RLHN)", "choices": ["keep", "drop", "positive"]})
+    false_negative_margin: float = field(default=0.0, metadata={"help": "see --false-negatives (nats/token)"})
     drop_disputed: bool = field(default=False, metadata={
         "help": "with --labels: leave out a query whose teacher rewards one of its negatives at least as high as its "
                 "positive (for synthetic queries: one that fits another passage as well; InPars-v2's reranker filter)"})
@@ -92,9 +106,10 @@ class TrainConfig(EncodingSettings, WindowSettings):
                 setattr(self, name, [Path(v) for v in value])
         if self.labels and self.candidates:
             raise ValueError("give --labels or --candidates, not both")
-        if (self.drop_disputed or self.keep_top_margin < 1.0) and not self.labels:
-            raise ValueError("--drop-disputed and --keep-top-margin need the teacher's rewards: give --labels "
-                             "(from distill label)")
+        if (self.drop_disputed or self.keep_top_margin < 1.0 or self.positives not in ("auto", "qrels")
+                or self.false_negatives != "keep") and not self.labels:
+            raise ValueError("--drop-disputed, --keep-top-margin, --positives and --false-negatives need the "
+                             "teacher's rewards: give --labels (from distill label)")
         if not 0.0 < self.keep_top_margin <= 1.0:
             raise ValueError(f"--keep-top-margin must be in (0, 1], got {self.keep_top_margin}")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..data import DataError, RetrievalSet
 from ..data.records import CandidateRecord, LabelRecord
+from .positives import choose_positive, contains_answer
 
 
 @dataclass
@@ -45,9 +46,37 @@ def teacher_margin(positive_reward: float, negative_rewards: np.ndarray) -> floa
     return float(positive_reward - np.max(negative_rewards))
 
 
-def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: Path, positive_choice: str,
-                         task: int = 0, drop_disputed: bool = False, keep_top_margin: float = 1.0) -> ExampleSet:
-    """Labels lines -> examples; slot 0 is the first positive, or with `teacher` the best-rewarded one.
+@dataclass(frozen=True)
+class PositiveChoice:
+    """How each labels line gets its slot-0 positive (`positives`), and what happens to mined negatives the
+    teacher rewards above the labelled positive (`false_negatives`)."""
+
+    positives: str = "auto"            # auto | one of positives.POSITIVE_MODES
+    min_positive_margin: float = 0.0   # z units: less, and a chosen (not qrels) positive is not confident
+    false_negatives: str = "keep"      # keep | drop | positive
+    false_negative_margin: float = 0.0  # a negative with r > r(d+) + margin is a false negative
+
+    def mode_for(self, labelled: bool, has_answers: bool, has_retriever_scores: bool) -> str:
+        """`auto`: the qrels where a line has them; else the answers and the fused score (answer-match+teacher),
+        else the fused score (teacher+retriever), or the teacher alone where the pool has no retriever scores."""
+        if self.positives != "auto":
+            return self.positives
+        if labelled:
+            return "qrels"
+        if has_answers:
+            return "answer-match+teacher"
+        return "teacher+retriever" if has_retriever_scores else "teacher"
+
+
+def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: Path, positive_choice: str = "first",
+                         task: int = 0, drop_disputed: bool = False, keep_top_margin: float = 1.0,
+                         choice: PositiveChoice = PositiveChoice(), include_title: bool = True) -> ExampleSet:
+    """Labels lines -> examples.
+
+    Slot 0 is the line's qrels positive (the first, or with `positive_choice` "teacher" the best-rewarded), or,
+    for a query without qrels (or any other `choice.positives` mode), the passage of the pool that
+    `positives.choose_positive` picks; the rest of the pool are its negatives. Queries without a confident
+    choice are left out and counted.
 
     With `drop_disputed`, a query is left out when its teacher margin m(q) = r(q, d^+) - max_j r(q, d_j^-)
     over its negatives is <= 0: the teacher does not confirm the pair. With `keep_top_margin` = f < 1, only
@@ -57,30 +86,56 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
     """
     if not 0.0 < keep_top_margin <= 1.0:
         raise ValueError(f"keep_top_margin must be in (0, 1], got {keep_top_margin}")
+    table = rset.queries.table
     texts = dict(zip(rset.queries.ids, rset.queries.texts))
+    answers_of = dict(zip(table["id"].to_pylist(), table["answers"].to_pylist()))
     out, skipped = [], {"not in split": 0, "no negatives": 0, "teacher prefers a negative": 0}
+    chosen_by: dict[str, int] = {}
     rows_each = rset.corpus.rows_of_each([list(r.pids) for r in records])
     for record, rows in zip(records, rows_each):
         qid, line_no = record.qid, record.line
-        if qid not in rset.qrels:
+        if qid not in texts:
             skipped["not in split"] += 1
             continue
         if (rows < 0).any():
             bad = record.pids[int(np.argmax(rows < 0))]
             raise DataError(f"{path}:{line_no}: field 'pids': unknown passage id {bad!r}")
         rewards = np.asarray(record.rewards, dtype=np.float64)
-        n_pos = record.n_positives
-        if n_pos < 1:
-            raise DataError(f"{path}:{line_no}: field 'n_positives': the line has no positive")
-        chosen = int(np.argmax(rewards[:n_pos])) if positive_choice == "teacher" else 0
-        negative = ~np.isin(rows, _positive_rows(rset, qid))
-        negative[:n_pos] = False
+        answers = answers_of.get(qid) or []
+        mode = choice.mode_for(record.n_positives > 0, bool(answers), record.retriever_scores is not None)
+        if mode == "qrels":
+            found, counts = _qrels_examples(record, rows, rewards, rset, path, positive_choice, choice, task,
+                                            texts[qid])
+            if not found:
+                skipped["no negatives"] += 1
+            for reason, count in counts.items():
+                skipped[reason] = skipped.get(reason, 0) + count
+            out.extend(found)
+            continue
+        if mode in ("answer-match", "answer-match+teacher") and not answers:
+            raise DataError(f"{path}:{line_no}: query {qid!r} has no reference answers, which --positives {mode} "
+                            "matches; use --positives teacher or teacher+retriever")
+        matches = None
+        if answers and mode.startswith("answer-match"):
+            passages = rset.corpus.passages_at(rows, include_title=include_title)
+            matches = np.array([contains_answer(p, answers) for p in passages])
+        retriever = None if record.retriever_scores is None else np.asarray(record.retriever_scores)
+        picked = choose_positive(mode, rewards, retriever, matches, choice.min_positive_margin)
+        if picked.index is None:
+            key = f"positive {picked.reason}"
+            skipped[key] = skipped.get(key, 0) + 1
+            continue
+        positive = rows[picked.index]
+        negative = rows != positive
         if not negative.any():
             skipped["no negatives"] += 1
             continue
-        out.append(Example(qid, texts[qid], int(rows[chosen]), rows[negative], float(rewards[chosen]),
+        chosen_by[mode] = chosen_by.get(mode, 0) + 1
+        out.append(Example(qid, texts[qid], int(positive), rows[negative], float(rewards[picked.index]),
                            rewards[negative], task, labelled=(rows[negative], rewards[negative]),
-                           positives=np.union1d(_positive_rows(rset, qid), rows[:n_pos])))
+                           positives=np.array([positive], dtype=np.int64)))
+    for mode, count in chosen_by.items():
+        skipped[f"positives chosen by {mode} (kept)"] = count
     margins = np.array([teacher_margin(e.positive_reward, e.pool_rewards) for e in out])
     keep = np.ones(len(out), dtype=bool)
     if keep_top_margin < 1.0:
@@ -92,6 +147,39 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
         skipped["teacher prefers a negative"] = int(disputed.sum())
         keep &= ~disputed
     return ExampleSet([e for e, k in zip(out, keep) if k], skipped)
+
+
+def _qrels_examples(record: LabelRecord, rows: np.ndarray, rewards: np.ndarray, rset: RetrievalSet, path: Path,
+                    positive_choice: str, choice: PositiveChoice, task: int,
+                    query: str) -> tuple[list[Example], dict[str, int]]:
+    """The example(s) of a line with qrels positives: slot 0 a labelled positive, the rest its negatives, with
+    the teacher's false negatives kept, dropped or made positives of extra examples (RLHN-style relabelling)."""
+    n_pos = record.n_positives
+    if n_pos < 1:
+        raise DataError(f"{path}:{record.line}: field 'n_positives': the line has no positive (for queries without "
+                        "qrels choose one: --positives teacher, teacher+retriever, answer-match...)")
+    chosen = int(np.argmax(rewards[:n_pos])) if positive_choice == "teacher" else 0
+    qrels_rows = _positive_rows(rset, record.qid)
+    negative = ~np.isin(rows, qrels_rows)
+    negative[:n_pos] = False
+    found: list[Example] = []
+    counts: dict[str, int] = {}
+    promoted = np.zeros_like(negative)
+    if choice.false_negatives != "keep":
+        false = negative & (rewards > rewards[chosen] + choice.false_negative_margin)
+        negative &= ~false
+        if choice.false_negatives == "positive":
+            promoted = false
+        key = "false negatives dropped" if choice.false_negatives == "drop" else "false negatives made positives"
+        counts[key] = int(false.sum())
+    if not negative.any():
+        return found, counts
+    positives = np.union1d(np.union1d(qrels_rows, rows[:n_pos]), rows[promoted])
+    for slot in [chosen, *np.flatnonzero(promoted).tolist()]:
+        found.append(Example(record.qid, query, int(rows[slot]), rows[negative], float(rewards[slot]),
+                             rewards[negative], task, labelled=(rows[negative], rewards[negative]),
+                             positives=positives))
+    return found, counts
 
 
 def examples_from_candidates(records: list[CandidateRecord], rset: RetrievalSet, task: int = 0) -> ExampleSet:

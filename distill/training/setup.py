@@ -12,7 +12,8 @@ from ..data.records import read_candidates, read_labels
 
 logger = logging.getLogger(__name__)
 LENGTH_SAMPLE = 2048  # texts tokenised to find how long a batch's longest text can be
-from .examples import ExampleSet, examples_from_candidates, examples_from_labels, examples_from_qrels
+from .examples import (ExampleSet, PositiveChoice, examples_from_candidates, examples_from_labels,
+                       examples_from_qrels)
 
 
 def check_finished(path, allow_partial: bool) -> None:
@@ -33,11 +34,14 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
     for path in (cfg.labels or []) + (cfg.candidates or []):
         check_finished(path, cfg.allow_partial)
     for task, data in enumerate(cfg.data):
-        rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid)
+        rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=bool(cfg.labels))
         if cfg.labels:
+            choice = PositiveChoice(cfg.positives, cfg.min_positive_margin, cfg.false_negatives,
+                                    cfg.false_negative_margin)
             found: ExampleSet = examples_from_labels(read_labels(cfg.labels[task]), rset, cfg.labels[task],
                                                      cfg.positive, task, drop_disputed=cfg.drop_disputed,
-                                                     keep_top_margin=cfg.keep_top_margin)
+                                                     keep_top_margin=cfg.keep_top_margin, choice=choice,
+                                                     include_title=cfg.include_title)
         elif cfg.candidates:
             found = examples_from_candidates(read_candidates(cfg.candidates[task], rset), rset, task)
         else:

@@ -1,0 +1,143 @@
+"""Queries without relevance labels: mine gives each its retriever's pool, label scores the whole pool, train
+chooses the positive (teacher, teacher+retriever, answer matching, retriever top 1); false negatives of
+labelled data are kept, dropped or made positives."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from distill.cli import main
+from distill.data import load_retrieval_set
+from distill.data.records import LabelRecord, read_labels
+from distill.training.examples import PositiveChoice, examples_from_labels
+from distill.training.positives import choose_positive, contains_answer
+
+
+def test_each_mode_makes_the_hand_computed_choice():
+    rewards, retriever = np.array([-1.0, -0.5, -3.0]), np.array([0.9, 0.2, 0.8])
+    # z(r) = [0.463, 0.926, -1.389]; z(s) = [0.863, -1.402, 0.539]; fused = [1.326, -0.476, -0.850]
+    assert choose_positive("teacher", rewards, retriever, None).index == 1
+    assert choose_positive("retriever-top1", rewards, retriever, None).index == 0
+    assert choose_positive("teacher+retriever", rewards, retriever, None).index == 0
+    matches = np.array([False, True, True])
+    assert choose_positive("answer-match", rewards, retriever, matches).index == 2  # best retriever rank matching
+    assert choose_positive("answer-match+teacher", rewards, retriever, matches).index == 1  # fused among matches
+    none = np.zeros(3, dtype=bool)
+    assert choose_positive("answer-match+teacher", rewards, retriever, none).index == 0  # fused over the pool
+    assert choose_positive("answer-match", rewards, retriever, none).reason == "no answer match"
+    margin = choose_positive("teacher", rewards, retriever, None).score_margin
+    assert abs(margin - 0.4629) < 1e-3
+    assert choose_positive("teacher", rewards, retriever, None, min_margin=0.5).reason == "not confident"
+    assert choose_positive("teacher", np.array([-1.0, -1.0, -2.0]), None, None).reason == "not confident"  # a tie
+    with pytest.raises(ValueError, match="needs the retriever's scores"):
+        choose_positive("teacher+retriever", rewards, None, None)
+
+
+def test_answer_matching_normalises_case_punctuation_and_whitespace():
+    assert contains_answer("The tower stands in «Paris», France.", ["paris"])
+    assert contains_answer("It was  founded in the U.S.A. in 1812", ["u s a"])
+    assert contains_answer("Pyotr Ilyich Tchaikovsky wrote it", ["Ilyich  Tchaikovsky"])
+    assert not contains_answer("Parisian cafés", ["Paris"])  # whole tokens only
+    assert not contains_answer("in 18123", ["1812"])
+
+
+@pytest.fixture
+def query_log(tmp_path) -> Path:
+    """squad-mini as a user without relevance labels has it: passages, and questions (half with answers, half
+    without), no qrels and no positives."""
+    folder = tmp_path / "log"
+    folder.mkdir()
+    shutil.copy(SQUAD_MINI / "corpus.jsonl", folder / "corpus.jsonl")
+    queries = read_jsonl(SQUAD_MINI / "queries.jsonl")[:24]
+    for i, q in enumerate(queries):
+        q.pop("positives", None)
+        if i % 2:
+            q.pop("answers", None)
+    write_jsonl(folder / "queries.jsonl", queries)
+    return folder
+
+
+def test_pools_labels_and_chosen_positives_for_queries_without_qrels(tiny_bert_dir, tiny_llama_dir, query_log,
+                                                                     tmp_path, capsys):
+    candidates, labels = tmp_path / "cand.jsonl", tmp_path / "labels.jsonl"
+    assert main(["mine", "--model", str(tiny_bert_dir), "--data", str(query_log), "--pool-size", "6", "--output",
+                 str(candidates), "--no-cache", "--no-show-progress"]) == 0
+    pools = read_jsonl(candidates)
+    assert len(pools) == 24 and all(len(p["pids"]) == 6 and p["positives"] == [] for p in pools)
+    assert all(p["scores"] == sorted(p["scores"], reverse=True) for p in pools)  # the retriever's top 6, in order
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(query_log), "--candidates", str(candidates),
+                 "--output", str(labels), "--device", "cpu", "--dtype", "float32", "--no-show-progress"]) == 0
+    records = read_jsonl(labels)
+    for pool, record in zip(pools, records):
+        assert record["pids"] == pool["pids"] and record["n_positives"] == 0
+        assert record["retriever_scores"] == pool["scores"]
+    with_answers = {q["_id"] for q in read_jsonl(query_log / "queries.jsonl") if q.get("answers")}
+    assert {r["target"] for r in records if r["qid"] in with_answers} == {"answer"}
+    assert {r["target"] for r in records if r["qid"] not in with_answers} == {"query"}  # UPR
+    # the teacher's choice is the pool's best reward; the fused one the best z(r) + z(s)
+    rset = load_retrieval_set(query_log, "train", unlabelled=True)
+    found = examples_from_labels(read_labels(labels), rset, labels, choice=PositiveChoice("teacher"))
+    by_qid = {e.qid: e for e in found.examples}
+    for record in records:
+        best = record["pids"][int(np.argmax(record["rewards"]))]
+        assert rset.corpus.ids_at([by_qid[record["qid"]].positive])[0] == best
+        assert best not in rset.corpus.ids_at(by_qid[record["qid"]].pool)
+    for mode in ("auto", "teacher", "teacher+retriever", "retriever-top1"):
+        capsys.readouterr()
+        assert main(["train", "--model", str(tiny_bert_dir), "--data", str(query_log), "--labels", str(labels),
+                     "--positives", mode, "--output", str(tmp_path / mode), "--max-steps", "1", "--train-batch-size",
+                     "4", "--num-negatives", "3", "--batch-dedup", "none", "--no-cache", "--no-show-progress",
+                     "--device", "cpu"]) == 0, mode
+        said = capsys.readouterr().out
+        assert "positives chosen by" in said, said
+    # matching answers needs answers: the half without them is named, in one line
+    assert main(["train", "--model", str(tiny_bert_dir), "--data", str(query_log), "--labels", str(labels),
+                 "--positives", "answer-match", "--output", str(tmp_path / "am"), "--no-cache",
+                 "--no-show-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no reference answers, which --positives answer-match matches" in err[0]
+
+
+def test_what_needs_a_positive_is_refused_for_queries_without_qrels(tiny_bert_dir, tiny_llama_dir, query_log,
+                                                                   tmp_path, capsys):
+    for args, said in ((["mine", "--model", str(tiny_bert_dir), "--strategy", "simans"], "--strategy simans"),
+                       (["mine", "--model", str(tiny_bert_dir), "--relative-margin", "0.05"], "margin filters"),
+                       (["label", "--llm", str(tiny_llama_dir)], "give --candidates")):
+        out = tmp_path / "out.jsonl"
+        assert main([*args, "--data", str(query_log), "--output", str(out), "--no-show-progress"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "no qrels" in err, err
+        assert not out.exists()
+
+
+def test_false_negatives_are_kept_dropped_or_made_positives(squad_mini_train_labels, tmp_path):
+    records = read_labels(squad_mini_train_labels)
+    rset = load_retrieval_set("squad-mini", "train")
+    first = records[0]
+    # the teacher rewards the line's second candidate 2 nats above the positive, the third 0.5 above
+    rewards = list(first.rewards)
+    rewards[1], rewards[2] = rewards[0] + 2.0, rewards[0] + 0.5
+    edited = [LabelRecord(first.qid, first.pids, tuple(rewards), first.n_positives, 1), *records[1:]]
+    path = tmp_path / "labels.jsonl"
+
+    def run(mode: str):
+        found = examples_from_labels(edited, rset, path, choice=PositiveChoice(false_negatives=mode,
+                                                                               false_negative_margin=1.0))
+        return [e for e in found.examples if e.qid == first.qid], found.skipped
+
+    rows = rset.corpus.rows_of(list(first.pids))
+    kept, _ = run("keep")
+    assert len(kept) == 1 and rows[1] in kept[0].pool and rows[2] in kept[0].pool
+    dropped, skipped = run("drop")
+    assert len(dropped) == 1 and rows[1] not in dropped[0].pool and rows[2] in dropped[0].pool  # 0.5 < margin 1
+    assert skipped["false negatives dropped"] >= 1
+    promoted, skipped = run("positive")
+    assert [e.positive for e in promoted] == [rows[0], rows[1]]  # an extra example with the false negative first
+    assert all(rows[1] not in e.pool and rows[1] in e.positives for e in promoted)
+    assert promoted[1].positive_reward == rewards[1]
+    assert skipped["false negatives made positives"] >= 1
