@@ -42,9 +42,9 @@ from typing import Any
 from labelers.models import checked_model_source
 
 from .config import config_from_mapping, load_yaml_mapping
-from .data import DataError, has_table, load_retrieval_set, resolve_data_dir
 from .evaluate import EvalConfig, format_table
 from .evaluate import run as run_eval
+from .supervision import SUPERVISIONS, Supervision, choose_supervision
 from .run_ledger import DataHashes, StageLedger, stage_record, why_changed
 from .metrics import PairedComparison
 from .stages.generate import SUMMARY as GENERATE_SUMMARY
@@ -70,8 +70,12 @@ class RunSettings:
     split: str = field(default="train", metadata={"help": "training queries' qrels split"})
     eval_data: str | None = field(default=None, metadata={"help": "evaluation set (default: data)"})
     eval_split: str = field(default="test", metadata={"help": "qrels split evaluated before and after"})
+    supervision: str = field(default="auto", metadata={
+        "help": "where positives come from: qrels, answers (queries with reference answers, no qrels), queries (a "
+                "query log), raw_text (passages only: generate queries first); auto decides from the data",
+        "choices": list(SUPERVISIONS)})
     generate: bool | None = field(default=None, metadata={
-        "help": "write synthetic queries first (default: only when the data has no training queries)"})
+        "help": "write synthetic queries first (the same as supervision: raw_text)"})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
     show_progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -146,19 +150,6 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def has_training_queries(data: str, split: str) -> bool:
-    """True when `data` holds queries for `split`; False for raw text (a folder without a queries table).
-    Any problem with queries that are there stops the run: a malformed queries file or a mistyped split
-    must never turn a labelled run into query generation."""
-    if not has_table(resolve_data_dir(data), "queries"):
-        return False
-    try:
-        load_retrieval_set(data, split)
-    except DataError as exc:
-        raise DataError(f"{exc} (to write synthetic queries for this corpus instead, set generate: true)") from None
-    return True
-
-
 def load_run(path: Path, overrides: dict[str, Any]) -> tuple[RunSettings, dict[str, dict]]:
     """(top-level settings, each stage section) from the YAML file with command-line overrides applied."""
     loaded = load_yaml_mapping(path)
@@ -219,15 +210,20 @@ def stage_config(stage: Stage, run: RunSettings, section: dict, where: str):
 
 
 def plan(config_path: Path, overrides: dict[str, Any] | None = None,
-         generate: bool | None = None) -> tuple[RunSettings, list[tuple[Stage, Any]]]:
-    """The run's settings and each stage with its full config (defaults filled in), in order.
-    `generate` decides the generate stage when the YAML does not (default: look at the data)."""
+         supervision: Supervision | None = None) -> tuple[RunSettings, list[tuple[Stage, Any]], Supervision]:
+    """The run's settings, each stage with its full config (defaults filled in) in order, and the supervision.
+    `supervision` decides it without looking at the data (tests, configs whose data is not there yet)."""
     run, sections = load_run(config_path, overrides or {})
-    if run.generate is None:
-        run = dataclasses.replace(run, generate=generate if generate is not None
-                                  else not has_training_queries(run.data, run.split))
-    return run, [(stage, stage_config(stage, run, sections[stage.command], f"{config_path}: {stage.command}"))
-                 for stage in _stages(run)]
+    asked = "raw_text" if run.generate else run.supervision
+    if supervision is None:
+        supervision = choose_supervision(run.data, run.split, asked)
+    elif run.generate:
+        supervision = Supervision("raw_text", "asked for")
+    run = dataclasses.replace(run, supervision=supervision.kind, generate=supervision.kind == "raw_text")
+    implied = supervision.stage_defaults()
+    return run, [(stage, stage_config(stage, run, {**implied.get(stage.command, {}), **sections[stage.command]},
+                                      f"{config_path}: {stage.command}"))
+                 for stage in _stages(run)], supervision
 
 
 def _inline_yaml(value: Any) -> str:
@@ -242,7 +238,8 @@ def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> No
     """What `distill run` would do: the stages in order with what each reads and writes, then every setting of
     the run and of each stage, defaults included, each with where it came from (flag, yaml, run or default)."""
     overrides = overrides or {}
-    run, stages = plan(config_path, overrides)
+    run, stages, supervision = plan(config_path, overrides)
+    implied = supervision.stage_defaults()
     raw = {str(k).replace("-", "_"): v for k, v in load_yaml_mapping(config_path).items()}
     given = {name: {str(k).replace("-", "_") for k in (raw.get(name) or {})} if isinstance(raw.get(name), dict)
              else set() for name in SECTIONS}
@@ -252,8 +249,11 @@ def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> No
             return "flag"
         if (name in given.get(section, set())) if section else (name in raw):
             return "yaml"
+        if section and name in implied.get(section, {}):
+            return "supervision"
         return "run" if name in from_run else "default"
 
+    print(f"# {supervision.describe()}")
     print("plan:")
     for stage, cfg in stages:
         reads = [*stage.reads, *(f"<{name}>" for name in stage.after)]
@@ -286,7 +286,8 @@ def check_models(run: RunSettings, planned: list[tuple[Stage, Any]]) -> None:
 
 
 def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> dict:
-    run, planned = plan(config_path, overrides)
+    run, planned, supervision = plan(config_path, overrides)
+    print(supervision.describe())
     check_models(run, planned)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     ledger = StageLedger(run.output_dir)

@@ -191,11 +191,13 @@ def test_run_never_turns_a_data_error_into_query_generation(copy_of_squad_mini, 
     settings = {"output_dir": str(tmp_path / "run"), "data": str(copy_of_squad_mini), "model": "m", "llm": "l"}
     config.write_text(yaml.safe_dump({**settings, "split": "trian"}))
     assert main(["run", str(config), "--dry-run"]) == 2
-    assert "set generate: true" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "no qrels/trian.tsv (splits here: test, train)" in line and "supervision: raw_text" in line
     (copy_of_squad_mini / "queries.jsonl").write_text('{"_id": "q1", "text": \n')
     config.write_text(yaml.safe_dump(settings))
     assert main(["run", str(config), "--dry-run"]) == 2
     assert "queries.jsonl:1: malformed JSON" in one_error_line(capsys)
     (copy_of_squad_mini / "queries.jsonl").unlink()  # passages only: that is raw text
     assert main(["run", str(config), "--dry-run"]) == 0
-    assert "generate:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "supervision: raw_text" in printed and "generate:" in printed

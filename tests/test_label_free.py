@@ -3,7 +3,6 @@ chooses the positive (teacher, teacher+retriever, answer matching, retriever top
 labelled data are kept, dropped or made positives."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -141,3 +140,36 @@ def test_false_negatives_are_kept_dropped_or_made_positives(squad_mini_train_lab
     assert all(rows[1] not in e.pool and rows[1] in e.positives for e in promoted)
     assert promoted[1].positive_reward == rewards[1]
     assert skipped["false negatives made positives"] >= 1
+
+
+def test_run_chooses_the_supervision_from_the_data_and_says_so(query_log, tmp_path, capsys):
+    import yaml
+
+    from distill.supervision import choose_supervision
+
+    queries_only = tmp_path / "queries_only"
+    shutil.copytree(query_log, queries_only)
+    write_jsonl(queries_only / "queries.jsonl",
+                [{k: v for k, v in q.items() if k != "answers"} for q in read_jsonl(query_log / "queries.jsonl")])
+    passages_only = tmp_path / "passages_only"
+    passages_only.mkdir()
+    shutil.copy(query_log / "corpus.jsonl", passages_only / "corpus.jsonl")
+    expected = {"squad-mini": "qrels", str(query_log): "answers", str(queries_only): "queries",
+                str(passages_only): "raw_text"}
+    for data, kind in expected.items():
+        assert choose_supervision(data, "train").kind == kind, data
+        config = tmp_path / f"{kind}.yaml"
+        config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / kind), "data": data, "model": "m", "llm": "l",
+                                          "eval_data": "squad-mini"}))
+        assert main(["run", str(config), "--dry-run"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])
+        names = list(printed)
+        assert ("generate" in names) == (kind == "raw_text")
+        if kind in ("answers", "queries"):
+            assert printed["mine"]["pool_size"] == 16
+            assert printed["train"]["positives"] == {"answers": "answer-match+teacher",
+                                                     "queries": "teacher+retriever"}[kind]
+    with pytest.raises(Exception, match="supervision 'answers' asked for, but the data gives queries"):
+        choose_supervision(str(queries_only), "train", "answers")
+    with pytest.raises(Exception, match="holds no queries table"):
+        choose_supervision(str(passages_only), "train", "qrels")

@@ -145,7 +145,9 @@ def test_example_configs_name_only_real_settings(example):
     """Every example builds a valid config for each of its stages (what `distill run --dry-run` prints)."""
     from distill.pipeline import plan
 
-    run, stages = plan(example, generate=False)
+    from distill.supervision import Supervision
+
+    run, stages, _ = plan(example, supervision=Supervision("qrels", "test"))
     names = [stage.name for stage, _ in stages]
     assert names[-3:] == ["label", "train", "eval_after"] and ("generate" in names) == bool(run.generate)
     train = next(cfg for stage, cfg in stages if stage.name == "train")
@@ -188,7 +190,7 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
     config.write_text(config.read_text().replace("data: squad-mini", f"data: {train_data}\neval_data: {eval_data}"))
 
     def records(**overrides):
-        run, planned = plan(config, overrides)
+        run, planned, _ = plan(config, overrides)
         fingerprints, out = {}, {}
         for stage, cfg in planned:
             out[stage.name] = stage_record(stage, cfg, DataHashes(tmp_path / "hashes.json"), fingerprints)

@@ -302,8 +302,9 @@ def _unlabelled_split(folder: Path, split: str, corpus: Corpus, queries: Queries
             judged.update(read_table(other, QRELS_FIELDS, ProblemLog(skip_invalid=True))["query-id"].to_pylist())
     ids = [q for q in queries.ids if q not in judged]
     if not ids:
-        raise DataError(f"{queries.path}: every query is judged in another split's qrels; split {split!r} has none "
-                        "left to train on")
+        splits = sorted(p.stem for p in (folder / "qrels").glob("*") if p.is_file())
+        raise DataError(f"{folder}: no qrels/{split}.tsv (splits here: {', '.join(splits)}), and every query is "
+                        "judged in another split")
     if judged:
         logger.info("%s: split %s: %d queries without qrels (%d judged in other splits left out)", folder, split,
                     len(ids), len(queries) - len(ids))

@@ -112,13 +112,13 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
                 skipped[reason] = skipped.get(reason, 0) + count
             out.extend(found)
             continue
-        if mode in ("answer-match", "answer-match+teacher") and not answers:
+        if mode == "answer-match" and not answers:
             raise DataError(f"{path}:{line_no}: query {qid!r} has no reference answers, which --positives {mode} "
-                            "matches; use --positives teacher or teacher+retriever")
+                            "matches; use --positives answer-match+teacher, teacher or teacher+retriever")
         matches = None
-        if answers and mode.startswith("answer-match"):
-            passages = rset.corpus.passages_at(rows, include_title=include_title)
-            matches = np.array([contains_answer(p, answers) for p in passages])
+        if mode.startswith("answer-match"):  # a query without answers matches nothing: the fused score decides
+            passages = rset.corpus.passages_at(rows, include_title=include_title) if answers else []
+            matches = np.array([contains_answer(p, answers) for p in passages] if answers else [False] * len(rows))
         retriever = None if record.retriever_scores is None else np.asarray(record.retriever_scores)
         picked = choose_positive(mode, rewards, retriever, matches, choice.min_positive_margin)
         if picked.index is None:
