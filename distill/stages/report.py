@@ -57,7 +57,11 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
             top = max(top, high)
         bars.text(i + 0.2, top, label, ha="center", va="bottom", fontsize=8)
     lowest = min(100 * min(before[m], after[m]) for m in METRICS)
-    bars.set_ylim(max(0.0, lowest - 10), 100)
+    floor = max(0.0, lowest - 10)
+    bars.set_ylim(floor, 100)
+    if floor > 0:  # say so: bars that do not start at zero make small gains look large
+        bars.text(0.01, 0.01, f"y axis starts at {floor:.0f}, not 0", transform=bars.transAxes, fontsize=8,
+                  color="firebrick", va="bottom")
     bars.set_xticks(list(x), METRICS)
     interval = f" (nDCG@10 gain: {100 * comparison['confidence']:.0f}% CI)" if comparison else ""
     bars.set_title("test metrics before / after" + interval)
