@@ -3,6 +3,7 @@ chooses the positive (teacher, teacher+retriever, answer matching, retriever top
 labelled data are kept, dropped or made positives."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -173,3 +174,23 @@ def test_run_chooses_the_supervision_from_the_data_and_says_so(query_log, tmp_pa
         choose_supervision(str(queries_only), "train", "answers")
     with pytest.raises(Exception, match="holds no queries table"):
         choose_supervision(str(passages_only), "train", "qrels")
+
+
+def test_a_run_on_questions_without_qrels_goes_end_to_end(tiny_bert_dir, tiny_llama_dir, query_log, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(out), "data": str(query_log), "eval_data": "squad-mini", "model": str(tiny_bert_dir),
+        "llm": str(tiny_llama_dir), "show_progress": False,
+        "mine": {"cache": False, "pool_size": 6}, "eval": {"cache": False},
+        "label": {"dtype": "float32", "device": "cpu"},
+        "train": {"train_batch_size": 4, "num_negatives": 3, "max_steps": 3, "batch_dedup": "none", "cache": False}}))
+    assert main(["run", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "supervision: answers (24 train queries without qrels, 12 with reference answers)" in printed
+    summary = json.loads((out / "model" / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["skipped"].get("positives chosen by answer-match+teacher (kept)") == 24
+    assert all(r["n_positives"] == 0 for r in read_jsonl(out / "labels.jsonl"))
+    assert "nDCG@10" in printed and (out / "eval" / "after.json").is_file()

@@ -33,8 +33,11 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
         if positives or negatives:
             low, high = min(positives + negatives), max(positives + negatives)
             bins = [low + (high - low) * i / 40 for i in range(41)]
-            rewards.hist(negatives, bins=bins, alpha=0.6, density=True, label=f"negatives ({len(negatives)})")
-            rewards.hist(positives, bins=bins, alpha=0.6, density=True, label=f"positives ({len(positives)})")
+            if positives:
+                rewards.hist(negatives, bins=bins, alpha=0.6, density=True, label=f"negatives ({len(negatives)})")
+                rewards.hist(positives, bins=bins, alpha=0.6, density=True, label=f"positives ({len(positives)})")
+            else:  # queries without qrels: the whole pool, before training chose its positives
+                rewards.hist(negatives, bins=bins, alpha=0.6, density=True, label=f"pool, no qrels ({len(negatives)})")
             rewards.legend()
     rewards.set_title("teacher reward (mean answer log-prob)")
     rewards.set_xlabel("nats / token")
