@@ -37,7 +37,7 @@ from distill.evaluate import compare_to_run  # noqa: E402
 from distill.training.examples import PositiveChoice, examples_from_labels  # noqa: E402
 
 MODES = {"squad": ["retriever-top1", "teacher", "teacher+retriever", "answer-match", "answer-match+teacher"],
-         "scifact": ["retriever-top1", "teacher", "teacher+retriever"]}
+         "scifact": ["retriever-top1", "teacher", "teacher+retriever"], "false-negatives": []}
 TRAIN = ["--loss", "rank_filter:1.0,infonce:0.2", "--num-negatives", "3", "--train-batch-size", "16",
          "--learning-rate", "3e-5", "--epochs", "2", "--max-passage-length", "192", "--batch-dedup", "none"]
 
@@ -110,6 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.task == "false-negatives":
+        return false_negatives(args, out)
     free, gold = folders(args.data, out, args.queries, args.seed, keep_answers=args.task == "squad")
     print(f"[1] pools: the retriever's top 16 for {len(load_retrieval_set(free, 'train', unlabelled=True).queries)} "
           "queries", flush=True)
@@ -164,6 +166,39 @@ def main() -> None:
         print(f"| {name} | {kept if kept is not None else '-'} | "
               f"{'-' if accuracy is None else f'{100 * accuracy:.1f}%'} | {100 * metrics['ndcg@10']:.2f} | {gain} | "
               f"{vs_top1} |")
+
+
+def false_negatives(args, out: Path) -> None:
+    """squad_dev with its qrels: the same mined negatives and labels, trained with --false-negatives keep and
+    positive (mined negatives the teacher rewards above the labelled positive become extra positives)."""
+    _, gold = folders(args.data, out, args.queries, args.seed, keep_answers=True)
+    candidates, labels = out / "gold_negatives.jsonl", out / "gold_labels.jsonl"
+    print("[1] negatives and labels with qrels", flush=True)
+    distill("mine", "--model", args.model, "--data", str(gold), "--num-negatives", "7", "--output", str(candidates))
+    distill("label", "--llm", args.llm, "--data", str(gold), "--candidates", str(candidates), "--output", str(labels),
+            "--max-passage-tokens", "256")
+    base = evaluate(args.model, args.data, args.eval_split, out / "eval" / "base")
+    rows = {}
+    for mode in ("keep", "positive"):
+        print(f"[2] --false-negatives {mode}", flush=True)
+        model = out / "models" / f"fn-{mode}"
+        distill("train", "--model", args.model, "--data", str(gold), "--labels", str(labels), "--false-negatives",
+                mode, "--output", str(model), *TRAIN)
+        summary = json.loads((model / "training_summary.json").read_text())
+        rows[mode] = (summary, evaluate(str(model), args.data, args.eval_split, out / "eval" / f"fn-{mode}",
+                                        baseline=out / "eval" / "base.trec"))
+    qrels = load_retrieval_set(args.data, args.eval_split).qrels
+    c = compare_to_run(read_trec_run(out / "eval" / "fn-positive.trec").rankings(),
+                       read_trec_run(out / "eval" / "fn-keep.trec").rankings(), qrels, seed=args.seed)
+    print(f"\nfalse negatives, squad_dev {args.eval_split}: base nDCG@10 {100 * base['ndcg@10']:.2f}")
+    print("| --false-negatives | examples | made positives | nDCG@10 | vs base [95% CI] |")
+    print("|---|---|---|---|---|")
+    for mode, (summary, metrics) in rows.items():
+        vs = metrics["ndcg@10_vs_baseline"]
+        print(f"| {mode} | {summary['examples']} | {summary['skipped'].get('false negatives made positives', 0)} | "
+              f"{100 * metrics['ndcg@10']:.2f} | {100 * vs['mean_difference']:+.2f} [{100 * vs['low']:+.2f}, "
+              f"{100 * vs['high']:+.2f}] |")
+    print(f"positive vs keep: {c.describe()}")
 
 
 if __name__ == "__main__":
