@@ -1,7 +1,8 @@
 """`distill run CONFIG.yaml`: generate → eval (before) → mine → label → train → eval (after) → report.
 
 One YAML file holds every stage's settings. Top-level keys (`RunSettings`)
-name the data, the student, the teacher and the run folder; a section per
+name the data, the student, the teacher, the run folder and where the record
+stages run (`executor: ray`, `workers:`, ...: generate, mine and label); a section per
 stage (`generate:`, `mine:`, `label:`, `train:`, `eval:`) holds that stage's
 own settings under the names of its command-line flags (`learning_rate` is
 `distill train --learning-rate`), so the defaults live in one place, the
@@ -50,6 +51,7 @@ from .metrics import PairedComparison
 from .stages.generate import SUMMARY as GENERATE_SUMMARY
 from .stages.generate import GenerateConfig, run_generate
 from .stages.label import LabelConfig, run_label
+from .stages.executor import ExecutorSettings
 from .stages.mine import MineConfig, run_mine
 from .stages.writer import is_complete
 from .training.config import TrainConfig
@@ -60,7 +62,7 @@ SECTIONS = ("generate", "mine", "label", "train", "eval")
 
 
 @dataclass
-class RunSettings:
+class RunSettings(ExecutorSettings):
     output_dir: Path = field(metadata={"help": "folder for every stage's output"})
     data: str = field(metadata={"help": "BEIR-style folder or embedded set: labelled queries, or raw passages"})
     model: str = field(metadata={"help": "student encoder to start from (also the retriever that mines and filters)"})
@@ -120,7 +122,9 @@ class Stage:
 
 def _stages(run: RunSettings) -> list[Stage]:
     out = run.output_dir
-    teacher = dict(llm=run.llm, backend=run.backend, language=run.language, seed=run.seed)
+    # where generate, mine and label run (`executor: ray`, `workers: 8`, ...), a top-level setting of the run
+    executor = {f.name: getattr(run, f.name) for f in dataclasses.fields(ExecutorSettings)}
+    teacher = dict(llm=run.llm, backend=run.backend, language=run.language, seed=run.seed, **executor)
     eval_data = run.eval_data or run.data
     # the training stages read the user's data, or the generated folder (then they depend on generate)
     train_data = str(out / "generated") if run.generate else run.data
@@ -133,7 +137,7 @@ def _stages(run: RunSettings) -> list[Stage]:
                                           output=out / "eval" / "before.json", run_file=out / "eval" / "before.trec"),
               reads=(eval_data,)),
         Stage("mine", "mine", dict(model=run.model, data=train_data, split=run.split, seed=run.seed,
-                                   output=out / "candidates.jsonl"), reads=trains_on, after=generated),
+                                   output=out / "candidates.jsonl", **executor), reads=trains_on, after=generated),
         Stage("label", "label", dict(**teacher, data=train_data, split=run.split, candidates=out / "candidates.jsonl",
                                      output=out / "labels.jsonl"), reads=trains_on, after=generated + ("mine",)),
         Stage("train", "train", dict(model=run.model, data=[train_data], labels=[out / "labels.jsonl"],

@@ -18,13 +18,39 @@ def label_args(llm, data, out, *extra, dtype="float32"):
 def test_a_setting_of_another_backend_is_an_error(tiny_llama_dir, tmp_path, capsys):
     for args, named in ((["--backend", "vllm", "--device", "cuda:1"], "--device applies to the hf backend"),
                         (["--backend", "hf", "--base-url", "http://x:1/v1"], "--base-url applies to the openai"),
-                        (["--backend", "openai", "--dtype", "bfloat16"], "--dtype applies to the hf and vllm backends")):
+                        (["--backend", "openai", "--dtype", "bfloat16"], "--dtype applies to the hf and vllm backends"),
+                        (["--tensor-parallel-size", "2"], "--tensor-parallel-size applies to the vllm backend"),
+                        (["--gpu-memory-utilization", "0.5"], "--gpu-memory-utilization applies to the vllm"),
+                        (["--backend", "vllm", "--timeout", "5"], "--timeout applies to the openai backend"),
+                        (["--backend", "openai", "--token-budget", "512"], "--token-budget applies to the hf")):
         out = tmp_path / "labels.jsonl"
         assert main(["label", "--llm", str(tiny_llama_dir), "--data", "squad-mini", "--output", str(out),
                      "--no-show-progress", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and named in err[0] and "not to --backend" in err[0], err
         assert not out.exists()
+
+
+def test_create_backend_refuses_an_option_its_backend_does_not_take(tiny_llama_dir):
+    from labelers.backends import create_backend
+
+    try:
+        create_backend("hf", model=str(tiny_llama_dir), tensor_parallel_size=2, max_num_seqs=None)
+    except ValueError as exc:
+        assert str(exc) == "the hf backend takes no setting tensor_parallel_size"
+    else:
+        raise AssertionError("an hf backend was built with a vLLM setting")
+
+
+def test_a_ray_workers_gpus_are_its_tensor_parallel_group(tmp_path, capsys):
+    from distill.stages.label import LabelConfig
+
+    ray = dict(llm="m", data="squad-mini", output=tmp_path / "l.jsonl", backend="vllm", executor="ray")
+    assert LabelConfig(**ray, gpus_per_worker=4).effective_tensor_parallel_size() == 4
+    assert LabelConfig(**ray, gpus_per_worker=1).effective_tensor_parallel_size() is None  # vLLM's 1
+    assert main(["label", "--llm", "m", "--data", "squad-mini", "--output", str(tmp_path / "l.jsonl"), "--backend",
+                 "vllm", "--executor", "ray", "--gpus-per-worker", "4", "--tensor-parallel-size", "2"]) == 2
+    assert "--tensor-parallel-size 2 differs from --gpus-per-worker 4" in capsys.readouterr().err
 
 
 def test_volatile_settings_may_change_on_resume_and_the_others_may_not(tiny_llama_dir, small_beir, tmp_path, capsys):

@@ -122,10 +122,10 @@ def test_two_gloo_processes_equal_one_process(tiny_bert_no_dropout, squad_mini_t
             assert b is None and c is None
             continue
         # fp32 sums in another order (two ranks' partial gradients, then the all-reduce) at logit scale 1/τ = 20:
-        # observed up to 1.2e-5 on gradients up to 0.2, so 1e-5 plus 1e-4 of the value; a wrong gather or a lost
-        # gradient is off by orders of magnitude more
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+        # observed up to 1.7e-5 on gradients up to 0.2 (CI, rank_filter), so 5e-5 plus 1e-4 of the value; a wrong
+        # gather or a lost gradient is off by orders of magnitude more (the gradients sum to well over 1)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=5e-5)
 
 
 def wait_for_new_checkpoint(path: Path, process, after: float) -> None:
@@ -281,7 +281,7 @@ def test_drop_disputed_leaves_out_queries_the_teacher_does_not_confirm(tiny_bert
     assert summary["examples"] == len(records) - 2 and summary["skipped"]["teacher prefers a negative"] == 2
     assert main(["train", "--model", str(tiny_bert_dir), "--data", "squad-mini", "--candidates", str(labels),
                  "--drop-disputed", "--output", str(tmp_path / "o")]) == 2
-    assert "--drop-disputed and --keep-top-margin need the teacher's rewards" in capsys.readouterr().err
+    assert "--drop-disputed, --keep-top-margin, --positives and --false-negatives need the teacher's rewards" in capsys.readouterr().err
 
 
 def test_keep_top_margin_keeps_the_queries_the_teacher_confirms_most_clearly(tiny_bert_dir, squad_mini_train_labels,

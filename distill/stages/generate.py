@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -42,12 +43,13 @@ from labelers.prompts import load_template
 from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score_groups
 
 from ..config import add_command, output_settings
-from ..data import Corpus, load_corpus_of
+from ..data import Corpus, ProblemLog, load_corpus_of
 from ..data.records import GeneratedSample, GenerationRecord, read_generations
 from ..encoding import EncodingSettings
 from ..files import file_digest, write_json_atomic, write_lines_atomic
 from ..index import build_index, corpus_embeddings, embeddings, query_source, search
 from .teacher_settings import TeacherSettings, default_template
+from .executor import ExecutorSettings
 from .record_stage import run_record_stage
 from .writer import Shard, is_complete, read_progress
 
@@ -61,7 +63,7 @@ _F = FilterSettings()
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(TeacherSettings):
+class GenerateConfig(TeacherSettings, ExecutorSettings):
     data: str = field(metadata={"help": "BEIR-style folder (only its corpus is read) or an embedded set name"})
     output: Path = field(metadata={"help": "folder to write: corpus, synthetic queries, qrels/train.tsv"})
     language: str = field(default="en", metadata={"help": "language of the default prompts", "choices": ["en", "zh"]})
@@ -334,6 +336,20 @@ def is_generated(folder: Path, settings: dict | None = None) -> bool:
         json.dumps(settings, sort_keys=True, default=str)))
 
 
+def build_sampler(cfg: GenerateConfig) -> tuple[QuestionSampler, ProblemLog]:
+    """The sampling stage for `cfg`'s shard of the chosen passages, and the corpus's problem log."""
+    shard = Shard.parse(cfg.shard)
+    corpus, problems = load_corpus_of(cfg.data, cfg.skip_invalid)
+    rows = selected_rows(corpus, cfg)
+    start, stop = shard.bounds(len(rows))
+    return QuestionSampler(cfg, corpus, rows[start:stop], shard), problems
+
+
+def sampler_for(cfg: GenerateConfig) -> QuestionSampler:
+    """What each Ray actor builds."""
+    return build_sampler(cfg)[0]
+
+
 def run_generate(cfg: GenerateConfig) -> dict:
     shard = Shard.parse(cfg.shard)
     cfg.check_llm()
@@ -344,12 +360,11 @@ def run_generate(cfg: GenerateConfig) -> dict:
         cfg = dataclasses.replace(cfg, filters=["parse", *cfg.filters])
     if cfg.questions_per_passage < 1:
         raise ValueError("--questions-per-passage must be >= 1")
+    cfg.check_executor(cfg.shard)
     folder = Path(cfg.output)
     folder.mkdir(parents=True, exist_ok=True)
-    corpus, problems = load_corpus_of(cfg.data, cfg.skip_invalid)
-    rows = selected_rows(corpus, cfg)
-    start, stop = shard.bounds(len(rows))
-    sampler = QuestionSampler(cfg, corpus, rows[start:stop], shard)
+    sampler, problems = build_sampler(cfg)
+    corpus = sampler.corpus
     settings = sampler.settings()
     done = final_settings(cfg, settings)
     if not cfg.overwrite and shard.count == 1 and is_generated(folder, done):
@@ -364,7 +379,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     if paths is None:
         output = shard_output(folder, shard)
         run_record_stage(sampler, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,
-                         show_progress=cfg.show_progress)
+                         show_progress=cfg.show_progress, executor=cfg, factory=functools.partial(sampler_for, cfg))
         paths = [output]
         if shard.count > 1:
             progress = read_progress(output)

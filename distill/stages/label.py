@@ -23,6 +23,7 @@ run, and split with `--shard i/n`.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,11 +35,12 @@ from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score
 
 from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
-from ..data.records import read_candidates
+from ..data.records import read_candidates, read_labels
 from ..files import file_digest
 from ..negatives import query_rng
 from ..negatives.uniform import draw_uniform
 from .teacher_settings import TeacherSettings, default_template
+from .executor import ExecutorSettings
 from .record_stage import run_record_stage
 from .writer import Shard
 
@@ -49,7 +51,7 @@ Unit = tuple[str, "list[str] | None", "list[float] | None"]  # (qid, listed cand
 
 
 @dataclass(kw_only=True)
-class LabelConfig(TeacherSettings):
+class LabelConfig(TeacherSettings, ExecutorSettings):
     data: str = field(metadata={"help": "BEIR-style folder or embedded set name"})
     output: Path = field(metadata={"help": "labels JSON Lines file to write (resumes if partly written)"})
     split: str = field(default="train", metadata={"help": "qrels split whose queries are labelled"})
@@ -195,13 +197,9 @@ class Labeler:
                 job["target"] = "query"
 
 
-def run_label(cfg: LabelConfig) -> dict:
+def build_labeler(cfg: LabelConfig) -> tuple[Labeler, RetrievalSet, int]:
+    """The label stage for `cfg` (data read and checked), and how many split queries have no candidates line."""
     shard = Shard.parse(cfg.shard)
-    cfg.check_llm()
-    if not cfg.show_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     if cfg.num_random < 0:
         raise ValueError("--num-random must be >= 0")
     rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=True)
@@ -216,28 +214,44 @@ def run_label(cfg: LabelConfig) -> dict:
                              for r in read_candidates(Path(cfg.candidates), rset)]
     else:
         units = [(qid, None, None) for qid in rset.queries.ids]
+    if not units:
+        raise DataError(f"{cfg.candidates}: holds no candidates line, so there is nothing to label")
     uncovered = len(rset.queries) - len(units)
+    start, stop = shard.bounds(len(units))
+    return Labeler(cfg, rset, units[start:stop], shard), rset, uncovered
+
+
+def labeler_for(cfg: LabelConfig) -> Labeler:
+    """What each Ray actor builds (a module-level function, so Ray can ship it)."""
+    return build_labeler(cfg)[0]
+
+
+def run_label(cfg: LabelConfig) -> dict:
+    cfg.check_llm()
+    cfg.check_executor(cfg.shard)
+    if not cfg.show_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    labeler, rset, uncovered = build_labeler(cfg)
     if uncovered:
         print(f"{uncovered} of {len(rset.queries)} {cfg.split} queries have no line in {cfg.candidates}: they are not "
               "labelled (mine them too, or label without --candidates to score their positives and random passages)")
-    if not units:
-        raise DataError(f"{cfg.candidates}: holds no candidates line, so there is nothing to label")
-    start, stop = shard.bounds(len(units))
-    units = units[start:stop]
-    labeler = Labeler(cfg, rset, units, shard)
-    output = Path(cfg.output)
+    output, n = Path(cfg.output), labeler.n_units
     started = time.perf_counter()
     run = run_record_stage(labeler, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,
-                           show_progress=cfg.show_progress)
+                           show_progress=cfg.show_progress, executor=cfg, factory=functools.partial(labeler_for, cfg))
     if run.already_complete:
-        return {"output": str(output), "queries": len(units), "skipped": True}
+        return {"output": str(output), "queries": n, "skipped": True}
     summary = run.job
     elapsed = time.perf_counter() - started
-    report = {"output": str(output), "queries": len(units), "resumed_from": summary.resumed_from,
+    if cfg.executor == "ray":  # the counting happened in the actors
+        labeler.labels = sum(len(r.pids) for r in read_labels(output))
+    report = {"output": str(output), "queries": n, "resumed_from": summary.resumed_from,
               "labels": labeler.labels, "tokens": labeler.tokens, "seconds": round(elapsed, 2),
-              "shard": str(shard), "queries_without_candidates": uncovered, "boundary_merges": labeler.answer_inputs.boundary_merges
-              + labeler.query_inputs.boundary_merges}
-    print(f"labelled {len(units) - summary.resumed_from} queries ({labeler.labels} passages) in {elapsed:.1f} s"
+              "shard": str(labeler.shard), "queries_without_candidates": uncovered,
+              "boundary_merges": labeler.answer_inputs.boundary_merges + labeler.query_inputs.boundary_merges}
+    print(f"labelled {n - summary.resumed_from} queries ({labeler.labels} passages) in {elapsed:.1f} s"
           + (f", resumed after {summary.resumed_from}" if summary.resumed_from else "") + f" -> {output}")
     if rset.problems.total:
         print(rset.problems.summary())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ from ..index import build_index, embeddings, passage_source, query_source, searc
 from ..negatives import STRATEGIES, MiningBatch, Ranked, CandidateWindow, query_rng, teacher_exclusions
 from ..negatives.bm25 import TOKENIZERS, BM25Index
 from .export import EXPORTERS, check_export_output, export_candidates
+from .executor import ExecutorSettings
 from .record_stage import run_record_stage
 from .writer import Shard
 
@@ -51,7 +53,7 @@ DEFAULT_POOL_SIZE = 16  # the retriever's top K per query without qrels, for the
 
 
 @dataclass(kw_only=True)
-class MineConfig(EncodingSettings, WindowSettings):
+class MineConfig(EncodingSettings, WindowSettings, ExecutorSettings):
     data: str = field(metadata={"help": "BEIR-style folder (corpus, queries, qrels/<split>.tsv) or an embedded set name"})
     output: Path = field(metadata={"help": "candidates JSON Lines to write"})
     model: str | None = field(default=None, metadata={
@@ -176,6 +178,11 @@ class Miner:
     def close(self) -> None:
         pass
 
+    def prepare(self) -> None:
+        """Before Ray actors start: embed once into the (shared) cache, which every actor then reads."""
+        if self.encoder is not None and self.cfg.cache_path is not None:
+            self.start()
+
     def start(self) -> None:
         cfg, encoder, corpus, rset = self.cfg, self.encoder, self.rset.corpus, self.rset
         pools = set(self.strategy.POOLS)
@@ -287,6 +294,13 @@ def summarize(output: Path, num_negatives: int) -> dict:
             "mean_negative_score": float(np.mean(neg)) if neg else None, "short": short}
 
 
+def miner_for(cfg: MineConfig) -> Miner:
+    """The mine stage for `cfg`: its split read and checked, its encoder loaded (also what each Ray actor builds)."""
+    rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=True)
+    encoder = cfg.load_encoder(cfg.model) if cfg.model else None
+    return Miner(cfg, rset, Shard.parse(cfg.shard), encoder)
+
+
 def run_mine(cfg: MineConfig) -> dict:
     if cfg.num_negatives < 1:
         raise ValueError("--num-negatives must be >= 1")
@@ -294,17 +308,16 @@ def run_mine(cfg: MineConfig) -> dict:
         raise ValueError("--export needs --export-output")
     if cfg.export:
         check_export_output(cfg.export, cfg.export_output)
-    shard = Shard.parse(cfg.shard)
-    rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=True)
+    cfg.check_executor(cfg.shard)
+    started = time.perf_counter()
+    miner = miner_for(cfg)
+    rset = miner.rset
     if cfg.export and not rset.labelled:
         raise ValueError(f"--export writes (query, positive, negatives) rows; split {cfg.split!r} has no qrels")
-    num = pool_size(cfg, rset)
-    started = time.perf_counter()
-    encoder = cfg.load_encoder(cfg.model) if cfg.model else None
-    miner = Miner(cfg, rset, shard, encoder)
+    num, shard = miner.num, miner.shard
     output = Path(cfg.output)
     run = run_record_stage(miner, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,
-                           show_progress=cfg.show_progress)
+                           show_progress=cfg.show_progress, executor=cfg, factory=functools.partial(miner_for, cfg))
     qids, resumed_from = miner.qids, run.job.resumed_from
     stats = summarize(output, num)
     elapsed = time.perf_counter() - started

@@ -16,10 +16,12 @@ object is what a distributed executor would run shard after shard.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .executor import ExecutorSettings, run_on_ray
 from .writer import JobSummary, is_complete, write_resumable
 
 
@@ -59,14 +61,23 @@ class StageRun:
 
 
 def run_record_stage(stage: RecordStage, output: Path, *, chunk_size: int, overwrite: bool,
-                     show_progress: bool) -> StageRun:
-    """Write `stage`'s records to `output`, resuming a partial file; see the module docstring."""
+                     show_progress: bool, executor: ExecutorSettings | None = None,
+                     factory: Callable[[], RecordStage] | None = None) -> StageRun:
+    """Write `stage`'s records to `output`, resuming a partial file; see the module docstring. With
+    `executor.executor == "ray"`, Ray actors each build the stage with `factory` and write parts of it
+    (`executor.run_on_ray`); `stage.prepare()`, when the stage has one, runs first, once, here."""
     output = Path(output)
     settings = stage.settings()
     if not overwrite and is_complete(output, settings):
         plural = "queries" if stage.unit == "query" else stage.unit + "s"
         print(f"{output}: already complete ({stage.n_units} {plural}); nothing to do")
         return StageRun(JobSummary(output, stage.n_units, stage.n_units, 0, 0.0, True), True)
+    if executor is not None and executor.executor == "ray":
+        if factory is None:
+            raise ValueError(f"{stage.desc} cannot run on Ray")
+        getattr(stage, "prepare", lambda: None)()
+        return StageRun(run_on_ray(stage, factory, output, settings, chunk_size=chunk_size, overwrite=overwrite,
+                                   show_progress=show_progress, executor=executor), False)
     try:
         stage.start()
         job = write_resumable(output, stage.n_units, stage.process, settings=settings, chunk_size=chunk_size,

@@ -7,6 +7,7 @@ silently dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..config import check_backend_settings
@@ -39,24 +40,64 @@ class TeacherSettings:
     enforce_eager: bool = field(default=False, metadata={
         "help": "vllm backend: no graph compilation (starts in seconds; use where compilation fails)",
         "backends": ("vllm",), "volatile": True})
+    tensor_parallel_size: int | None = field(default=None, metadata={
+        "help": "vllm backend: GPUs one model is split across (default: --gpus-per-worker with --executor ray, "
+                "else 1)", "backends": ("vllm",), "volatile": True})
+    pipeline_parallel_size: int | None = field(default=None, metadata={
+        "help": "vllm backend: pipeline stages (default 1)", "backends": ("vllm",), "volatile": True})
+    gpu_memory_utilization: float | None = field(default=None, metadata={
+        "help": "vllm backend: fraction of GPU memory for weights and KV cache (default 0.9)",
+        "backends": ("vllm",), "volatile": True})
+    kv_cache_gb: float | None = field(default=None, metadata={
+        "help": "vllm backend: fixed KV-cache size in GiB (default: from --gpu-memory-utilization on a GPU, "
+                "2 on a CPU)", "backends": ("vllm",), "volatile": True})
+    max_num_seqs: int | None = field(default=None, metadata={
+        "help": "vllm backend: sequences per engine step (vLLM's default when unset)", "backends": ("vllm",),
+        "volatile": True})
+    max_num_batched_tokens: int | None = field(default=None, metadata={
+        "help": "vllm backend: tokens per engine step (vLLM's default when unset)", "backends": ("vllm",),
+        "volatile": True})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "vllm backend: compute a prompt prefix shared by several requests once", "backends": ("vllm",),
+        "volatile": True})
+    quantization: str | None = field(default=None, metadata={
+        "help": "vllm backend: weight quantization method, as vLLM names it (awq, gptq, fp8, ...; default: "
+                "what the checkpoint says)", "backends": ("vllm",)})
     concurrency: int = field(default=4, metadata={
         "help": "openai backend: requests in flight", "backends": ("openai",), "volatile": True})
     max_retry_seconds: float = field(default=600.0, metadata={
         "help": "openai backend: retry a failing request this long before giving up", "backends": ("openai",),
         "volatile": True})
+    timeout: float = field(default=300.0, metadata={
+        "help": "openai backend: seconds to wait for one response", "backends": ("openai",), "volatile": True})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code to run",
                                                               "volatile": True})
 
     def __post_init__(self) -> None:
         check_backend_settings(self, self.backend)
+        self.effective_tensor_parallel_size()  # --tensor-parallel-size and --gpus-per-worker agree
 
     def create_backend(self, seed: int = 0) -> Backend:
-        return create_backend(
-            self.backend, model=(self.served_model or self.llm) if self.backend == "openai" else self.llm,
-            device=self.device, dtype=self.dtype, token_budget=self.token_budget,
-            trust_remote_code=self.trust_remote_code, max_model_len=self.max_model_len,
-            enforce_eager=self.enforce_eager, base_url=self.base_url, api_key_env=self.api_key_env,
-            concurrency=self.concurrency, max_retry_seconds=self.max_retry_seconds, seed=seed)
+        """The chosen backend, given the settings whose `metadata["backends"]` names it, and nothing else."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(TeacherSettings)
+                   if self.backend in f.metadata.get("backends", ()) and f.name != "served_model"}
+        if self.backend == "vllm":  # the engine's seed; hf and openai seed each prompt (`Sampling.prompt_seed`)
+            options.update(tensor_parallel_size=self.effective_tensor_parallel_size(), seed=seed)
+        if self.backend != "openai":  # a server runs the model's code, not this process
+            options["trust_remote_code"] = self.trust_remote_code
+        model = (self.served_model or self.llm) if self.backend == "openai" else self.llm
+        return create_backend(self.backend, model=model, **options)
+
+    def effective_tensor_parallel_size(self) -> int | None:
+        """vLLM's tensor-parallel size: `--tensor-parallel-size`, else the GPUs of one Ray worker
+        (`--gpus-per-worker`) when it has several; the two must agree when both are given."""
+        gpus = getattr(self, "gpus_per_worker", 0) or 0
+        if getattr(self, "executor", "local") != "ray" or gpus <= 1:
+            return self.tensor_parallel_size
+        if self.tensor_parallel_size not in (None, int(gpus)):
+            raise ValueError(f"--tensor-parallel-size {self.tensor_parallel_size} differs from --gpus-per-worker "
+                             f"{gpus}: a Ray worker's GPUs are its model's tensor-parallel group")
+        return int(gpus)
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer

@@ -76,9 +76,11 @@ class JobSummary:
     complete: bool
 
 
-def encode_records(records: Sequence[dict]) -> bytes:
-    """One JSON object per line, UTF-8, keys in the order the stage built them."""
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+def encode_records(records: Sequence[dict | str]) -> bytes:
+    """One JSON object per line, UTF-8, keys in the order the stage built them; a str is a line already
+    encoded (copied from a part file), written as it is."""
+    return "".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) + "\n"
+                   for r in records).encode("utf-8")
 
 
 def _resume_point(output: Path, settings: dict, n_units: int, overwrite: bool) -> tuple[int, int, dict | None]:

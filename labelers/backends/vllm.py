@@ -32,6 +32,10 @@ class VLLMBackendConfig:
     gpu_memory_utilization: float = 0.9  # GPU only; on a CPU vLLM reads it as a fraction of RAM
     kv_cache_gb: float | None = None     # fixed KV-cache size; default on a CPU: 2 GiB
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    max_num_seqs: int | None = None      # vLLM's defaults when None
+    max_num_batched_tokens: int | None = None
+    quantization: str | None = None      # default: what the checkpoint's config says
     enable_prefix_caching: bool = True
     enforce_eager: bool = False          # skip graph capture/compilation: starts much faster, runs slower
     trust_remote_code: bool = False
@@ -47,11 +51,14 @@ class VLLMBackend:
         except ImportError as exc:
             raise ImportError(INSTALL_HINT) from exc
         self.cfg = cfg
-        options = dict(model=check_causal_lm(cfg.model, cfg.trust_remote_code), dtype=cfg.dtype or "auto", enable_prefix_caching=cfg.enable_prefix_caching,
+        options = dict(model=check_causal_lm(cfg.model, cfg.trust_remote_code), dtype=cfg.dtype or "auto",
+                       enable_prefix_caching=cfg.enable_prefix_caching,
                        trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, enforce_eager=cfg.enforce_eager,
-                       tensor_parallel_size=cfg.tensor_parallel_size)
-        if cfg.max_model_len:
-            options["max_model_len"] = cfg.max_model_len
+                       tensor_parallel_size=cfg.tensor_parallel_size,
+                       pipeline_parallel_size=cfg.pipeline_parallel_size)
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "quantization"):
+            if getattr(cfg, name) is not None:
+                options[name] = getattr(cfg, name)
         if _has_cuda():
             options["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.kv_cache_gb or not _has_cuda():
