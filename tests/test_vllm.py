@@ -174,14 +174,18 @@ if __name__ == "__main__":
     llm = sys.argv[1]
     tokenizer = AutoTokenizer.from_pretrained(llm)
     prompts = [tokenizer(t)["input_ids"] for t in ("The river", "A passage about the city", "Question:")]
-    backend = create_backend("vllm", model=llm, dtype="float32", max_model_len=512, enforce_eager=True)
+    backend = create_backend("vllm", model=llm, dtype="float32", max_model_len=512, enforce_eager=True,
+                             max_num_seqs=5, max_num_batched_tokens=1536, enable_prefix_caching=False)
+    engine = backend.llm.llm_engine.vllm_config
+    settings = [engine.scheduler_config.max_num_seqs, engine.scheduler_config.max_num_batched_tokens,
+                engine.cache_config.enable_prefix_caching]
     sampling = Sampling(temperature=1.0, top_p=0.95, n=2, seed=3)
     first = backend.generate(prompts, 12, sampling)
     stop = (first[0][0][4:6], first[2][1][-3:])
     out = {"first": first, "again": backend.generate(prompts, 12, sampling),
            "stopped": backend.generate(prompts, 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=3, stop=stop)),
            "tail": backend.generate(prompts[1:], 12, Sampling(temperature=1.0, top_p=0.95, n=2, seed=5)),
-           "greedy": backend.generate(prompts, 12)}
+           "greedy": backend.generate(prompts, 12), "settings": settings}
     backend.close()
     print(json.dumps(out))
 """
@@ -217,6 +221,7 @@ def test_vllm_offline_samples_each_prompt_from_its_own_seed(vllm_python, tiny_ll
     assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert [len(c) for c in out["first"]] == [2, 2, 2] and out["again"] == out["first"]
+    assert out["settings"] == [5, 1536, False]  # the engine settings reached vLLM's engine
     _samples_are_their_own(out["first"], out["tail"])
     _stopped_is_cut(out["first"], out["stopped"], _stops_in(out["first"]))
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
