@@ -56,9 +56,24 @@ def test_label_generate_and_mine_on_ray_equal_local(cluster, tiny_llama_dir, tin
     assert (tmp_path / "mine-ray.jsonl").read_bytes() == (tmp_path / "mine-local.jsonl").read_bytes()
 
 
-def _ray_label(llm: Path, out: Path, address: str, output=subprocess.PIPE) -> subprocess.Popen:
+def _first_test_queries(folder: Path, n: int) -> Path:
+    """squad-mini (its whole corpus) with its first `n` test queries."""
+    import shutil
+
+    source = ROOT / "distill" / "resources" / "squad_mini"
+    (folder / "qrels").mkdir(parents=True)
+    shutil.copy(source / "corpus.jsonl", folder / "corpus.jsonl")
+    header, *rows = (source / "qrels" / "test.tsv").read_text().splitlines()
+    qids = set(list(dict.fromkeys(r.split("\t")[0] for r in rows))[:n])
+    (folder / "qrels" / "test.tsv").write_text("\n".join([header, *(r for r in rows if r.split("\t")[0] in qids)]))
+    (folder / "queries.jsonl").write_text("".join(line + "\n" for line in (source / "queries.jsonl").read_text()
+                                                  .splitlines() if json.loads(line)["_id"] in qids))
+    return folder
+
+
+def _ray_label(llm: Path, data: Path, out: Path, address: str, output=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "distill", *label_args(llm, "squad-mini", out, "--executor", "ray",
+    return subprocess.Popen([sys.executable, "-m", "distill", *label_args(llm, data, out, "--executor", "ray",
                                                                           "--workers", "2", "--ray-address", address)],
                             env=env, stdout=output, stderr=output, text=True)
 
@@ -79,11 +94,12 @@ def _worker_pids() -> list[int]:
 
 
 def test_a_killed_worker_or_driver_costs_time_not_records(cluster, tiny_llama_dir, tmp_path):
+    data = _first_test_queries(tmp_path / "data", 120)  # 60 chunks of 2 queries, 8 parts of 8 chunks or fewer
     reference = tmp_path / "local.jsonl"
-    assert main(label_args(tiny_llama_dir, "squad-mini", reference)) == 0
+    assert main(label_args(tiny_llama_dir, data, reference)) == 0
     out = tmp_path / "ray.jsonl"
     # kill -9 one worker once it has written a chunk: Ray restarts it, its part resumes
-    driver = _ray_label(tiny_llama_dir, out, cluster, subprocess.DEVNULL)
+    driver = _ray_label(tiny_llama_dir, data, out, cluster, subprocess.DEVNULL)
     deadline = time.time() + 300
     while not any(p["units_done"] for p in _parts_progress(out).values()) and time.time() < deadline \
             and driver.poll() is None:
@@ -105,7 +121,7 @@ def test_a_killed_worker_or_driver_costs_time_not_records(cluster, tiny_llama_di
             pass
     complete = {name for name, progress in _parts_progress(out).items() if progress["complete"]}
     assert complete and len(complete) < 8, complete
-    rerun = _ray_label(tiny_llama_dir, out, cluster)
+    rerun = _ray_label(tiny_llama_dir, data, out, cluster)
     printed, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err[-3000:]
     assert out.read_bytes() == reference.read_bytes()
