@@ -84,3 +84,17 @@ def test_dry_run_says_where_every_setting_came_from(tmp_path, capsys):
     assert lines["model@train"].endswith("# run") and lines["weight_decay@train"].endswith("# default")
     assert "  label (label): squad-mini, <mine> -> " in printed  # the plan: what each stage reads and writes
     assert not (tmp_path / "run").exists()
+
+
+def test_distill_run_gives_its_executor_to_the_record_stages(tmp_path):
+    from distill.pipeline import plan
+    from distill.supervision import Supervision
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "data": "squad-mini", "model": "m",
+                                      "llm": "l", "executor": "ray", "workers": 3, "label": {"workers": 5}}))
+    _, stages, _ = plan(config, {"gpus_per_worker": 1.0}, supervision=Supervision("raw_text", "test"))
+    by_name = {stage.name: cfg for stage, cfg in stages}
+    assert [(by_name[n].executor, by_name[n].workers, by_name[n].gpus_per_worker) for n in
+            ("generate", "mine", "label")] == [("ray", 3, 1.0), ("ray", 3, 1.0), ("ray", 5, 1.0)]
+    assert not hasattr(by_name["train"], "executor")  # training scales with torchrun, not Ray
