@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", help="only these --positives rows (default: all of the task's); "
+                        "retriever-top1 is always run, the other rows are compared with it")
+    parser.add_argument("--no-gold", action="store_true", help="leave out the gold-qrels row (squad)")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +129,8 @@ def main() -> None:
     base = evaluate(args.model, args.data, args.eval_split, out / "eval" / "base")
     rows = {"base": (None, None, base)}
     trec = {"base": out / "eval" / "base.trec"}
-    runs = [(mode, "") for mode in MODES[args.task]] + ([("teacher+retriever", "2")] if args.llm2 else [])
+    modes = [m for m in MODES[args.task] if not args.modes or m in args.modes or m == "retriever-top1"]
+    runs = [(mode, "") for mode in modes] + ([("teacher+retriever", "2")] if args.llm2 else [])
     for mode, tag in runs:
         name = f"{mode}{' (' + Path(teachers[tag]).name + ')' if tag else ''}"
         print(f"[4] {name}", flush=True)
@@ -139,7 +143,7 @@ def main() -> None:
                            baseline=out / "eval" / "base.trec")
         rows[name] = (kept, accuracy, metrics)
         trec[name] = out / "eval" / f"{mode}{tag}.trec"
-    if args.task == "squad":
+    if args.task == "squad" and not args.no_gold:
         print("[5] gold qrels, InfoNCE", flush=True)
         gold_pool = out / "gold_candidates.jsonl"
         distill("mine", "--model", args.model, "--data", str(gold), "--num-negatives", "15", "--output",
