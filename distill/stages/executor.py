@@ -95,17 +95,17 @@ class StageWorker:
                         settings=part_settings(settings, part), chunk_size=chunk_size)
         return part.index
 
-    def pid(self) -> int:
-        import os
 
-        return os.getpid()
-
-
-def _connect(address: str | None) -> None:
+def _import_ray():
     try:
         import ray
     except ImportError as exc:
         raise ImportError(INSTALL_HINT) from exc
+    return ray
+
+
+def _connect(address: str | None) -> None:
+    ray = _import_ray()
     if ray.is_initialized():
         return
     options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -132,7 +132,7 @@ def _units_done(folder: Path, parts: list[Part]) -> int:
 def run_on_ray(stage, factory: Callable[[], object], output: Path, settings: dict, *, chunk_size: int,
                overwrite: bool, show_progress: bool, executor: ExecutorSettings) -> JobSummary:
     """The job on Ray actors (see the module docstring); returns the assembled output's summary."""
-    import ray
+    ray = _import_ray()  # a missing extra is the install hint, before any work
     from ray.util.actor_pool import ActorPool
 
     started = time.perf_counter()
