@@ -224,11 +224,26 @@ class BiEncoder(torch.nn.Module):
     def max_length(self, kind: str) -> int:
         return {"query": self.config.max_query_length, "passage": self.config.max_passage_length}[kind]
 
-    def tokenize(self, texts: Sequence[str], kind: str) -> dict[str, torch.Tensor]:
-        """Padded tensors for a batch (training path; `encode` pads itself)."""
-        batch = self.tokenizer(self.prefixed(texts, kind), padding=True, truncation=True,
-                               max_length=self.max_length(kind), return_tensors="pt")
-        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    def token_ids(self, texts: Sequence[str], kind: str) -> list[np.ndarray]:
+        """Each text's token ids (prefixed, truncated to the kind's max length, special tokens added), unpadded;
+        compact int32 arrays, tokenised a slice at a time (the tokenizer's own Encoding objects cost far more)."""
+        prefixed = self.prefixed(texts, kind)
+        ids: list[np.ndarray] = []
+        for start in range(0, len(prefixed), TOKENIZE_SLICE):
+            ids.extend(np.asarray(t, dtype=np.int32) for t in self.tokenizer(
+                prefixed[start:start + TOKENIZE_SLICE], truncation=True, max_length=self.max_length(kind),
+                add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)["input_ids"])
+        return ids
+
+    def padded(self, token_ids: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) on the encoder's device, right-padded to the longest of `token_ids`."""
+        width = max(len(t) for t in token_ids)
+        ids = np.full((len(token_ids), width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((len(token_ids), width), dtype=np.int64)
+        for i, t in enumerate(token_ids):
+            ids[i, :len(t)] = t
+            mask[i, :len(t)] = 1
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
         """Embeddings [batch, dim] with gradients (when enabled)."""
@@ -253,28 +268,14 @@ class BiEncoder(torch.nn.Module):
             return out
         was_training = self.training
         self.eval()
-        prefixed = self.prefixed(texts, kind)
-        token_ids: list[np.ndarray] = []
-        for start in range(0, len(prefixed), TOKENIZE_SLICE):
-            # compact int32 arrays per slice: the tokenizer's own Encoding objects cost far more than the ids
-            token_ids.extend(np.asarray(ids, dtype=np.int32) for ids in self.tokenizer(
-                prefixed[start:start + TOKENIZE_SLICE], truncation=True, max_length=self.max_length(kind),
-                add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)["input_ids"])
+        token_ids = self.token_ids(texts, kind)
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         order = np.argsort(-lengths, kind="stable")
-        pad_id = self.tokenizer.pad_token_id or 0
-        device = self.device
         with tqdm(total=len(texts), desc="encode queries" if kind == "query" else "encode passages", unit="text", disable=not show_progress,
                   dynamic_ncols=True) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                width = int(lengths[rows[0]])
-                ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-                mask = np.zeros((len(rows), width), dtype=np.int64)
-                for i, row in enumerate(rows):
-                    ids[i, :lengths[row]] = token_ids[row]
-                    mask[i, :lengths[row]] = 1
-                embeddings = self(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+                embeddings = self(*self.padded([token_ids[row] for row in rows]))
                 out[rows] = embeddings.float().cpu().numpy().astype(output_dtype, copy=False)
                 bar.update(len(rows))
         self.train(was_training)

@@ -325,7 +325,7 @@ def test_the_memory_measure_matches_what_a_step_keeps(minilm_dir):
 def test_memory_plan_picks_the_largest_chunk_that_fits():
     from distill.training.memory import SAFETY, plan_memory
 
-    common = dict(n_queries=4, n_passages=28, query_bytes=1.0, passage_bytes=10.0, passage_length=128)
+    common = dict(n_queries=4, n_passages=28, query_bytes=1.0, passage_bytes=10.0, longest_tokens=128)
     fits = plan_memory(budget_bytes=SAFETY * (4 + 280), chunk_size=None, **common)
     assert fits.chunk_size is None
     tight = plan_memory(budget_bytes=SAFETY * 10 * 7 + 1, chunk_size=None, **common)

@@ -92,18 +92,18 @@ class MemoryPlan:
     budget_bytes: float
     chunk_size: int | None       # GradCache chunk to use (None: the whole batch fits)
     texts: int                   # texts a step encodes
-    passage_length: int
+    longest_tokens: int         # the longest text a batch may hold (query or passage)
 
     def describe(self, where: str) -> str:
         gb = 2 ** 30
-        return (f"a step embeds {self.texts} texts of up to {self.passage_length} tokens: about "
+        return (f"a step embeds {self.texts} texts of up to {self.longest_tokens} tokens: about "
                 f"{self.step_bytes / gb:.1f} GiB of activations, over the {self.budget_bytes / gb:.1f} GiB budget "
                 f"({where}); GradCache on with chunks of {self.chunk_size} texts (the same gradients; "
                 "--grad-cache-chunk-size to choose, --memory-budget-gb to change the budget)")
 
 
 def plan_memory(*, n_queries: int, n_passages: int, query_bytes: float, passage_bytes: float,
-                budget_bytes: float, chunk_size: int | None, passage_length: int) -> MemoryPlan:
+                budget_bytes: float, chunk_size: int | None, longest_tokens: int) -> MemoryPlan:
     """GradCache's chunk for a step of `n_queries` + `n_passages` texts: None when it all fits, the largest
     chunk that fits when not, or ValueError when not even one text fits (or the chunk asked for does not)."""
     texts = n_queries + n_passages
@@ -116,15 +116,15 @@ def plan_memory(*, n_queries: int, n_passages: int, query_bytes: float, passage_
             raise ValueError(f"--grad-cache-chunk-size {chunk_size} needs about {chunk_size * per_text / 2**30:.1f} "
                              f"GiB of activations per chunk, over the {budget_bytes / 2**30:.1f} GiB budget: use "
                              f"--grad-cache-chunk-size {max(int(budget_bytes // per_text), 1)} or less, or {hint}")
-        return MemoryPlan(step, budget_bytes, chunk_size, texts, passage_length)
+        return MemoryPlan(step, budget_bytes, chunk_size, texts, longest_tokens)
     if step <= budget_bytes:
-        return MemoryPlan(step, budget_bytes, None, texts, passage_length)
+        return MemoryPlan(step, budget_bytes, None, texts, longest_tokens)
     chunk = int(budget_bytes // per_text)
     if chunk < 1:
-        raise ValueError(f"one {passage_length}-token text needs about {per_text / 2**30:.2f} GiB of activations, "
+        raise ValueError(f"one {longest_tokens}-token text needs about {per_text / 2**30:.2f} GiB of activations, "
                          f"over the {budget_bytes / 2**30:.2f} GiB budget, so no --grad-cache-chunk-size fits: {hint}, "
                          "or raise --memory-budget-gb (--train-batch-size does not change this)")
-    return MemoryPlan(step, budget_bytes, min(chunk, texts), texts, passage_length)
+    return MemoryPlan(step, budget_bytes, min(chunk, texts), texts, longest_tokens)
 
 
 def plan_for_run(encoder, rsets, examples, cfg, n_queries: int, amp: torch.dtype | None,
@@ -147,6 +147,7 @@ def plan_for_run(encoder, rsets, examples, cfg, n_queries: int, amp: torch.dtype
                  + ("RAM" if device.type == "cpu" else f"on {device}")
                  + (f", shared by {processes} processes" if processes > 1 else ""))
     plan = plan_memory(n_queries=n_queries, n_passages=n_passages, query_bytes=per_query, passage_bytes=per_passage,
-                       budget_bytes=budget, chunk_size=cfg.grad_cache_chunk_size, passage_length=passage_tokens)
+                       budget_bytes=budget, chunk_size=cfg.grad_cache_chunk_size,
+                       longest_tokens=max(query_tokens, passage_tokens))
     note = plan.describe(where) if plan.chunk_size and not cfg.grad_cache_chunk_size else None
     return plan, note

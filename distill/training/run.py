@@ -147,6 +147,7 @@ def _run_train(cfg: TrainConfig, ctx: Distributed) -> dict:
     summary["memory"] = {"step_activation_gib": round(trainer.memory.step_bytes / 2 ** 30, 3),
                          "budget_gib": round(trainer.memory.budget_bytes / 2 ** 30, 3),
                          "grad_cache_chunk_size": trainer.grad_cache_chunk}
+    summary["throughput"] = trainer.throughput()
     if ctx.is_main:
         teacher = None
         if cfg.labels:
@@ -163,7 +164,10 @@ def _run_train(cfg: TrainConfig, ctx: Distributed) -> dict:
             shutil.rmtree(out / name, ignore_errors=True)
         if trainer.state.before and after:
             print(format_table({"base": trainer.state.before, "trained": after}))
-        print(f"trained {summary['steps']} steps in {summary['seconds']} s -> {out}")
+        speed = summary["throughput"]
+        print(f"trained {summary['steps']} steps in {summary['seconds']} s -> {out}"
+              + (f" ({speed['tokens_per_s']:.0f} tokens/s, {speed['padding_fraction']:.1%} padding)"
+                 if speed["tokens_per_s"] else ""))
     return summary
 
 

@@ -9,7 +9,8 @@ gradients) and scores
 with the keys that are a query's own positives masked to -inf (`batches.false_negative_mask`), then applies
 the objective (`losses.Objective`) to the [B, B·n] score matrix and the group index of each query.
 
-`forward_backward` runs that loss backward. With GradCache (Gao et al., 2021, "Scaling Deep Contrastive
+`forward_backward` runs that loss backward. The texts are embedded in forward passes cut by `microbatch`
+(length-sorted runs by default) and put back in batch order. With GradCache (Gao et al., 2021, "Scaling Deep Contrastive
 Learning Batch Size under Memory Limited Setup") the texts are embedded chunk by chunk without a graph, the
 loss's gradients with respect to those embeddings are computed once, and each chunk is embedded again with
 its graph and back-propagated from its slice of those gradients, under the same dropout masks (the torch RNG
@@ -22,6 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..losses import LossInputs, Objective
@@ -69,36 +71,40 @@ def check_finite(loss: StepLoss, describe_stop: Callable[[float, dict], str]) ->
         raise NonFiniteLoss(describe_stop(value, loss.parts))
 
 
-def forward_backward(embed: Callable[[list[str], str], torch.Tensor], queries: list[str], keys: list[str],
+def forward_backward(embed: Callable[[np.ndarray], torch.Tensor], chunks: list[np.ndarray], n_queries: int,
                      loss_of: Callable[[torch.Tensor, torch.Tensor], StepLoss],
-                     backward: Callable[[torch.Tensor], None], chunk: int | None,
+                     backward: Callable[[torch.Tensor], None], grad_cache: bool,
                      before_backward: Callable[[StepLoss], None] = lambda loss: None) -> StepLoss:
     """Embed, score and back-propagate one batch; gradients accumulate in the encoder, nothing is applied.
 
-    `embed(texts, kind)` gives embeddings with a graph, `loss_of(q, k)` the batch loss, `backward(total)` runs
-    the (scaled) backward pass; `chunk` texts per forward with GradCache, or all at once when None."""
-    if not chunk:
-        loss = loss_of(embed(queries, "query"), embed(keys, "passage"))
+    The batch's texts are its `n_queries` queries, then its keys; `chunks` cut them into forward passes (row
+    indices, `microbatch`), `embed(rows)` embeds those rows with a graph, and the pieces are put back in batch
+    order before `loss_of(q, k)` scores them; `backward(total)` runs the (scaled) backward pass. With `grad_cache`
+    the pieces are first embedded without a graph and each chunk is embedded again, under its replayed dropout
+    masks, and back-propagated from its slice of the loss's gradients."""
+    batch_order = torch.from_numpy(np.argsort(np.concatenate(chunks), kind="stable"))
+
+    def in_batch_order(pieces: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(pieces)[batch_order.to(pieces[0].device)]
+
+    def scored(embedded: torch.Tensor) -> StepLoss:
+        loss = loss_of(embedded[:n_queries], embedded[n_queries:])
         before_backward(loss)
         backward(loss.total)
         return loss
-    cached = {}
-    for kind, texts in (("query", queries), ("passage", keys)):
-        states, pieces = [], []
-        with torch.no_grad():
-            for start in range(0, len(texts), chunk):
-                states.append(rng_state())
-                pieces.append(embed(texts[start:start + chunk], kind))
-        cached[kind] = (torch.cat(pieces).requires_grad_(), states)
-    loss = loss_of(cached["query"][0], cached["passage"][0])
-    before_backward(loss)
-    backward(loss.total)
+
+    if not grad_cache:
+        return scored(in_batch_order([embed(c) for c in chunks]))
+    states, pieces = [], []
+    with torch.no_grad():
+        for c in chunks:
+            states.append(rng_state())
+            pieces.append(embed(c))
+    cached = in_batch_order(pieces).requires_grad_()
+    loss = scored(cached)
     after = rng_state()
-    for kind, texts in (("query", queries), ("passage", keys)):
-        reps, states = cached[kind]
-        for k, start in enumerate(range(0, len(texts), chunk)):
-            set_rng_state(states[k])  # the same dropout masks as the cached pass
-            piece = embed(texts[start:start + chunk], kind)
-            piece.backward(reps.grad[start:start + chunk])
+    for c, state in zip(chunks, states):
+        set_rng_state(state)  # the same dropout masks as the cached pass
+        embed(c).backward(cached.grad[torch.from_numpy(c).to(cached.device)])
     set_rng_state(after)
     return loss

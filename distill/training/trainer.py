@@ -29,6 +29,7 @@ from .checkpoint import TrainState
 from .config import TrainConfig
 from .distributed import Distributed, barrier, broadcast_object, sum_gradients
 from .memory import plan_for_run
+from .microbatch import PaddingCount, default_token_budget, kind_chunks, sorted_chunks
 from .remine import RemineSettings, ScoreTracker, due, remine
 from .run_folder import RunFolder
 from .setup import autocast_dtype, load_training_examples, make_optimizer, make_scheduler, rng_state, set_rng_state
@@ -60,6 +61,12 @@ class Trainer:
         self.memory, self.memory_note = plan_for_run(self.encoder, self.rsets, self.examples, cfg, self.local_batch,
                                                      self.amp, self.device)
         self.grad_cache_chunk = self.memory.chunk_size
+        self.token_budget = (default_token_budget(self.device.type) if cfg.micro_batch_tokens is None
+                             else cfg.micro_batch_tokens)
+        if self.token_budget and self.grad_cache_chunk:  # a GradCache chunk's memory: so many texts at the longest
+            self.token_budget = min(self.token_budget, self.grad_cache_chunk * self.memory.longest_tokens)
+        self.tokens = PaddingCount()  # this process's forwards since it started (a resumed run counts anew)
+        self.step_seconds = 0.0       # ... and the time its steps took (forward, backward, optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         self.optimizer = make_optimizer(self.encoder, cfg)
         self.group_size = 1 + cfg.num_negatives
@@ -97,26 +104,31 @@ class Trainer:
         return queries, keys
 
     # ----- one batch -----------------------------------------------------------------------------------------
-    def embed(self, texts: list[str], kind: str) -> torch.Tensor:
+    def embed(self, token_ids: list[np.ndarray]) -> torch.Tensor:
         autocast = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
                     else contextlib.nullcontext())
         with autocast:
-            return self.encoder(**self.encoder.tokenize(texts, kind)).float()
+            return self.encoder(*self.encoder.padded(token_ids)).float()
 
     def backward(self, groups: list[Group]) -> StepLoss:
         """Forward and backward of one global batch (this rank's share of it); gradients accumulate in the
         encoder and are not applied. Raises NonFiniteLoss before the backward of a NaN or infinite loss."""
         local = groups[self.ctx.rank * self.local_batch:(self.ctx.rank + 1) * self.local_batch]
         queries, keys = self.texts(local)
+        ids = self.encoder.token_ids(queries, "query") + self.encoder.token_ids(keys, "passage")
+        lengths = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
+        chunks = (sorted_chunks(lengths, self.token_budget) if self.token_budget
+                  else kind_chunks(len(queries), len(keys), self.grad_cache_chunk))
+        self.tokens.add(lengths, chunks)
         rewards = None
         if self.objective.needs_rewards:
             rewards = torch.tensor(np.stack([g.rewards for g in groups]), dtype=torch.float32, device=self.device)
         masked = torch.from_numpy(false_negative_mask(self.examples, groups)).to(self.device)
         scale = 1.0 / self.cfg.gradient_accumulation_steps
         return forward_backward(
-            self.embed, queries, keys,
+            lambda rows: self.embed([ids[r] for r in rows]), chunks, len(queries),
             loss_of=lambda q, k: batch_loss(self.objective, q, k, rewards, masked, self.scoring, self.ctx),
-            backward=lambda total: self.scaler.scale(total * scale).backward(), chunk=self.grad_cache_chunk,
+            backward=lambda total: self.scaler.scale(total * scale).backward(), grad_cache=bool(self.grad_cache_chunk),
             before_backward=lambda loss: check_finite(loss, self.describe_stop))
 
     def describe_stop(self, value: float, parts: dict) -> str:
@@ -226,13 +238,14 @@ class Trainer:
         self.encoder.train()
         bar = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (cfg.show_progress and self.ctx.is_main))
-        window_started, window_samples = time.perf_counter(), 0
+        window_started, window_samples, window_tokens = time.perf_counter(), 0, self.tokens.real
         losses: list[float] = []
         while state.step < self.total_steps:
             if state.batch >= len(self.plan.batches) - len(self.plan.batches) % accumulate:
                 self.next_epoch()
                 continue
             terms: dict[str, float] = {}
+            step_started = time.perf_counter()
             for _ in range(accumulate):
                 groups = self.plan.batches[state.batch]
                 loss = self.backward(groups)
@@ -245,6 +258,7 @@ class Trainer:
                 state.batch += 1
                 window_samples += len(groups)
             self.optimizer_step()
+            self.step_seconds += time.perf_counter() - step_started
             state.step += 1
             bar.update(1)
             if state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
@@ -252,13 +266,21 @@ class Trainer:
                 record = {"kind": "train", "step": state.step, "epoch": state.epoch,
                           "loss": float(np.mean(losses[-accumulate * cfg.logging_steps:])), "terms": terms,
                           "lr": self.scheduler.get_last_lr()[0],
-                          "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2)}
+                          "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
+                          "tokens_per_s": round((self.tokens.real - window_tokens) / max(elapsed, 1e-9), 1)}
                 self.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                window_started, window_samples = time.perf_counter(), 0
+                window_started, window_samples, window_tokens = time.perf_counter(), 0, self.tokens.real
             self.after_step()
         bar.close()
         return self.eval_and_keep_best()
+
+    def throughput(self) -> dict:
+        """Tokens this process's steps encoded (the texts' own), with padding, and per second of step time."""
+        return {"tokens": self.tokens.real, "padded_tokens": self.tokens.padded,
+                "padding_fraction": round(self.tokens.padding_fraction, 4),
+                "tokens_per_s": round(self.tokens.real / self.step_seconds, 1) if self.step_seconds else None,
+                "micro_batch_tokens": self.token_budget}
 
     def next_epoch(self) -> None:
         self.state.epoch += 1
