@@ -94,5 +94,12 @@ def test_sorted_micro_batches_move_the_weights_as_the_unsorted_step(tiny_bert_no
     for a, b in zip(plain_grads, cut_grads):
         # fp32 sums in another order (other matrix shapes) at logit scale 1/τ = 20: seen up to 3.5e-6 on 6e-3
         torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5)
-    for a, b in zip(plain, cut):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    # AdamW's first step is lr·g/(|g| + eps), about lr·sign(g): where |g| is near the noise above, its sign (so a step
+    # of ±lr) may flip on another CPU. Where |g| clears the noise tenfold the steps must agree; elsewhere they are ±lr.
+    stable = total = 0
+    for a, b, g, h in zip(plain, cut, plain_grads, cut_grads):
+        sure = g.abs() > torch.clamp(10 * (g - h).abs(), min=1e-5)
+        torch.testing.assert_close(b[sure], a[sure], rtol=0, atol=1e-5)
+        assert float((b - a).abs().max()) <= 2.01e-3  # two steps of lr at the most
+        stable, total = stable + int(sure.sum()), total + sure.numel()
+    assert stable > 0.5 * total, (stable, total)

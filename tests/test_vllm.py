@@ -229,11 +229,11 @@ def test_vllm_offline_samples_each_prompt_from_its_own_seed(vllm_python, tiny_ll
     assert out["greedy"] == create_backend("hf", model=str(tiny_llama_dir), dtype="float32").generate(prompts, 12)
 
 
-def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(vllm_python, tiny_llama_dir, tmp_path):
+def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(tiny_server, tiny_llama_dir, tmp_path):
     # passages cut to 384 tokens so every prompt fits the server's 512-token context (a longer one is a 400)
     data = ["--shard", "0/10", "--chunk-size", "1", "--num-random", "15", "--max-passage-tokens", "384"]
     assert main(label_args(tiny_llama_dir, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "float32", *data)) == 0
-    server = VLLMServer(vllm_python, tiny_llama_dir, max_model_len=512, log=tmp_path / "server.log").start()
+    server = tiny_server  # the module's server, killed and started again here (it is left running)
     out = tmp_path / "labels.jsonl"
     job = subprocess.Popen([sys.executable, "-m", "distill", *label_args(
         tiny_llama_dir, "squad-mini", out, "--backend", "openai", "--base-url", server.url,
@@ -254,7 +254,8 @@ def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(vllm_pyt
         assert job.wait(timeout=600) == 0, job.stderr.read()[-3000:]
     finally:
         job.kill()
-        server.kill()
+        if server.process.poll() is not None:
+            server.start()
     keys_hf, hf = rewards(tmp_path / "hf.jsonl")
     keys, got = rewards(out)
     assert keys == keys_hf  # every query once, in order
