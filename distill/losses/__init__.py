@@ -47,6 +47,17 @@ class Objective:
         return cls(tuple(terms))
 
     @property
+    def passages_only(self) -> bool:
+        """True for an objective that trains on the corpus alone (SimCSE); it cannot mix with query losses."""
+        alone = [getattr(LOSSES[name], "PASSAGES_ONLY", False) for name, _ in self.terms]
+        if any(alone) and not all(alone):
+            mixed = ", ".join(name for (name, _), a in zip(self.terms, alone) if a)
+            raise ValueError(f"--loss {self}: {mixed} trains on passages alone (each encoded twice, no queries) and "
+                             "does not combine with query losses in one run; train it first (--loss simcse) and "
+                             "give its output as --model to the query run")
+        return all(alone)
+
+    @property
     def needs_rewards(self) -> bool:
         return any(LOSSES[name].NEEDS_REWARDS for name, _ in self.terms)
 

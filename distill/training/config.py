@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..encoding import EncodingSettings
-from ..losses import LOSSES
+from ..losses import LOSSES, Objective
 from ..negatives.settings import WindowSettings
 from .positives import POSITIVE_MODES
 
@@ -24,7 +24,8 @@ class TrainConfig(EncodingSettings, WindowSettings):
         "help": "instead of --labels: candidates (distill mine), one per --data; hard labels only"})
     split: str = field(default="train", metadata={"help": "qrels split to train on"})
     loss: str = field(default="rank_filter", metadata={
-        "help": f"objective: loss[:weight],...  from {sorted(LOSSES)} (e.g. rank_filter, kl:1.0,infonce:0.2)"})
+        "help": f"objective: loss[:weight],...  from {sorted(LOSSES)} (e.g. rank_filter, kl:1.0,infonce:0.2); "
+                "simcse alone trains on the corpus passages (no queries, no negatives: each passage encoded twice)"})
     temperature: float = field(default=0.05, metadata={"help": "τ in s(q,k) = <e_q, e_k> / τ"})
     teacher_temperature: float = field(default=1.0, metadata={"help": "T_t in softmax(r / T_t)"})
     student_temperature: float = field(default=1.0, metadata={"help": "T_s in the KL loss's softmax(s / T_s)"})
@@ -125,6 +126,11 @@ class TrainConfig(EncodingSettings, WindowSettings):
         for name in ("epochs", "save_steps", "logging_steps", "dynamic_remine_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.objective().passages_only:
+            if self.labels or self.candidates or self.remine_steps or self.dynamic_remine:
+                raise ValueError(f"--loss {self.loss} trains on the corpus passages alone: --labels, --candidates "
+                                 "and re-mining do not apply")
+            self.num_negatives = 0  # a group of one, the passage's second view; the batch's others are negatives
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
             raise ValueError(f"--micro-batch-tokens must be >= 0, got {self.micro_batch_tokens}")
         for name in ("max_steps", "grad_cache_chunk_size", "remine_pool_size"):
@@ -132,3 +138,10 @@ class TrainConfig(EncodingSettings, WindowSettings):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ValueError(f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}")
+
+    def objective(self) -> Objective:
+        return Objective.parse(self.loss)
+
+    def query_kind(self) -> str:
+        """How the first text of each example is encoded: as a query, or (SimCSE) as the passage it is."""
+        return "passage" if self.objective().passages_only else "query"

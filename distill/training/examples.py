@@ -206,3 +206,14 @@ def examples_from_qrels(rset: RetrievalSet, task: int = 0) -> ExampleSet:
             out.append(Example(qid, text, int(positives[0]), np.empty(0, dtype=np.int64), task=task,
                                positives=positives))
     return ExampleSet(out, {})
+
+
+def examples_from_passages(rset: RetrievalSet, task: int = 0, include_title: bool = True) -> ExampleSet:
+    """Every corpus passage as its own query and its own positive, without negatives: SimCSE's examples (the
+    passage is encoded twice, as query and as key, under different dropout masks)."""
+    rows = np.arange(len(rset.corpus), dtype=np.int64)
+    texts = rset.corpus.passages_at(rows, include_title)
+    ids = rset.corpus.ids_at(rows)
+    empty = np.empty(0, dtype=np.int64)
+    return ExampleSet([Example(pid, text, int(row), empty, task=task, positives=np.array([row], dtype=np.int64))
+                       for pid, text, row in zip(ids, texts, rows)], {})

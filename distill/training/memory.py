@@ -134,7 +134,8 @@ def plan_for_run(encoder, rsets, examples, cfg, n_queries: int, amp: torch.dtype
     from .setup import longest_texts
 
     n_passages = n_queries * (1 + cfg.num_negatives)
-    query_tokens, passage_tokens = longest_texts(encoder, rsets, examples, cfg.include_title)
+    query_tokens, passage_tokens = longest_texts(encoder, rsets, examples, cfg.include_title,
+                                                 query_kind=cfg.query_kind())
     per_query = saved_bytes_per_text(encoder, query_tokens, amp)
     per_passage = saved_bytes_per_text(encoder, passage_tokens, amp)
     if cfg.memory_budget_gb is not None:

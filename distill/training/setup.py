@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from ..data import DataError, RetrievalSet, load_retrieval_set
+from ..data import DataError, Queries, RetrievalSet, load_corpus_of, load_retrieval_set
+from ..data.tables import QUERY_FIELDS
 from ..data.progress import verified_progress
 from ..data.records import read_candidates, read_labels
 
 logger = logging.getLogger(__name__)
 LENGTH_SAMPLE = 2048  # texts tokenised to find how long a batch's longest text can be
 from .examples import (ExampleSet, PositiveChoice, examples_from_candidates, examples_from_labels,
-                       examples_from_qrels)
+                       examples_from_passages, examples_from_qrels)
 
 
 def check_finished(path, allow_partial: bool) -> None:
@@ -33,9 +36,16 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
     rsets, examples, skipped = [], [], {}
     for path in (cfg.labels or []) + (cfg.candidates or []):
         check_finished(path, cfg.allow_partial)
+    passages_only = cfg.objective().passages_only
     for task, data in enumerate(cfg.data):
-        rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=bool(cfg.labels))
-        if cfg.labels:
+        if passages_only:  # SimCSE: the corpus alone; its queries and qrels, if any, are not read
+            corpus, problems = load_corpus_of(data, skip_invalid=cfg.skip_invalid)
+            rset = RetrievalSet(corpus, no_queries(corpus.path), {}, "corpus", problems)
+        else:
+            rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=bool(cfg.labels))
+        if passages_only:
+            found = examples_from_passages(rset, task, cfg.include_title)
+        elif cfg.labels:
             choice = PositiveChoice(cfg.positives, cfg.min_positive_margin, cfg.false_negatives,
                                     cfg.false_negative_margin)
             found: ExampleSet = examples_from_labels(read_labels(cfg.labels[task]), rset, cfg.labels[task],
@@ -53,6 +63,12 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
     if not examples:
         raise DataError(f"no training examples in {cfg.data} (split {cfg.split!r})")
     return rsets, examples, skipped
+
+
+def no_queries(path) -> Queries:
+    """An empty queries table (a training run on the corpus alone)."""
+    columns = {spec.name: pa.array([], spec.arrow_type) for spec in QUERY_FIELDS}
+    return Queries(pa.table({**columns, "line": pa.array([], pa.int64())}), Path(path))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -100,7 +116,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def longest_texts(encoder, rsets: list[RetrievalSet], examples: list, include_title: bool,
-                  sample: int = LENGTH_SAMPLE) -> tuple[int, int]:
+                  sample: int = LENGTH_SAMPLE, query_kind: str = "query") -> tuple[int, int]:
     """(query, passage) token counts a batch's longest text may reach: the longest of a seeded sample of the
     training queries and of their positives and pool passages, capped by the encoder's max lengths."""
     rng = np.random.default_rng(0)
@@ -119,4 +135,4 @@ def longest_texts(encoder, rsets: list[RetrievalSet], examples: list, include_ti
                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         return max((len(t) for t in ids), default=2)
 
-    return longest(queries, "query"), longest(passages, "passage")
+    return longest(queries, query_kind), longest(passages, "passage")

@@ -46,7 +46,8 @@ class Trainer:
         if cfg.train_batch_size % ctx.world_size:
             raise ValueError(f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
                              f"{ctx.world_size} processes")
-        self.objective = Objective.parse(cfg.loss)
+        self.objective = cfg.objective()
+        self.query_kind = cfg.query_kind()
         if self.objective.needs_rewards and not cfg.labels:
             raise ValueError(f"--loss {cfg.loss} needs teacher rewards: give --labels (from distill label)")
         self.rsets, self.examples, self.skipped = load_training_examples(cfg)
@@ -115,7 +116,7 @@ class Trainer:
         encoder and are not applied. Raises NonFiniteLoss before the backward of a NaN or infinite loss."""
         local = groups[self.ctx.rank * self.local_batch:(self.ctx.rank + 1) * self.local_batch]
         queries, keys = self.texts(local)
-        ids = self.encoder.token_ids(queries, "query") + self.encoder.token_ids(keys, "passage")
+        ids = self.encoder.token_ids(queries, self.query_kind) + self.encoder.token_ids(keys, "passage")
         lengths = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
         chunks = (sorted_chunks(lengths, self.token_budget) if self.token_budget
                   else kind_chunks(len(queries), len(keys), self.grad_cache_chunk))
