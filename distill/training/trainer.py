@@ -22,7 +22,6 @@ import torch
 
 from ..data import DataError, load_retrieval_set
 from ..evaluate import evaluate
-from ..losses import Objective
 from . import checkpoint
 from .batches import EpochPlan, Group, false_negative_mask, plan_epoch
 from .checkpoint import TrainState
