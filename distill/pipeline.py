@@ -1,4 +1,4 @@
-"""`distill run CONFIG.yaml`: generate → eval (before) → mine → label → train → eval (after) → report.
+"""`distill run CONFIG.yaml`: simcse → generate → eval (before) → mine → label → train → eval (after) → report.
 
 One YAML file holds every stage's settings. Top-level keys (`RunSettings`)
 name the data, the student, the teacher, the run folder and where the record
@@ -8,6 +8,10 @@ own settings under the names of its command-line flags (`learning_rate` is
 `distill train --learning-rate`), so the defaults live in one place, the
 stage's config dataclass. Any setting can be given on the command line too:
 `distill run run.yaml --train.learning-rate 3e-5 --output-dir runs/b`.
+
+`simcse` runs when `simcse: true` (or a `simcse:` section of train settings) is set: unsupervised SimCSE
+on the corpus (`distill train --loss simcse`), whose student every later stage starts from (the first
+evaluation keeps the given one, so the report measures both).
 
 `generate` runs when `generate: true` (or a `generate:` section) is set, or
 when the data has no training queries; then the stages after it train on the
@@ -58,7 +62,8 @@ from .training.config import TrainConfig
 from .training.run import DONE as TRAIN_DONE
 from .training.run import run_train
 
-SECTIONS = ("generate", "mine", "label", "train", "eval")
+SECTIONS = ("simcse", "generate", "mine", "label", "train", "eval")
+SWITCHED = ("simcse", "generate")  # sections that are also switches: `simcse: true` or a section turns the stage on
 
 
 @dataclass
@@ -78,6 +83,9 @@ class RunSettings(ExecutorSettings):
         "choices": list(SUPERVISIONS)})
     generate: bool | None = field(default=None, metadata={
         "help": "write synthetic queries first (the same as supervision: raw_text)"})
+    simcse: bool = field(default=False, metadata={
+        "help": "adapt the student to the corpus with unsupervised SimCSE first (distill train --loss simcse); "
+                "every later stage uses the adapted student, the first evaluation the one given"})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
     show_progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -106,10 +114,15 @@ class Stage:
     the data sets it reads, its output, and the earlier stages whose output it reads."""
 
     name: str
-    command: str                      # key of COMMANDS; also the YAML section of its settings
+    command: str                      # key of COMMANDS
     values: dict                      # settings from the run's top level, before the section's
     reads: tuple[str, ...] = ()       # data sets (not other stages' output)
     after: tuple[str, ...] = ()
+    section: str | None = None        # the YAML section of its settings (default: the command's name)
+
+    @property
+    def settings_section(self) -> str:
+        return self.section or self.command
 
     @property
     def output(self) -> Path:
@@ -129,20 +142,28 @@ def _stages(run: RunSettings) -> list[Stage]:
     # the training stages read the user's data, or the generated folder (then they depend on generate)
     train_data = str(out / "generated") if run.generate else run.data
     trains_on = () if run.generate else (run.data,)
+    # with `simcse`, the student adapted to the corpus first (SimCSE) is what every later stage starts from
+    student = str(out / "simcse") if run.simcse else run.model
+    adapted = ("simcse",) if run.simcse else ()
+    stages = [Stage("simcse", "train", dict(model=run.model, data=[run.data], loss="simcse", seed=run.seed,
+                                            output=out / "simcse"), reads=(run.data,), section="simcse")
+              ] if run.simcse else []
     generated = ("generate",) if run.generate else ()
-    stages = [Stage("generate", "generate", dict(**teacher, data=run.data, output=out / "generated",
-                                                 retriever=run.model), reads=(run.data,))] if run.generate else []
+    stages += [Stage("generate", "generate", dict(**teacher, data=run.data, output=out / "generated",
+                                                  retriever=student), reads=(run.data,), after=adapted)
+               ] if run.generate else []
     return stages + [
         Stage("eval_before", "eval", dict(model=run.model, data=eval_data, split=run.eval_split,
                                           output=out / "eval" / "before.json", run_file=out / "eval" / "before.trec"),
               reads=(eval_data,)),
-        Stage("mine", "mine", dict(model=run.model, data=train_data, split=run.split, seed=run.seed,
-                                   output=out / "candidates.jsonl", **executor), reads=trains_on, after=generated),
+        Stage("mine", "mine", dict(model=student, data=train_data, split=run.split, seed=run.seed,
+                                   output=out / "candidates.jsonl", **executor), reads=trains_on,
+              after=adapted + generated),
         Stage("label", "label", dict(**teacher, data=train_data, split=run.split, candidates=out / "candidates.jsonl",
                                      output=out / "labels.jsonl"), reads=trains_on, after=generated + ("mine",)),
-        Stage("train", "train", dict(model=run.model, data=[train_data], labels=[out / "labels.jsonl"],
+        Stage("train", "train", dict(model=student, data=[train_data], labels=[out / "labels.jsonl"],
                                      split=run.split, seed=run.seed, output=out / "model"),
-              reads=trains_on, after=generated + ("label",)),
+              reads=trains_on, after=adapted + generated + ("label",)),
         Stage("eval_after", "eval", dict(model=str(out / "model"), data=eval_data, split=run.eval_split,
                                          output=out / "eval" / "after.json", run_file=out / "eval" / "after.trec",
                                          baseline_run=out / "eval" / "before.trec", seed=run.seed),
@@ -166,14 +187,14 @@ def load_run(path: Path, overrides: dict[str, Any]) -> tuple[RunSettings, dict[s
     sections: dict[str, dict] = {}
     for name in SECTIONS:
         value = loaded.pop(name, None)
-        if name == "generate" and isinstance(value, bool):
-            loaded["generate"] = value
+        if name in SWITCHED and isinstance(value, bool):
+            loaded[name] = value
             value = None
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"{path}: section {name!r} must be a mapping of {name} settings")
         sections[name] = dict(value or {})
-        if name == "generate" and value is not None and "generate" not in loaded:
-            loaded["generate"] = True
+        if name in SWITCHED and value is not None and name not in loaded:
+            loaded[name] = True
     run = config_from_mapping(RunSettings, loaded, f"{path}")
     run = dataclasses.replace(run, output_dir=Path(run.output_dir))
     return run, sections
@@ -225,8 +246,9 @@ def plan(config_path: Path, overrides: dict[str, Any] | None = None,
         supervision = Supervision("raw_text", "asked for")
     run = dataclasses.replace(run, supervision=supervision.kind, generate=supervision.kind == "raw_text")
     implied = supervision.stage_defaults()
-    return run, [(stage, stage_config(stage, run, {**implied.get(stage.command, {}), **sections[stage.command]},
-                                      f"{config_path}: {stage.command}"))
+    return run, [(stage, stage_config(stage, run, {**implied.get(stage.settings_section, {}),
+                                                   **sections[stage.settings_section]},
+                                      f"{config_path}: {stage.settings_section}"))
                  for stage in _stages(run)], supervision
 
 
@@ -270,7 +292,8 @@ def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> No
         print(f"{stage.name}:")
         for f in dataclasses.fields(cfg):
             value = _inline_yaml(getattr(cfg, f.name))
-            print(f"  {f.name}: {value}  # {source(stage.command, f.name, {**stage.values, 'show_progress': 1})}")
+            print(f"  {f.name}: {value}  # "
+                  f"{source(stage.settings_section, f.name, {**stage.values, 'show_progress': 1})}")
 
 
 def check_models(run: RunSettings, planned: list[tuple[Stage, Any]]) -> None:

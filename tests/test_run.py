@@ -123,10 +123,16 @@ def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm
     out = tmp_path / "out"
     config = write_config(tmp_path / "raw.yaml", out, minilm_dir, smollm2_dir,
                           generate={"max_passages": 6, "dtype": "float32", "filters": ["length", "copied", "duplicate"]},
-                          train={"max_steps": 1, "train_batch_size": 2}, mine={"num_negatives": 2})
+                          train={"max_steps": 1, "train_batch_size": 2}, mine={"num_negatives": 2},
+                          simcse={"max_steps": 1, "train_batch_size": 4})  # the recipe's order: SimCSE first
     text = config.read_text().replace("data: squad-mini", f"data: {raw}\neval_data: squad-mini")
     config.write_text(text)
     assert main(["run", str(config)]) == 0
+    ledger = _ledger(out)
+    assert ledger["simcse"]["settings"]["loss"] == "simcse"
+    assert json.loads((out / "simcse" / "training_summary.json").read_text())["steps"] == 1
+    order = sorted(ledger, key=lambda name: ledger[name]["finished_at"])
+    assert order == ["simcse", "generate", "eval_before", "mine", "label", "train", "eval_after"]
     summary = json.loads((out / "generated" / "generate_summary.json").read_text())
     queries = read_jsonl(out / "generated" / "queries.jsonl")
     assert summary["kept"] == len(queries) > 0 and all(q["_id"].startswith("gen-") for q in queries)
@@ -214,6 +220,16 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
     older = json.loads(json.dumps(new_eval["mine"]))
     del older["settings"]["num_negatives"]  # recorded before the setting existed
     assert why_changed(older, new_eval["mine"]) == "settings changed: num_negatives (not recorded) -> 3"
+    # SimCSE first: the adapted student is what mine, generate and train start from; the first evaluation keeps
+    # the given student, so a SimCSE setting reruns everything but it
+    with_simcse = records(**{"simcse.max_steps": 2})
+    assert list(with_simcse)[0] == "simcse" and redone(new_eval, with_simcse) == set(with_simcse) - {"eval_before"}
+    assert with_simcse["simcse"]["settings"]["num_negatives"] == 0
+    assert redone(with_simcse, records(**{"simcse.max_steps": 3})) == set(with_simcse) - {"eval_before"}
+    assert redone(with_simcse, records(**{"simcse.max_steps": 2, "train.max_steps": 5})) == {"train", "eval_after"}
+    run, planned, _ = plan(config, {"simcse.max_steps": 2})
+    models = {stage.name: getattr(cfg, "model", None) for stage, cfg in planned}
+    assert models["mine"] == models["train"] == str(run.output_dir / "simcse") != models["eval_before"]
     with_generate = records(**{"generate.temperature": 0.5})
     assert redone(with_generate, records(**{"generate.temperature": 0.9})) == {
         "generate", "mine", "label", "train", "eval_after"}  # the evaluation before training does not read it
