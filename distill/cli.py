@@ -17,11 +17,12 @@ from . import evaluate
 from .data import DataError
 from . import cache, pipeline
 from .stages import generate, label, mine
+from .training import pretrain
 from .training import run as train
 from .training.step import NonFiniteLoss
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
-COMMANDS = [generate, mine, label, train, evaluate, pipeline, cache]
+COMMANDS = [generate, mine, label, pretrain, train, evaluate, pipeline, cache]
 EXIT_BAD_INPUT = 2
 EXIT_BACKEND_REFUSED = 1
 EXIT_FAILED = 1  # the job itself went wrong (a diverging loss): the message says what is kept

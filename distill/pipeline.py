@@ -1,4 +1,5 @@
-"""`distill run CONFIG.yaml`: simcse → generate → eval (before) → mine → label → train → eval (after) → report.
+"""`distill run CONFIG.yaml`: pretrain → simcse → generate → eval (before) → mine → label → train → eval (after)
+→ report.
 
 One YAML file holds every stage's settings. Top-level keys (`RunSettings`)
 name the data, the student, the teacher, the run folder and where the record
@@ -9,9 +10,11 @@ own settings under the names of its command-line flags (`learning_rate` is
 stage's config dataclass. Any setting can be given on the command line too:
 `distill run run.yaml --train.learning-rate 3e-5 --output-dir runs/b`.
 
-`simcse` runs when `simcse: true` (or a `simcse:` section of train settings) is set: unsupervised SimCSE
-on the corpus (`distill train --loss simcse`), whose student every later stage starts from (the first
-evaluation keeps the given one, so the report measures both).
+`pretrain` and `simcse` (the raw-text recipe's first two steps, both off by default) run when `pretrain: true`
+/ `simcse: true` or a section of their settings is set: continued pretraining of the student on the corpus
+(`distill pretrain`, mlm or tsdae), then unsupervised SimCSE on it (`distill train --loss simcse`). Every later
+stage starts from the student they adapted (the first evaluation keeps the given one, so the report measures
+both).
 
 `generate` runs when `generate: true` (or a `generate:` section) is set, or
 when the data has no training queries; then the stages after it train on the
@@ -59,11 +62,13 @@ from .stages.executor import ExecutorSettings
 from .stages.mine import MineConfig, run_mine
 from .stages.writer import is_complete
 from .training.config import TrainConfig
+from .training.pretrain import DONE as PRETRAIN_DONE
+from .training.pretrain import PretrainConfig, run_pretrain
 from .training.run import DONE as TRAIN_DONE
 from .training.run import run_train
 
-SECTIONS = ("simcse", "generate", "mine", "label", "train", "eval")
-SWITCHED = ("simcse", "generate")  # sections that are also switches: `simcse: true` or a section turns the stage on
+SECTIONS = ("pretrain", "simcse", "generate", "mine", "label", "train", "eval")
+SWITCHED = ("pretrain", "simcse", "generate")  # sections that are also switches: `simcse: true` or a section turns the stage on
 
 
 @dataclass
@@ -83,6 +88,8 @@ class RunSettings(ExecutorSettings):
         "choices": list(SUPERVISIONS)})
     generate: bool | None = field(default=None, metadata={
         "help": "write synthetic queries first (the same as supervision: raw_text)"})
+    pretrain: bool = field(default=False, metadata={
+        "help": "continued pretraining of the student on the corpus first (distill pretrain: mlm or tsdae)"})
     simcse: bool = field(default=False, metadata={
         "help": "adapt the student to the corpus with unsupervised SimCSE first (distill train --loss simcse); "
                 "every later stage uses the adapted student, the first evaluation the one given"})
@@ -102,6 +109,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "generate": Command(GenerateConfig, run_generate, lambda out: (out / GENERATE_SUMMARY).is_file()),
     "eval": Command(EvalConfig, run_eval, Path.is_file),
+    "pretrain": Command(PretrainConfig, run_pretrain, lambda out: (out / PRETRAIN_DONE).is_file()),
     "mine": Command(MineConfig, run_mine, is_complete),
     "label": Command(LabelConfig, run_label, is_complete),
     "train": Command(TrainConfig, run_train, lambda out: (out / TRAIN_DONE).is_file()),
@@ -142,12 +150,17 @@ def _stages(run: RunSettings) -> list[Stage]:
     # the training stages read the user's data, or the generated folder (then they depend on generate)
     train_data = str(out / "generated") if run.generate else run.data
     trains_on = () if run.generate else (run.data,)
-    # with `simcse`, the student adapted to the corpus first (SimCSE) is what every later stage starts from
-    student = str(out / "simcse") if run.simcse else run.model
-    adapted = ("simcse",) if run.simcse else ()
-    stages = [Stage("simcse", "train", dict(model=run.model, data=[run.data], loss="simcse", seed=run.seed,
-                                            output=out / "simcse"), reads=(run.data,), section="simcse")
-              ] if run.simcse else []
+    # with `pretrain` / `simcse`, the student adapted to the corpus first is what every later stage starts from
+    stages, student, adapted = [], run.model, ()
+    if run.pretrain:
+        stages.append(Stage("pretrain", "pretrain", dict(model=student, data=run.data, seed=run.seed,
+                                                         output=out / "pretrain"), reads=(run.data,)))
+        student, adapted = str(out / "pretrain"), ("pretrain",)
+    if run.simcse:
+        stages.append(Stage("simcse", "train", dict(model=student, data=[run.data], loss="simcse", seed=run.seed,
+                                                    output=out / "simcse"), reads=(run.data,), after=adapted,
+                            section="simcse"))
+        student, adapted = str(out / "simcse"), adapted + ("simcse",)
     generated = ("generate",) if run.generate else ()
     stages += [Stage("generate", "generate", dict(**teacher, data=run.data, output=out / "generated",
                                                   retriever=student), reads=(run.data,), after=adapted)

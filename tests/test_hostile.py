@@ -55,7 +55,7 @@ def test_overwrite_never_empties_a_folder_that_is_not_a_run(tiny_bert_dir, squad
     # valid inputs do not make such a folder fair game either; the error names what is there
     assert main(train_args(tiny_bert_dir, squad_mini_train_labels, keep, "--overwrite", "--max-steps", "1")) == 2
     err = capsys.readouterr().err
-    assert "notes.txt" in err and "is not a distill training run" in err
+    assert "notes.txt" in err and "is not a distill train run" in err
     assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
 
 

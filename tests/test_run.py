@@ -124,7 +124,8 @@ def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm
     config = write_config(tmp_path / "raw.yaml", out, minilm_dir, smollm2_dir,
                           generate={"max_passages": 6, "dtype": "float32", "filters": ["length", "copied", "duplicate"]},
                           train={"max_steps": 1, "train_batch_size": 2}, mine={"num_negatives": 2},
-                          simcse={"max_steps": 1, "train_batch_size": 4})  # the recipe's order: SimCSE first
+                          pretrain={"max_steps": 1, "train_batch_size": 4, "max_length": 64},
+                          simcse={"max_steps": 1, "train_batch_size": 4})  # the recipe's order: adapt first
     text = config.read_text().replace("data: squad-mini", f"data: {raw}\neval_data: squad-mini")
     config.write_text(text)
     assert main(["run", str(config)]) == 0
@@ -132,7 +133,9 @@ def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm
     assert ledger["simcse"]["settings"]["loss"] == "simcse"
     assert json.loads((out / "simcse" / "training_summary.json").read_text())["steps"] == 1
     order = sorted(ledger, key=lambda name: ledger[name]["finished_at"])
-    assert order == ["simcse", "generate", "eval_before", "mine", "label", "train", "eval_after"]
+    assert order == ["pretrain", "simcse", "generate", "eval_before", "mine", "label", "train", "eval_after"]
+    assert ledger["simcse"]["settings"]["model"] == str(out / "pretrain")
+    assert ledger["generate"]["settings"]["retriever"] == ledger["mine"]["settings"]["model"] == str(out / "simcse")
     summary = json.loads((out / "generated" / "generate_summary.json").read_text())
     queries = read_jsonl(out / "generated" / "queries.jsonl")
     assert summary["kept"] == len(queries) > 0 and all(q["_id"].startswith("gen-") for q in queries)
@@ -230,6 +233,11 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
     run, planned, _ = plan(config, {"simcse.max_steps": 2})
     models = {stage.name: getattr(cfg, "model", None) for stage, cfg in planned}
     assert models["mine"] == models["train"] == str(run.output_dir / "simcse") != models["eval_before"]
+    both = records(**{"pretrain.objective": "tsdae", "simcse.max_steps": 2})  # pretrain, then SimCSE from it
+    assert list(both)[:2] == ["pretrain", "simcse"] and both["simcse"]["upstream"].keys() == {"pretrain"}
+    assert redone(both, records(**{"pretrain.objective": "mlm", "simcse.max_steps": 2})) == set(both) - {
+        "eval_before"}
+    assert records(pretrain=True).keys() == {"pretrain", *new_eval}  # `pretrain: true` alone turns it on
     with_generate = records(**{"generate.temperature": 0.5})
     assert redone(with_generate, records(**{"generate.temperature": 0.9})) == {
         "generate", "mine", "label", "train", "eval_after"}  # the evaluation before training does not read it

@@ -43,8 +43,11 @@ def differences(old: dict, new: dict, limit: int = 4) -> list[str]:
 
 
 class RunFolder:
-    def __init__(self, path: Path):
+    """`kind` names the command whose runs the folder holds (`distill train`, `distill pretrain`)."""
+
+    def __init__(self, path: Path, kind: str = KIND, legacy_markers: tuple[str, ...] = LEGACY_MARKERS):
         self.path = Path(path)
+        self.kind, self.legacy_markers = kind, legacy_markers
         self.record: dict | None = None
         manifest = self.path / MANIFEST
         if manifest.is_file():
@@ -53,10 +56,10 @@ class RunFolder:
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise DataError(f"{manifest}: not valid JSON ({exc}); it marks a training run: fix it or remove "
                                 "the folder yourself") from None
-            if not (isinstance(record, dict) and record.get("kind") == KIND and isinstance(record.get("written"), list)
+            if not (isinstance(record, dict) and record.get("kind") == kind and isinstance(record.get("written"), list)
                     and all(isinstance(n, str) and n and "/" not in n and n not in (".", "..")
                             for n in record["written"])):
-                raise DataError(f"{manifest}: not a {KIND} record (kind, written)")
+                raise DataError(f"{manifest}: not a {kind} record (kind, written)")
             self.record = record
 
     @property
@@ -70,14 +73,14 @@ class RunFolder:
             return "ours"
         if not any(self.path.iterdir()):
             return "new"
-        if any((self.path / m).exists() for m in LEGACY_MARKERS):
+        if any((self.path / m).exists() for m in self.legacy_markers):
             return "legacy"
         return "foreign"
 
     def check_usable(self) -> None:
         """Refuse a folder that holds files but is not a training run."""
         if self.state == "foreign":
-            raise DataError(f"{self.path}: is not a distill training run (no {MANIFEST}) and holds "
+            raise DataError(f"{self.path}: is not a {self.kind} run (no {MANIFEST}) and holds "
                             f"{_listing(self.path)}; it is left as it is: give --output a new or empty folder")
 
     @property
@@ -110,7 +113,7 @@ class RunFolder:
         """Mark the folder as this run's, with its settings (a resumed run keeps its list of files)."""
         self.path.mkdir(parents=True, exist_ok=True)
         written = sorted(set((self.record or {}).get("written", [])))
-        self.record = {"kind": KIND, "version": 1, "settings": settings, "written": written}
+        self.record = {"kind": self.kind, "version": 1, "settings": settings, "written": written}
         write_json_atomic(self.path / MANIFEST, self.record)
 
     def wrote(self, *names: str) -> None:

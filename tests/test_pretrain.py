@@ -1,0 +1,139 @@
+"""`distill pretrain`: continued pretraining (mlm, tsdae) of the student on a corpus alone; the output is the
+student with its own pooling, loadable by sentence-transformers; kill -9 and --resume give the same bytes."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from distill.cli import main
+from distill.model import BiEncoder
+from distill.training.pretrain import PretrainConfig, passages_of_step
+from distill.training.pretrain_objectives import DenoisingAutoEncoder
+
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture
+def corpus_only(tmp_path) -> Path:
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    write_jsonl(folder / "corpus.jsonl", read_jsonl(SQUAD_MINI / "corpus.jsonl"))
+    return folder
+
+
+def flags(model: Path, data: Path, objective: str, *extra: str) -> list[str]:
+    return ["pretrain", "--model", str(model), "--data", str(data), "--objective", objective, "--train-batch-size",
+            "8", "--max-length", "48", "--device", "cpu", "--no-show-progress", *extra]
+
+
+def backbone_state(path: Path) -> dict[str, torch.Tensor]:
+    return BiEncoder.load(path, device="cpu").backbone.state_dict()
+
+
+@pytest.mark.parametrize("objective", ["mlm", "tsdae"])
+def test_pretrain_adapts_the_backbone_and_keeps_the_students_pooling(tiny_bert_dir, corpus_only, tmp_path, objective):
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / objective
+    assert main(flags(tiny_bert_dir, corpus_only, objective, "--output", str(out), "--max-steps", "6",
+                      "--logging-steps", "2", "--learning-rate", "1e-3")) == 0
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["passages"] == 292 and summary["objective"] == objective
+    assert [r["step"] for r in read_jsonl(out / "pretrain_log.jsonl")] == [2, 4, 6]
+    assert not (out / "checkpoint").exists()
+    before, after = backbone_state(tiny_bert_dir), backbone_state(out)
+    assert before.keys() == after.keys()  # the encoder alone: no masked-LM head, no decoder
+    moved = [name for name in before if not torch.equal(before[name], after[name])]
+    assert any("encoder.layer.0.attention" in name for name in moved) and "embeddings.word_embeddings.weight" in moved
+    ours = BiEncoder.load(out, device="cpu")
+    assert ours.config == BiEncoder.load(tiny_bert_dir, device="cpu").config  # pooling, normalisation, lengths
+    texts = [p["text"] for p in read_jsonl(corpus_only / "corpus.jsonl")[:4]]
+    theirs = SentenceTransformer(str(out), device="cpu").encode(texts)
+    np.testing.assert_allclose(ours.encode(texts), theirs, atol=1e-5)
+
+
+def test_tsdae_deletes_whole_words_and_shares_all_but_cross_attention(tiny_bert_dir):
+    encoder = BiEncoder.load(tiny_bert_dir, device="cpu")
+    torch.manual_seed(0)
+    model = DenoisingAutoEncoder(encoder, 64, PretrainConfig(model="m", data="d", output=Path("o")))
+    own = {id(p) for p in encoder.backbone.parameters()}
+    decoder = dict(model.decoder.named_parameters(remove_duplicate=False))
+    for name, parameter in decoder.items():
+        assert (id(parameter) in own) == ("crossattention" not in name and "cls.predictions" not in name
+                                          or name.endswith("decoder.weight")), name
+    text = "the quick brown fox jumps over the lazy dog near the riverbank at dawn"
+    tokens = encoder.tokenizer([text] * 200, truncation=True, max_length=64)
+    kept = model.noisy(tokens, 200)
+    words = text.split()
+    special = set(encoder.tokenizer.all_special_ids)
+    shares = []
+    for ids in kept:
+        assert ids[0] == encoder.tokenizer.cls_token_id and ids[-1] == encoder.tokenizer.sep_token_id
+        pieces = encoder.tokenizer.convert_ids_to_tokens([t for t in ids if t not in special])
+        left = " ".join(pieces).replace(" ##", "").split()  # WordPiece: "##" continues a word
+        assert left and all(w in words for w in left)  # whole words, never a piece of one
+        shares.append(len(left) / len(words))
+    assert 0.3 < np.mean(shares) < 0.5  # 60% of the words deleted
+
+
+def test_passages_of_step_cover_each_epoch_once_and_follow_from_the_step():
+    rows = np.concatenate([passages_of_step(s, 50, 8, seed=3) for s in range(6)])
+    assert len(set(rows.tolist())) == 48  # one epoch: 6 batches of 8, two passages left out
+    assert not np.array_equal(passages_of_step(6, 50, 8, 3), passages_of_step(0, 50, 8, 3))  # a new order
+    assert np.array_equal(passages_of_step(7, 50, 8, 3), passages_of_step(7, 50, 8, 3))
+
+
+def test_kill_9_then_resume_gives_the_same_bytes(tiny_bert_dir, corpus_only, tmp_path):
+    common = flags(tiny_bert_dir, corpus_only, "mlm", "--max-steps", "60", "--save-steps", "3", "--logging-steps",
+                   "3", "--seed", "1")
+    whole = tmp_path / "whole"
+    assert subprocess.run([sys.executable, "-m", "distill", *common, "--output", str(whole)], env=ENV,
+                          capture_output=True, timeout=600).returncode == 0
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "distill", *common, "--output", str(killed), "--resume"]
+    state = killed / "checkpoint" / "state.json"
+    kills = 0
+    for _ in range(2):
+        process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seen = state.stat().st_mtime if state.exists() else 0
+        deadline = time.time() + 300
+        while process.poll() is None and time.time() < deadline and not (state.exists() and
+                                                                         state.stat().st_mtime > seen):
+            time.sleep(0.005)
+        time.sleep(random.uniform(0, 0.2))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+    assert kills >= 1 and not (killed / "pretrain_summary.json").exists()
+    finished = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (killed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert (killed / "pretrain_log.jsonl").read_bytes() == (whole / "pretrain_log.jsonl").read_bytes()
+
+
+def test_a_foreign_folder_or_other_settings_are_refused(tiny_bert_dir, corpus_only, tmp_path, capsys):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(flags(tiny_bert_dir, corpus_only, "mlm", "--output", str(foreign), "--max-steps", "2")) == 2
+    assert "notes.txt" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "mine"
+    out = tmp_path / "run"
+    assert main(flags(tiny_bert_dir, corpus_only, "mlm", "--output", str(out), "--max-steps", "2")) == 0
+    assert main(flags(tiny_bert_dir, corpus_only, "mlm", "--output", str(out), "--max-steps", "2")) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(flags(tiny_bert_dir, corpus_only, "tsdae", "--output", str(out), "--max-steps", "2")) == 2
+    assert "objective 'mlm' -> 'tsdae'" in capsys.readouterr().err
+    assert main(flags(tiny_bert_dir, corpus_only, "tsdae", "--output", str(out), "--max-steps", "2",
+                      "--overwrite")) == 0
+    assert json.loads((out / "pretrain_summary.json").read_text())["objective"] == "tsdae"
