@@ -91,7 +91,7 @@ def main() -> None:
     if not (passages / "corpus.jsonl").exists():
         shutil.copyfile(Path(args.data) / "corpus.jsonl", passages / "corpus.jsonl")
     rows = ["base", *[r for r in args.rows if r != "base"]]
-    print(f"| student | nDCG@10 | Recall@1 | Recall@10 | MRR@10 | Δ nDCG@10 vs base [95% CI] | seconds |\n"
+    print("| student | nDCG@10 | Recall@1 | Recall@10 | MRR@10 | Δ nDCG@10 vs base [95% CI] | seconds |\n"
           "|---|---|---|---|---|---|---|", flush=True)
     base_run = args.out / "eval" / "base.trec"
     (args.out / "eval").mkdir(exist_ok=True)
