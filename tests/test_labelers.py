@@ -92,6 +92,23 @@ def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a
     from dataclasses import replace
 
     assert backend.generate(prompts[1:], 12, replace(sampling, seed=7 + 3)) == sampled[1:]
+    # prefilled in several length-sorted passes whose caches are padded and joined: the same texts
+    cut = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", prefill_tokens=12), model=backend.model)
+    assert cut.generate(prompts, 12) == batched and cut.generate(prompts, 12, sampling) == sampled
+    from labelers.backends.hf_decode import prefill
+
+    shared = shared_prefix_length(prompts)
+    own = [p[shared:] for p in prompts]
+    with torch.inference_mode():
+        whole = prefill(backend.model, backend.cache_kwarg, backend.prefix, prompts[0][:shared], own, 0, 4096)
+        parts = prefill(backend.model, backend.cache_kwarg, backend.prefix, prompts[0][:shared], own, 0, 12)
+    alone = [backend.model(input_ids=torch.tensor([p])).logits[0, -1].detach() for p in prompts]
+    for row, logits in enumerate(alone):  # each row's next-token logits, in the order given
+        torch.testing.assert_close(whole[0][row], logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(parts[0][row], logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(parts[2], whole[2]) and torch.equal(parts[3], whole[3])  # masks, next positions
+    for a, b in zip(parts[1].layers, whole[1].layers):
+        torch.testing.assert_close(a.keys * parts[2][:, None, :, None], b.keys * whole[2][:, None, :, None])
     assert [backend.generate([p], 12, replace(sampling, seed=7 + 3 * i))[0] for i, p in enumerate(prompts)] == sampled
 
 
@@ -157,3 +174,19 @@ def test_best_of_several_answers_is_kept(tiny_llama_dir):
             each.append(backend.score([prompt], [continuation])[0])
         assert which == max(range(3), key=lambda k: each[k].logprob_mean)
         assert math.isclose(score.logprob_sum, each[which].logprob_sum, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("spread", [1.0, 8.0])  # peaked rows (nucleus in the top 256) and flat ones (it is not)
+def test_nucleus_keeps_the_tokens_transformers_top_p_keeps(spread):
+    from transformers import TopPLogitsWarper
+
+    from labelers.backends.hf_decode import nucleus
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5000) * (4.0 / spread)
+    probs = torch.softmax(logits, dim=-1)
+    ids, kept = nucleus(probs, 0.9)
+    theirs = torch.softmax(TopPLogitsWarper(0.9)(None, logits), dim=-1)
+    ours = torch.zeros_like(probs).scatter(1, ids, kept)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert (kept > 0).sum(dim=-1).max() > (256 if spread > 1 else 1)

@@ -23,35 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CALL_COST_TOKENS = 64                       # c: one forward's fixed cost, in tokens (measured on a CPU, see above)
+from labelers.batching import CALL_COST_TOKENS, sorted_chunks  # the cut (shared with the teacher's generation)
+
 DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
 
 
 def default_token_budget(device_type: str) -> int:
     """Tokens per forward pass on this kind of device (other accelerators are batched like a GPU)."""
     return DEFAULT_TOKEN_BUDGET.get(device_type, DEFAULT_TOKEN_BUDGET["cuda"])
-
-
-def sorted_chunks(lengths: np.ndarray, token_budget: int, call_cost: int = CALL_COST_TOKENS) -> list[np.ndarray]:
-    """Row indices of each forward pass: runs of the texts sorted longest first, cut to minimise
-    Σ (call_cost + longest · texts) with longest · texts ≤ token_budget (a text longer than the budget runs alone).
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")
-    width = lengths[order]
-    n = len(width)
-    best = np.zeros(n + 1)               # best[i]: the cheapest cut of the sorted texts i..n-1
-    take = np.zeros(n, dtype=np.int64)   # take[i]: texts in the run that starts at i
-    for i in range(n - 1, -1, -1):
-        counts = np.arange(1, max(1, min(n - i, token_budget // max(int(width[i]), 1))) + 1)
-        costs = call_cost + width[i] * counts + best[i + counts]
-        k = int(np.argmin(costs))
-        best[i], take[i] = costs[k], counts[k]
-    chunks, i = [], 0
-    while i < n:
-        chunks.append(order[i:i + take[i]])
-        i += int(take[i])
-    return chunks
 
 
 def kind_chunks(n_queries: int, n_keys: int, chunk: int | None) -> list[np.ndarray]:
@@ -77,3 +56,6 @@ class PaddingCount:
     @property
     def padding_fraction(self) -> float:
         return 1.0 - self.real / self.padded if self.padded else 0.0
+
+
+__all__ = ["CALL_COST_TOKENS", "PaddingCount", "default_token_budget", "kind_chunks", "sorted_chunks"]

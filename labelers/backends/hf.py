@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from ..models import check_causal_lm, load_error
+from ..batching import length_buckets
 from .base import GREEDY, Sampling, Score, check_pairs, cut_at_stop
-from .hf_decode import PrefixCache, decode
+from .hf_decode import PrefixCache, decode, prefill
 
 logger = logging.getLogger(__name__)
 
@@ -45,28 +46,13 @@ def default_dtype(device: str) -> str:
 
 def default_token_budget(device: str, job: str) -> int:
     """Padded tokens per forward pass when none is set. Scoring on a CPU: 2048, so a batch's activations stay
-    in cache (~1.2x the tokens/s of 8192 in bench/label.py, and 1024 is no faster); generation, and every
-    GPU job: 8192 (a decoding step reads all the weights, so more rows per step pay)."""
-    return 2048 if job == "score" and str(device) == "cpu" else 8192
-
-
-def length_buckets(lengths: Sequence[int], token_budget: int, max_rows: int) -> list[np.ndarray]:
-    """Indices grouped into batches: longest first, each batch's rows x longest <= token_budget.
-
-    A single sequence longer than the budget gets a batch of its own.
-    """
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches, current, width = [], [], 0
-    for i in order:
-        new_width = max(width, lengths[i])
-        if current and (new_width * (len(current) + 1) > token_budget or len(current) >= max_rows):
-            batches.append(np.array(current))
-            current, new_width = [], lengths[i]
-        current.append(int(i))
-        width = new_width
-    if current:
-        batches.append(np.array(current))
-    return batches
+    in cache (~1.2x the tokens/s of 8192 in bench/label.py, and 1024 is no faster); scoring on a GPU: 8192.
+    Generation: 32768 (rows x (prompt + new tokens)): a decoding step costs a fixed ~40 ms on a CPU for
+    SmolLM2-135M plus ~1.8 ms a row (bench/generate.py), so one batch of 32 rows decodes 1.4x faster than two
+    of 16, which outweighs the prompts' padding in one prefill."""
+    if job == "generate":
+        return 32768
+    return 2048 if str(device) == "cpu" else 8192
 
 
 def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -114,6 +100,7 @@ class HFBackendConfig:
     max_batch_rows: int = 64
     trust_remote_code: bool = False
     share_prefix: bool = True          # run the prompts' common first tokens once (score: per call; generate: per job)
+    prefill_tokens: int | None = None  # generate: padded tokens per prefill pass; default that of scoring
 
 
 class HFBackend:
@@ -189,9 +176,9 @@ class HFBackend:
         first tokens once per job, finished rows leave the batch, and sample j of prompt i draws from its own
         generator seeded `sampling.prompt_seed(i) + j`, so it is the same in any batch).
 
-        Prompts of similar length are batched (prefill rows x longest own part <= the token budget); each row
-        is laid out as the shared prefix (in the cache), then padding, then its own tokens, with an attention
-        mask and positions that skip the padding."""
+        Prompts of similar length decode together (rows x (own part + new tokens) <= the token budget); their
+        own parts are prefilled in length-sorted passes (`hf_decode.prefill`), each row laid out as the shared
+        prefix (in the cache), then padding, then its own tokens, with a mask and positions that skip the padding."""
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -208,28 +195,15 @@ class HFBackend:
         for batch in length_buckets([len(p) - shared + max_new_tokens for p in prompts], budget,
                                     max(1, self.cfg.max_batch_rows // n)):
             own = [list(prompts[i][shared:]) for i in batch]
-            width = max(len(r) for r in own)
-            ids = torch.full((len(own), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(own), shared + width), dtype=torch.long)
-            mask[:, :shared] = 1
-            for r, row in enumerate(own):
-                ids[r, width - len(row):] = torch.tensor(row)
-                mask[r, shared + width - len(row):] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            cache = self.prefix.rows(prefix, len(own))
-            if cache is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=self.model.config)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:],
-                                **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits, cache, mask, positions = prefill(self.model, self.cache_kwarg, self.prefix, prefix, own,
+                                                     self.pad_id, self.cfg.prefill_tokens
+                                                     or default_token_budget(self.device, "score"))
             if n > 1:  # each prompt's cache, once per sample
                 cache.batch_repeat_interleave(n)
                 logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
             generators = [torch.Generator().manual_seed(sampling.prompt_seed(int(i)) + j) for i in batch
                           for j in range(n)]
-            written = decode(self.model, self.cache_kwarg, logits, cache, mask, positions[:, -1].repeat_interleave(n) + 1,
+            written = decode(self.model, self.cache_kwarg, logits, cache, mask, positions.repeat_interleave(n),
                              max_new_tokens, sampling, generators, eos,
                              finished=lambda row, new: bool(stops) and any(
                                  s in self.tokenizer.decode(new, skip_special_tokens=True) for s in stops))

@@ -5,12 +5,13 @@ every row in the batch until the last one ends. For query writing on a CPU both 
 (prompts of ~400 tokens, answers of ~30). Here:
 
 - the tokens all prompts of a job share (instruction, few-shot block) run once per job (`PrefixCache`);
-- each prompt's own tokens run once (one prefill row per prompt, attending over the shared cache), and its
-  key/value cache is then repeated for its n samples;
+- each prompt's own tokens run once (one prefill row per prompt, attending over the shared cache), in
+  length-sorted forward passes that carry little padding (`batching.sorted_chunks`), whose caches are then
+  joined into one decoding batch and repeated for each prompt's n samples;
 - at each step only the rows still writing are run: a row that meets EOS or a stop string is dropped from
   the batch and from the cache at once (`DynamicCache.batch_select_indices`).
 
-Sampling keeps transformers' semantics (its temperature and top-p warpers, top-k off), with one change that
+Sampling keeps transformers' semantics (temperature, then its top-p nucleus, top-k off), with one change that
 makes a sample independent of its batch: the draw of row (prompt i, sample j) at each step is the inverse CDF
 of one uniform from its own generator, seeded `sampling.prompt_seed(i) + j` as vLLM seeds its samples, instead
 of one `torch.multinomial` over the batch from the global generator. So a prompt's samples are the same alone
@@ -23,8 +24,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from ..batching import sorted_chunks
 from .base import Sampling
 
 
@@ -52,20 +55,98 @@ class PrefixCache:
         return cache
 
 
+NUCLEUS_CANDIDATES = 256  # tokens searched first for the top-p nucleus (all of them when these hold less than p)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [rows, k], their probabilities renormalised over the nucleus, 0 outside it), most likely first.
+
+    The nucleus is transformers' `TopPLogitsWarper`'s: the tokens whose more likely tokens hold less than
+    `top_p` of the mass. It is searched among the `NUCLEUS_CANDIDATES` most likely tokens, which is exact when
+    those hold at least `top_p` (the next token then has at least `top_p` above it); rows where they do not
+    are searched over the whole vocabulary."""
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    values, ids = probs.topk(k, dim=-1)
+    if k < probs.shape[-1] and bool((values.sum(dim=-1) < top_p).any()):
+        values, ids = probs.sort(dim=-1, descending=True)
+    above = values.cumsum(dim=-1) - values  # mass of the more likely tokens
+    kept = torch.where(above < top_p, values, torch.zeros_like(values))
+    kept[:, 0] = values[:, 0]  # at least one token
+    return ids, kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _joinable(model) -> bool:
+    """Whether prefill caches can be padded and joined: every layer a plain full-attention cache (a sliding-window
+    layer keeps only its last tokens, so its padding would not line up)."""
+    from transformers import DynamicCache
+
+    return all(type(layer).__name__ == "DynamicLayer" for layer in DynamicCache(config=model.config).layers)
+
+
+def prefill(model, cache_kwarg: str, prefixes: PrefixCache, prefix: list[int], own: list[list[int]], pad_id: int,
+            token_budget: int):
+    """Run each row's own tokens after the shared `prefix`: (last logits [rows, vocab], the cache, the attention
+    mask [rows, prefix + width], each row's next position), rows in the order given.
+
+    Each row is laid out as prefix, padding, own tokens; the mask and positions skip the padding. The rows run
+    in length-sorted forward passes under `token_budget`; the passes' caches are padded to the widest and joined."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    shared = len(prefix)
+    lengths = np.array([len(r) for r in own])
+    chunks = sorted_chunks(lengths, token_budget) if _joinable(model) else [np.arange(len(own))]
+    width = int(lengths.max())
+    logits, masks, positions, caches = [], [], [], []
+    for chunk in chunks:
+        w = int(lengths[chunk].max())
+        ids = torch.full((len(chunk), w), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), shared + w), dtype=torch.long)
+        mask[:, :shared] = 1
+        for r, i in enumerate(chunk):
+            ids[r, w - lengths[i]:] = torch.tensor(own[i])
+            mask[r, shared + w - lengths[i]:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = prefixes.rows(prefix, len(chunk))
+        cache = DynamicCache(config=model.config) if cache is None else cache
+        logits.append(model(input_ids=ids, attention_mask=mask, position_ids=position[:, shared:],
+                            **{cache_kwarg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1])
+        gap = width - w  # columns of padding that line this pass up with the widest
+        masks.append(torch.cat([mask[:, :shared], mask.new_zeros(len(chunk), gap), mask[:, shared:]], dim=1))
+        positions.append(position[:, -1] + 1)
+        caches.append((cache, gap))
+    back = torch.from_numpy(np.argsort(np.concatenate(chunks), kind="stable")).to(device)  # sorted -> given order
+    if len(chunks) == 1:
+        caches[0][0].batch_select_indices(back)
+        return logits[0][back], caches[0][0], masks[0][back], positions[0][back]
+    joined = DynamicCache(config=model.config)
+    for layer in range(len(caches[0][0].layers)):
+        parts = []
+        for cache, gap in caches:
+            k, v = cache.layers[layer].keys, cache.layers[layer].values
+            pad = k.new_zeros(k.shape[0], k.shape[1], gap, k.shape[3])
+            parts.append((torch.cat([k[:, :, :shared], pad, k[:, :, shared:]], dim=2),
+                          torch.cat([v[:, :, :shared], pad, v[:, :, shared:]], dim=2)))
+        joined.update(torch.cat([k for k, _ in parts])[back], torch.cat([v for _, v in parts])[back], layer)
+    return torch.cat(logits)[back], joined, torch.cat(masks)[back], torch.cat(positions)[back]
+
+
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row: the argmax (greedy), or a draw from softmax of the temperature- and top-p-warped
-    logits by the inverse CDF of one uniform from the row's own generator."""
+    """One token per row: the argmax (greedy), or a draw from softmax(logits / temperature) restricted to the
+    top-p nucleus, by the inverse CDF of one uniform from the row's own generator."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-    scores = TemperatureLogitsWarper(sampling.temperature)(None, logits.float())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
-        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
-    cumulative = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+        ids, probs = nucleus(probs, sampling.top_p)
+    else:
+        ids = None
+    cumulative = probs.cumsum(dim=-1)
     uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
     targets = uniforms.to(cumulative.device, torch.float32)[:, None] * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, targets).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    picked = torch.searchsorted(cumulative, targets).clamp(max=cumulative.shape[-1] - 1)
+    return (picked if ids is None else ids.gather(1, picked)).squeeze(1)
 
 
 def decode(model, cache_kwarg: str, logits: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor,
