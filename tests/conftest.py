@@ -23,29 +23,49 @@ def units_done(output: Path) -> int:
         return 0
 
 
-def kill_9_twice_then_finish(start, output: Path, max_pause: float) -> None:
-    """Start a stage (`start()` -> Popen) writing `output`, SIGKILL it twice at random moments once it has
-    chunks on disk (at most `max_pause` seconds after a new chunk), then run it to the end."""
+def kill_9_once(process, progressed, max_pause: float) -> bool:
+    """Wait until `progressed()` says the job wrote something new (or it ended, or 300 s passed), then SIGKILL it
+    at a random moment up to `max_pause` seconds later; True when it was still running and was killed."""
     import random
     import signal
     import time
 
+    deadline = time.time() + 300
+    while not progressed() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.0, max_pause))
+    if process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
+
+
+def kill_9_twice_then_finish(start, output: Path, max_pause: float) -> None:
+    """Start a stage (`start()` -> Popen) writing `output`, SIGKILL it twice at random moments once it has
+    chunks on disk (at most `max_pause` seconds after a new chunk), then run it to the end."""
     kills = 0
     for _ in range(2):
         process = start()
         before = units_done(output)
-        deadline = time.time() + 300
-        while units_done(output) <= before and process.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        time.sleep(random.uniform(0.0, max_pause))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
+        kills += kill_9_once(process, lambda: units_done(output) > before, max_pause)
     assert kills >= 1, "the job finished before it could be killed; make it longer"
     assert not json.loads(Path(str(output) + ".progress.json").read_text())["complete"]
     process = start()
     assert process.wait(timeout=600) == 0, process.stderr.read()
+
+
+def kill_9_after_new_checkpoints(commands: list[list[str]], state: Path, max_pause: float, env: dict) -> int:
+    """Start each command in turn and SIGKILL it at a random moment up to `max_pause` seconds after it wrote a
+    new checkpoint (`state`'s mtime moved); returns how many were killed (a command may finish first)."""
+    import subprocess
+
+    kills = 0
+    for command in commands:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seen = state.stat().st_mtime if state.exists() else 0
+        kills += kill_9_once(process, lambda: state.exists() and state.stat().st_mtime > seen, max_pause)
+    return kills
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -106,6 +126,15 @@ def small_beir(tmp_path) -> Path:
     write_jsonl(folder / "queries.jsonl", [q for q in read_jsonl(SQUAD_MINI / "queries.jsonl") if q["_id"] in kept_qids])
     (folder / "qrels" / "test.tsv").write_text(
         "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t{s}\n" for q, p, s in kept_qrels), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def corpus_only(tmp_path) -> Path:
+    """A folder with squad-mini's passages and nothing else: no queries, no qrels (raw text)."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    write_jsonl(folder / "corpus.jsonl", read_jsonl(SQUAD_MINI / "corpus.jsonl"))
     return folder
 
 

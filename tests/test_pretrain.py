@@ -3,32 +3,21 @@ student with its own pooling, loadable by sentence-transformers; kill -9 and --r
 from __future__ import annotations
 
 import json
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from conftest import kill_9_after_new_checkpoints, read_jsonl
 from distill.cli import main
 from distill.model import BiEncoder
 from distill.training.pretrain import PretrainConfig, passages_of_step
 from distill.training.pretrain_objectives import DenoisingAutoEncoder
 
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-
-
-@pytest.fixture
-def corpus_only(tmp_path) -> Path:
-    folder = tmp_path / "raw"
-    folder.mkdir()
-    write_jsonl(folder / "corpus.jsonl", read_jsonl(SQUAD_MINI / "corpus.jsonl"))
-    return folder
 
 
 def flags(model: Path, data: Path, objective: str, *extra: str) -> list[str]:
@@ -101,20 +90,7 @@ def test_kill_9_then_resume_gives_the_same_bytes(tiny_bert_dir, corpus_only, tmp
                           capture_output=True, timeout=600).returncode == 0
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "distill", *common, "--output", str(killed), "--resume"]
-    state = killed / "checkpoint" / "state.json"
-    kills = 0
-    for _ in range(2):
-        process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        seen = state.stat().st_mtime if state.exists() else 0
-        deadline = time.time() + 300
-        while process.poll() is None and time.time() < deadline and not (state.exists() and
-                                                                         state.stat().st_mtime > seen):
-            time.sleep(0.005)
-        time.sleep(random.uniform(0, 0.2))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
+    kills = kill_9_after_new_checkpoints([command, command], killed / "checkpoint" / "state.json", 0.2, ENV)
     assert kills >= 1 and not (killed / "pretrain_summary.json").exists()
     finished = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]

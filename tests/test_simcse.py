@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from conftest import read_jsonl
 from distill.cli import main
 from distill.losses.infonce import info_nce
 from distill.losses.simcse import simcse
@@ -31,15 +31,6 @@ def test_simcse_equals_the_papers_sum_written_as_a_loop():
     assert float(simcse(first, second, tau)) == pytest.approx(sum(terms) / 6, rel=1e-5)
     # identical views: the diagonal is the largest score of each row, so the loss is lower than with noisy views
     assert float(simcse(first, first, tau)) < float(simcse(first, second, tau))
-
-
-@pytest.fixture
-def corpus_only(tmp_path) -> Path:
-    """A folder with squad-mini's passages and nothing else: no queries, no qrels."""
-    folder = tmp_path / "raw"
-    folder.mkdir()
-    write_jsonl(folder / "corpus.jsonl", read_jsonl(SQUAD_MINI / "corpus.jsonl"))
-    return folder
 
 
 def first_batch_views(model: Path, data: Path, out: Path) -> tuple[float, torch.Tensor, torch.Tensor, float]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_jsonl, write_jsonl
+from conftest import kill_9_after_new_checkpoints, read_jsonl, write_jsonl
 from distill.cli import main
 from distill.data import load_retrieval_set
 from distill.training.batches import plan_epoch
@@ -128,20 +128,7 @@ def test_two_gloo_processes_equal_one_process(tiny_bert_no_dropout, squad_mini_t
         torch.testing.assert_close(c, a, rtol=1e-4, atol=5e-5)
 
 
-def wait_for_new_checkpoint(path: Path, process, after: float) -> None:
-    import time
-
-    deadline = time.time() + 300
-    while process.poll() is None and time.time() < deadline:
-        if path.exists() and path.stat().st_mtime > after:
-            return
-        time.sleep(0.01)
-
-
 def test_kill_9_then_resume_reaches_the_same_metrics(tiny_bert_dir, squad_mini_train_labels, tmp_path):
-    import random
-    import signal
-
     flags = train_flags(tiny_bert_dir, squad_mini_train_labels, "--max-steps", "60", "--save-steps", "5",
                         "--eval-split", "test", "--eval-steps", "20", "--logging-steps", "5", "--seed", "1")
     whole = tmp_path / "whole"
@@ -149,18 +136,8 @@ def test_kill_9_then_resume_reaches_the_same_metrics(tiny_bert_dir, squad_mini_t
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "distill", "train", *flags, "--output", str(killed)]
-    kills = 0
-    for attempt in range(2):
-        process = subprocess.Popen(command + (["--resume"] if attempt else []), env=ENV, stderr=subprocess.PIPE,
-                                   stdout=subprocess.DEVNULL, text=True)
-        checkpoint = killed / "checkpoint" / "state.json"
-        wait_for_new_checkpoint(checkpoint, process, checkpoint.stat().st_mtime if checkpoint.exists() else 0)
-        import time
-        time.sleep(random.uniform(0, 0.5))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
+    kills = kill_9_after_new_checkpoints([command, command + ["--resume"]], killed / "checkpoint" / "state.json",
+                                         0.5, ENV)
     assert kills >= 1 and not (killed / "training_summary.json").exists()
     finished = subprocess.run(command + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
