@@ -98,3 +98,21 @@ def test_distill_run_gives_its_executor_to_the_record_stages(tmp_path):
     assert [(by_name[n].executor, by_name[n].workers, by_name[n].gpus_per_worker) for n in
             ("generate", "mine", "label")] == [("ray", 3, 1.0), ("ray", 3, 1.0), ("ray", 5, 1.0)]
     assert not hasattr(by_name["train"], "executor")  # training scales with torchrun, not Ray
+
+
+def test_every_command_prints_its_help(capsys):
+    """`distill <command> --help` formats every flag's help (a bare % in a help text breaks argparse)."""
+    import argparse
+
+    import pytest
+
+    from distill.cli import make_parser
+
+    parser = make_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"pretrain", "train", "label", "mine", "generate", "eval", "run"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0, name
+        assert "--" in capsys.readouterr().out

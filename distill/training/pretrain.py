@@ -39,12 +39,13 @@ KIND = "distill pretrain"
 
 @dataclass(kw_only=True)
 class PretrainConfig:
-    model: str = field(metadata={"help": "student to start from: our folder, a sentence-transformers folder or a HF encoder"})
+    model: str = field(metadata={
+        "help": "student to start from: our folder, a sentence-transformers folder or a HF encoder"})
     data: str = field(metadata={"help": "BEIR-style folder (its corpus; queries, if any, are not read)"})
     output: Path = field(metadata={"help": "folder for the adapted student, its checkpoint and log"})
     objective: str = field(default="mlm", metadata={
-        "help": "mlm: masked language modelling (15%, whole words); tsdae: denoising auto-encoder (60% of words "
-                "deleted, the passage decoded from its pooled vector)", "choices": sorted(OBJECTIVES)})
+        "help": "mlm: masked language modelling (15%% of tokens, whole words); tsdae: denoising auto-encoder "
+                "(60%% of words deleted, the passage decoded from its pooled vector)", "choices": sorted(OBJECTIVES)})
     mlm_probability: float = field(default=0.15, metadata={"help": "mlm: share of tokens (whole words) predicted"})
     deletion_ratio: float = field(default=0.6, metadata={"help": "tsdae: share of each passage's words deleted"})
     max_length: int | None = field(default=None, metadata={
@@ -62,10 +63,13 @@ class PretrainConfig:
     save_steps: int = field(default=100, metadata={"help": "write the resumable checkpoint every N steps"})
     logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
     seed: int = field(default=0, metadata={"help": "seed of passage order, masks, deletions and dropout"})
-    device: str | None = field(default=None, metadata={"volatile": True, "help": "torch device (default: cuda if available)"})
-    trust_remote_code: bool = field(default=False, metadata={"volatile": True, "help": "allow the model's own code to run"})
+    device: str | None = field(default=None, metadata={"volatile": True,
+                                                        "help": "torch device (default: cuda if available)"})
+    trust_remote_code: bool = field(default=False, metadata={"volatile": True,
+                                                             "help": "allow the model's own code to run"})
     resume: bool = field(default=False, metadata={"volatile": True, "help": "continue from OUTDIR/checkpoint/"})
-    overwrite: bool = field(default=False, metadata={"volatile": True, "help": "delete OUTDIR's previous run and start again"})
+    overwrite: bool = field(default=False, metadata={"volatile": True,
+                                                     "help": "delete OUTDIR's previous run and start again"})
     show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bar"})
 
     def __post_init__(self) -> None:
