@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_9_after_new_checkpoints, read_jsonl
+from conftest import kill_9_after_new_checkpoints, read_jsonl, write_jsonl
 from distill.cli import main
 from distill.model import BiEncoder
 from distill.training.pretrain import PretrainConfig, passages_of_step
@@ -22,7 +22,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREAD
 
 def flags(model: Path, data: Path, objective: str, *extra: str) -> list[str]:
     return ["pretrain", "--model", str(model), "--data", str(data), "--objective", objective, "--train-batch-size",
-            "8", "--max-length", "48", "--device", "cpu", "--no-show-progress", *extra]
+            "8", "--max-length", "128", "--device", "cpu", "--no-show-progress", *extra]  # passages of many lengths
 
 
 def backbone_state(path: Path) -> dict[str, torch.Tensor]:
@@ -34,6 +34,9 @@ def test_pretrain_adapts_the_backbone_and_keeps_the_students_pooling(tiny_bert_d
     from sentence_transformers import SentenceTransformer
 
     out = tmp_path / objective
+    passages = read_jsonl(corpus_only / "corpus.jsonl")  # cut to 4..40 words: a batch's rows differ in length
+    write_jsonl(corpus_only / "corpus.jsonl", [{**p, "text": " ".join(p["text"].split()[:4 + i % 37])}
+                                               for i, p in enumerate(passages)])
     assert main(flags(tiny_bert_dir, corpus_only, objective, "--output", str(out), "--max-steps", "6",
                       "--logging-steps", "2", "--learning-rate", "1e-3")) == 0
     summary = json.loads((out / "pretrain_summary.json").read_text())

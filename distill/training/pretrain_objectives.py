@@ -54,8 +54,10 @@ class MaskedLM(torch.nn.Module):
                                                         whole_word_mask=self.whole_words, **replace)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        tokens = _tokenized(self.encoder, texts, self.max_length, return_special_tokens_mask=True,
-                            return_offsets_mapping=self.whole_words)
+        # padded here, so the collator's rows are of one length (it cannot pad the word offsets it masks by)
+        tokens = self.encoder.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                                        return_special_tokens_mask=True, return_offsets_mapping=self.whole_words,
+                                        return_attention_mask=True, return_token_type_ids=False)
         rows = [{key: tokens[key][i] for key in tokens} for i in range(len(texts))]
         batch = {k: v.to(self.encoder.device) for k, v in self.collator(rows).items()}
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
