@@ -51,6 +51,33 @@ def test_scores_over_a_shared_prefix_equal_one_at_a_time(tiny_llama_dir):
         assert s.logprob_sum == pytest.approx(reference_logprob_sum(backend.model, p, c), abs=1e-3)
 
 
+@pytest.mark.parametrize("head_length", [0, 30])  # without and with a prefix shared by every prompt (its cache)
+def test_several_continuations_of_one_prompt_share_its_row_and_score_as_alone(tiny_llama_dir, head_length):
+    """A question's reference answers after the same passage: the prompt runs once and each answer attends
+    to it and to itself only; every score must equal a plain forward pass over prompt + that answer."""
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32", token_budget=300))
+    plain = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", token_budget=300,
+                                      pack_continuations=False), model=backend.model)
+    generator = torch.Generator().manual_seed(3)
+    head = torch.randint(5, 1000, (head_length,), generator=generator).tolist()
+    prompts, continuations = [], []
+    for n_answers in [3, 1, 2, 4, 1, 3]:
+        prompt = head + torch.randint(5, 1000, (int(torch.randint(2, 40, (1,), generator=generator)),),
+                                      generator=generator).tolist()
+        for _ in range(n_answers):
+            prompts.append(prompt)
+            continuations.append(torch.randint(5, 1000, (int(torch.randint(1, 7, (1,), generator=generator)),),
+                                               generator=generator).tolist())
+    order = torch.randperm(len(prompts), generator=generator).tolist()  # answers of a prompt need not be adjacent
+    prompts, continuations = [prompts[i] for i in order], [continuations[i] for i in order]
+    scores, alone = backend.score(prompts, continuations), plain.score(prompts, continuations)
+    for s, t, p, c in zip(scores, alone, prompts, continuations):
+        assert s.n_tokens == len(c)
+        assert s.logprob_sum == pytest.approx(t.logprob_sum, abs=1e-4)
+        assert s.logprob_sum == pytest.approx(reference_logprob_sum(backend.model, p, c), abs=1e-3)
+    assert backend.tokens_run < plain.tokens_run  # the prompts really ran once per prompt, not once per answer
+
+
 def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a_time(tiny_llama_dir):
     """The prefix all prompts share is run once and its cache copied to every row; greedy text must be
     what plain `generate` writes for each prompt alone (no padding, no shared cache)."""

@@ -65,6 +65,52 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def packed_rows(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Pair indices grouped by identical prompt, in first-seen order: each group becomes one scored row."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt), []).append(i)
+    return list(groups.values())
+
+
+class RowLayout:
+    """Attention mask and positions for rows that hold one prompt followed by several continuations.
+
+    Row r's columns (after the `shared` tokens in the cache) are the prompt, then continuation 1, 2, ...;
+    a prompt token attends causally to the prompt, a continuation token to the prompt and causally to its
+    own continuation, never to another one, and its position continues the prompt's. So each continuation's
+    log-probs are those of prompt + that continuation alone (tree attention, as in speculative decoding)."""
+
+    def __init__(self, rows: int, width: int, shared: int):
+        self.shared = shared
+        self.allowed = torch.zeros(rows, 1, width, shared + width, dtype=torch.bool)
+        self.allowed[:, :, :, :shared] = True
+        self.positions = torch.zeros(rows, width, dtype=torch.long)
+
+    def prompt(self, r: int, n: int) -> None:
+        s = self.shared
+        self.allowed[r, 0, :n, s:s + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        self.positions[r, :n] = torch.arange(s, s + n)
+
+    def continuation(self, r: int, start: int, n: int, prompt_end: int) -> None:
+        s = self.shared
+        self.allowed[r, 0, start:start + n, s:s + prompt_end] = True
+        self.allowed[r, 0, start:start + n, s + start:s + start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        self.positions[r, start:start + n] = torch.arange(s + prompt_end, s + prompt_end + n)
+
+    def padding(self, r: int, used: int) -> None:
+        # padding columns are never read; they attend to themselves so that no softmax row is empty
+        width = self.positions.shape[1]
+        pad = torch.arange(used, width)
+        self.allowed[r, 0, pad, self.shared + pad] = True
+
+    def model_inputs(self, device, attn_implementation: str, dtype: torch.dtype) -> dict:
+        mask = self.allowed.to(device)
+        if attn_implementation != "sdpa":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return {"attention_mask": mask, "position_ids": self.positions.to(device)}
+
+
 def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword that hands a key/value cache to `model`'s forward and generate (and its decoder's, which
     follow the same transformers version): `cache` from transformers 5.2x on (where `past_key_values` is
@@ -101,6 +147,7 @@ class HFBackendConfig:
     trust_remote_code: bool = False
     share_prefix: bool = True          # run the prompts' common first tokens once (score: per call; generate: per job)
     prefill_tokens: int | None = None  # generate: padded tokens per prefill pass; default that of scoring
+    pack_continuations: bool = True    # score: continuations of one identical prompt share its row (RowLayout)
 
 
 class HFBackend:
@@ -119,52 +166,77 @@ class HFBackend:
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.cache_kwarg = cache_keyword(self.model)
         self.prefix = PrefixCache(self.model, self.cache_kwarg)  # generate's shared prompt start, kept across calls
+        # custom 4D masks reach the attention as they are with SDPA and eager attention (not flash kernels)
+        self._custom_masks = self.model.config._attn_implementation in ("sdpa", "eager")
+        self.tokens_run = 0  # padded tokens through the model by score(), for benchmarks and tests
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Score]:
         """Log-probs of each continuation after its prompt. The tokens all prompts share at their start
         (chat template, system prompt and instruction: ~50 of ~240 tokens of a reward prompt) are run
-        once per call; every batch starts from a copy of their key/value cache (as vLLM's prefix caching)."""
+        once per call; every batch starts from a copy of their key/value cache (as vLLM's prefix caching).
+        Continuations of one identical prompt (a question's several reference answers after the same
+        passage) share one row: the prompt once, then each continuation attending to the prompt and to
+        itself alone (`packed_rows`), so the prompt runs once instead of once per answer."""
         check_pairs(prompts, continuations)
-        lengths = [len(p) + len(c) for p, c in zip(prompts, continuations)]
+        rows = packed_rows(prompts) if self.cfg.pack_continuations and self._custom_masks else None
+        if rows is not None and len(rows) == len(prompts):
+            rows = None  # no prompt repeats: the plain causal pass (a faster kernel than an explicit mask)
+        rows = rows or [[i] for i in range(len(prompts))]
+        heads = [prompts[row[0]] for row in rows]
+        lengths = [len(heads[r]) + sum(len(continuations[i]) for i in row) for r, row in enumerate(rows)]
+        masked = len(rows) < len(prompts)
         results: list[Score | None] = [None] * len(prompts)
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        shared = shared_prefix_length(prompts) if self.cfg.share_prefix and len(prompts) > 1 else 0
-        if shared and shared * 8 < np.mean(lengths):
+        shared = shared_prefix_length(heads) if self.cfg.share_prefix and len(heads) > 1 else 0
+        if shared and not masked and shared * 8 < np.mean(lengths):
             # attending over a cache needs an explicit mask, and so a slower kernel than a plain causal pass
             # (SDPA): worth it when the shared part is long (squad reward prompts: 51 of 242 tokens, 1.15x
             # faster), not when it is short (cmrc with 1024-token passages: 59 of 959, 0.92x)
             shared = 0
-        prefix = self._prefix_cache(list(prompts[0][:shared]), rows=1)
+        prefix = self._prefix_cache(list(heads[0][:shared]), rows=1)
         budget = self.cfg.token_budget or default_token_budget(self.device, "score")
         for batch in length_buckets([n - shared for n in lengths], budget, self.cfg.max_batch_rows):
-            width = max(lengths[i] for i in batch) - shared
+            width = max(lengths[b] for b in batch) - shared
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            rows, cols, targets = [], [], []
-            for r, i in enumerate(batch):
-                sequence = list(prompts[i]) + list(continuations[i])
-                ids[r, :len(sequence) - shared] = torch.tensor(sequence[shared:])
-                # the token at position t is predicted from the hidden state at t-1 (column t-1-shared)
-                positions = range(len(prompts[i]), len(sequence))
-                rows += [r] * len(positions)
-                cols += [t - 1 - shared for t in positions]
-                targets += sequence[len(prompts[i]):]
+            layout = RowLayout(len(batch), width, shared) if masked else None
+            picked_rows, cols, targets, owners = [], [], [], []
+            for r, b in enumerate(batch):
+                own, prompt_end = list(heads[b][shared:]), len(heads[b]) - shared
+                if layout is not None:
+                    layout.prompt(r, prompt_end)
+                for i in rows[b]:
+                    start, continuation = len(own), list(continuations[i])
+                    own += continuation
+                    if layout is not None:
+                        layout.continuation(r, start, len(continuation), prompt_end)
+                    # token u of the continuation is predicted from the hidden state before it: the prompt's
+                    # last column for u = 0, else the continuation's own previous token
+                    cols += [prompt_end - 1] + [start + u - 1 for u in range(1, len(continuation))]
+                    picked_rows += [r] * len(continuation)
+                    targets += continuation
+                    owners.append((i, len(continuation)))
+                ids[r, :len(own)] = torch.tensor(own)
+                if layout is not None:
+                    layout.padding(r, len(own))
             cache = None
             if prefix is not None:
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(batch))
-            # no padding mask: with right padding a real token attends only to earlier tokens, all real
-            hidden = body(input_ids=ids.to(self.device), attention_mask=None,
-                          **{self.cache_kwarg: cache}, use_cache=cache is not None).last_hidden_state
-            picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+            # plain rows need no mask: with right padding a real token attends only to earlier tokens, all real
+            extra = {} if layout is None else layout.model_inputs(self.device, self.model.config._attn_implementation,
+                                                                 self.model.dtype)
+            hidden = body(input_ids=ids.to(self.device), **extra, **{self.cache_kwarg: cache},
+                          use_cache=cache is not None).last_hidden_state
+            self.tokens_run += int(ids.numel())
+            picked = hidden[torch.tensor(picked_rows, device=self.device), torch.tensor(cols, device=self.device)]
             logits = head(picked).float()
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             token_logprobs = torch.log_softmax(logits, dim=-1).gather(
                 1, torch.tensor(targets, device=self.device).unsqueeze(1)).squeeze(1).cpu().numpy()
             start = 0
-            for r, i in enumerate(batch):
-                n = len(continuations[i])
+            for i, n in owners:
                 results[i] = Score(float(token_logprobs[start:start + n].astype(np.float64).sum()), n)
                 start += n
         return results  # type: ignore[return-value]
