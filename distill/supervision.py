@@ -36,11 +36,13 @@ class Supervision:
             return {"mine": {"pool_size": POOL_SIZE}, "train": {"positives": "teacher+retriever"}}
         return {}
 
-    def describe(self) -> str:
+    def describe(self, pool_size: int | None = None) -> str:
+        """One line; `pool_size` is the mine stage's (a YAML section may change the default)."""
+        pool = pool_size or POOL_SIZE
         how = {"qrels": "positives from the qrels; the teacher re-weights the mined pool",
-               "answers": f"the teacher picks each positive from the retriever's top {POOL_SIZE}, with answer matching",
+               "answers": f"the teacher picks each positive from the retriever's top {pool}, with answer matching",
                "queries": f"the teacher (query likelihood) and the retriever pick each positive from the top "
-                          f"{POOL_SIZE}",
+                          f"{pool}",
                "raw_text": "the teacher writes questions for the passages first"}[self.kind]
         return f"supervision: {self.kind} ({self.reason}): {how}"
 

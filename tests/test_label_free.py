@@ -194,3 +194,28 @@ def test_a_run_on_questions_without_qrels_goes_end_to_end(tiny_bert_dir, tiny_ll
     assert summary["steps"] == 3 and summary["skipped"].get("positives chosen by answer-match+teacher (kept)") == 24
     assert all(r["n_positives"] == 0 for r in read_jsonl(out / "labels.jsonl"))
     assert "nDCG@10" in printed and (out / "eval" / "after.json").is_file()
+
+
+def test_the_demo_trains_from_answers_on_the_embedded_set_and_never_reads_its_withheld_qrels(capsys):
+    """examples/demo.yaml (make demo) is the label-free case: squad-qa's train split has answers and no qrels,
+    its test split has qrels, and the withheld train qrels beside them are read by no command."""
+    from distill.data import load_retrieval_set
+    from distill.pipeline import plan
+    from distill.supervision import choose_supervision
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "demo.yaml"
+    train = load_retrieval_set("squad-qa", "train", unlabelled=True)
+    test = load_retrieval_set("squad-qa", "test")
+    assert not train.labelled and len(train.queries) == 240
+    assert all(train.queries.table["answers"].to_pylist())
+    assert len(test.queries) == 4905 and not set(train.queries.ids) & set(test.queries.ids)
+    assert choose_supervision("squad-qa", "train", "answers").kind == "answers"
+    with pytest.raises(Exception, match="no qrels/train.tsv"):  # auto never guesses a mistyped split
+        choose_supervision("squad-qa", "train")
+    _, stages, supervision = plan(demo)
+    assert supervision.kind == "answers"
+    settings = {stage.name: cfg for stage, cfg in stages}
+    assert settings["mine"].pool_size == 8 and settings["train"].positives == "answer-match+teacher"
+    assert "top 8" in supervision.describe(8)
+    assert main(["run", str(demo), "--dry-run"]) == 0
+    assert "retriever's top 8" in capsys.readouterr().out

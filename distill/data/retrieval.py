@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 # Data sets shipped inside the package, usable as `--data NAME`.
-EMBEDDED_SETS: dict[str, Path] = {"squad-mini": RESOURCES / "squad_mini"}
+EMBEDDED_SETS: dict[str, Path] = {"squad-mini": RESOURCES / "squad_mini", "squad-qa": RESOURCES / "squad_qa"}
 TABLE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 
 
