@@ -52,7 +52,7 @@ from labelers.models import checked_model_source
 from .config import config_from_mapping, load_yaml_mapping
 from .evaluate import EvalConfig, format_table
 from .evaluate import run as run_eval
-from .supervision import SUPERVISIONS, Supervision, choose_supervision
+from .supervision import SUPERVISIONS, Supervision, choose_supervision, mined_pool_size
 from .run_ledger import DataHashes, StageLedger, stage_record, why_changed
 from .metrics import PairedComparison
 from .stages.generate import SUMMARY as GENERATE_SUMMARY
@@ -323,11 +323,6 @@ def check_models(run: RunSettings, planned: list[tuple[Stage, Any]]) -> None:
         if getattr(cfg, "llm", None) and ("llm", cfg.llm) not in checked:
             checked.add(("llm", cfg.llm))
             cfg.check_llm()
-
-
-def mined_pool_size(stages: list[tuple[Stage, Any]]) -> int | None:
-    """The planned mine stage's pool size (None without a mine stage or a pool)."""
-    return next((getattr(cfg, "pool_size", None) for stage, cfg in stages if stage.name == "mine"), None)
 
 
 def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> dict:
