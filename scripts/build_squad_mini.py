@@ -57,17 +57,16 @@ def build_mini(source: Path, corpus: list[dict], queries: dict[str, dict]) -> li
     corpus = [p for p in corpus if p["doc_id"] in TRAIN_ARTICLES + TEST_ARTICLES]
     article_of = {p["_id"]: p["doc_id"] for p in corpus}
     rng = random.Random(13)
-    kept, train_pairs = [], []
+    sampled: dict[str, list[tuple[str, str]]] = {}
     for split, articles in (("train", TRAIN_ARTICLES), ("test", TEST_ARTICLES)):
         pairs = [(q, p) for q, p in split_pairs(source, split, article_of) if article_of[p] in articles]
-        pairs = sorted(rng.sample(pairs, QUERIES_PER_SPLIT[split]))
-        write_qrels(out / "qrels" / f"{split}.tsv", pairs)
-        kept += [queries[qid] for qid, _ in pairs]
-        train_pairs = train_pairs or pairs
+        sampled[split] = sorted(rng.sample(pairs, QUERIES_PER_SPLIT[split]))
+        write_qrels(out / "qrels" / f"{split}.tsv", sampled[split])
+    kept = [queries[qid] for split in ("train", "test") for qid, _ in sampled[split]]
     write_jsonl(out / "corpus.jsonl", corpus)
     write_jsonl(out / "queries.jsonl", kept)
     print(f"squad-mini: {len(corpus)} passages, {len(kept)} queries -> {out}")
-    return train_pairs
+    return sampled["train"]
 
 
 def build_qa(source: Path, corpus: list[dict], queries: dict[str, dict], train_pairs: list[tuple[str, str]]) -> None:

@@ -76,6 +76,11 @@ def test_several_continuations_of_one_prompt_share_its_row_and_score_as_alone(ti
         assert s.logprob_sum == pytest.approx(t.logprob_sum, abs=1e-4)
         assert s.logprob_sum == pytest.approx(reference_logprob_sum(backend.model, p, c), abs=1e-3)
     assert backend.tokens_run < plain.tokens_run  # the prompts really ran once per prompt, not once per answer
+    windowed = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", token_budget=300), model=backend.model)
+    windowed.sliding_window = 8  # as a Gemma 3 or Mistral config says: a custom mask would drop the window
+    for s, t in zip(windowed.score(prompts, continuations), alone):
+        assert s.logprob_sum == pytest.approx(t.logprob_sum, abs=1e-4)
+    assert windowed.tokens_run == plain.tokens_run  # rows longer than the window are not packed
 
 
 def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a_time(tiny_llama_dir):

@@ -168,6 +168,7 @@ class HFBackend:
         self.prefix = PrefixCache(self.model, self.cache_kwarg)  # generate's shared prompt start, kept across calls
         # custom 4D masks reach the attention as they are with SDPA and eager attention (not flash kernels)
         self._custom_masks = self.model.config._attn_implementation in ("sdpa", "eager")
+        self.sliding_window = getattr(self.model.config, "sliding_window", None)
         self.tokens_run = 0  # padded tokens through the model by score(), for benchmarks and tests
 
     @torch.inference_mode()
@@ -179,13 +180,14 @@ class HFBackend:
         passage) share one row: the prompt once, then each continuation attending to the prompt and to
         itself alone (`packed_rows`), so the prompt runs once instead of once per answer."""
         check_pairs(prompts, continuations)
-        rows = packed_rows(prompts) if self.cfg.pack_continuations and self._custom_masks else None
-        if rows is not None and len(rows) == len(prompts):
-            rows = None  # no prompt repeats: the plain causal pass (a faster kernel than an explicit mask)
-        rows = rows or [[i] for i in range(len(prompts))]
+        rows = packed_rows(prompts) if self.cfg.pack_continuations and self._custom_masks else []
+        lengths = [len(prompts[row[0]]) + sum(len(continuations[i]) for i in row) for row in rows]
+        # a custom mask replaces a sliding-window layer's own (Gemma 3): pack only rows that fit the window
+        masked = 0 < len(rows) < len(prompts) and max(lengths) <= (self.sliding_window or max(lengths))
+        if not masked:  # no prompt repeats: the plain causal pass (a faster kernel than an explicit mask)
+            rows = [[i] for i in range(len(prompts))]
+            lengths = [len(p) + len(c) for p, c in zip(prompts, continuations)]
         heads = [prompts[row[0]] for row in rows]
-        lengths = [len(heads[r]) + sum(len(continuations[i]) for i in row) for r, row in enumerate(rows)]
-        masked = len(rows) < len(prompts)
         results: list[Score | None] = [None] * len(prompts)
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
         shared = shared_prefix_length(heads) if self.cfg.share_prefix and len(heads) > 1 else 0
