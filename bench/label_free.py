@@ -107,8 +107,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", nargs="+", help="only these --positives rows (default: all of the task's); "
-                        "retriever-top1 is always run, the other rows are compared with it")
+    parser.add_argument("--modes", nargs="+", help="only these rows: --positives modes, and `gold` for the "
+                        "gold-qrels row (squad; default: every mode and gold); the rows are compared with "
+                        "retriever-top1 where it is among them")
     parser.add_argument("--no-gold", action="store_true", help="leave out the gold-qrels row (squad)")
     args = parser.parse_args()
     out = args.out
@@ -120,7 +121,9 @@ def main() -> None:
           "queries", flush=True)
     pool = out / "pool.jsonl"
     distill("mine", "--model", args.model, "--data", str(free), "--pool-size", "16", "--output", str(pool))
-    teachers = {"": args.llm, **({"2": args.llm2} if args.llm2 else {})}
+    modes = [m for m in MODES[args.task] if not args.modes or m in args.modes]
+    with_gold = args.task == "squad" and not args.no_gold and (not args.modes or "gold" in args.modes)
+    teachers = {"": args.llm, **({"2": args.llm2} if args.llm2 else {})} if modes else {}
     for tag, llm in teachers.items():
         print(f"[2] labels by {llm}", flush=True)
         distill("label", "--llm", llm, "--data", str(free), "--candidates", str(pool), "--output",
@@ -129,8 +132,7 @@ def main() -> None:
     base = evaluate(args.model, args.data, args.eval_split, out / "eval" / "base")
     rows = {"base": (None, None, base)}
     trec = {"base": out / "eval" / "base.trec"}
-    modes = [m for m in MODES[args.task] if not args.modes or m in args.modes or m == "retriever-top1"]
-    runs = [(mode, "") for mode in modes] + ([("teacher+retriever", "2")] if args.llm2 else [])
+    runs = [(mode, "") for mode in modes] + ([("teacher+retriever", "2")] if args.llm2 and modes else [])
     for mode, tag in runs:
         name = f"{mode}{' (' + Path(teachers[tag]).name + ')' if tag else ''}"
         print(f"[4] {name}", flush=True)
@@ -143,7 +145,7 @@ def main() -> None:
                            baseline=out / "eval" / "base.trec")
         rows[name] = (kept, accuracy, metrics)
         trec[name] = out / "eval" / f"{mode}{tag}.trec"
-    if args.task == "squad" and not args.no_gold:
+    if with_gold:
         print("[5] gold qrels, InfoNCE", flush=True)
         gold_pool = out / "gold_candidates.jsonl"
         distill("mine", "--model", args.model, "--data", str(gold), "--num-negatives", "15", "--output",
@@ -156,20 +158,23 @@ def main() -> None:
         trec["gold qrels (InfoNCE)"] = out / "eval" / "gold.trec"
     qrels = load_retrieval_set(args.data, args.eval_split).qrels
     print(f"\n{args.task}: {args.eval_split} split, students all-MiniLM-L6-v2, plan {' '.join(TRAIN)}")
-    print("| row | queries kept | chosen = qrels positive | nDCG@10 | vs base [95% CI], p | vs retriever-top1 |")
-    print("|---|---|---|---|---|---|")
+    gold_gain = rows["gold qrels (InfoNCE)"][2]["ndcg@10_vs_baseline"]["mean_difference"] if with_gold else None
+    print("| row | queries kept | chosen = qrels positive | nDCG@10 | vs base [95% CI], p | share of gold's gain "
+          "| vs retriever-top1 |")
+    print("|---|---|---|---|---|---|---|")
     for name, (kept, accuracy, metrics) in rows.items():
         vs_base = metrics.get("ndcg@10_vs_baseline")
         gain = (f"{100 * vs_base['mean_difference']:+.2f} [{100 * vs_base['low']:+.2f}, {100 * vs_base['high']:+.2f}], "
                 f"{vs_base['p_value']:.2g}") if vs_base else "-"
+        share = f"{100 * vs_base['mean_difference'] / gold_gain:.0f}%" if vs_base and gold_gain else "-"
         vs_top1 = "-"
-        if name not in ("base", "retriever-top1"):
+        if name not in ("base", "retriever-top1") and "retriever-top1" in trec:
             c = compare_to_run(read_trec_run(trec[name]).rankings(), read_trec_run(trec["retriever-top1"]).rankings(),
                                qrels, seed=args.seed)
             vs_top1 = f"{100 * c.mean_difference:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}], {c.p_value:.2g}"
         print(f"| {name} | {kept if kept is not None else '-'} | "
               f"{'-' if accuracy is None else f'{100 * accuracy:.1f}%'} | {100 * metrics['ndcg@10']:.2f} | {gain} | "
-              f"{vs_top1} |")
+              f"{share} | {vs_top1} |")
 
 
 def false_negatives(args, out: Path) -> None:
