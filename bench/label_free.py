@@ -110,8 +110,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", help="only these rows: --positives modes, and `gold` for the "
                         "gold-qrels row (squad; default: every mode and gold); the rows are compared with "
                         "retriever-top1 where it is among them")
-    parser.add_argument("--no-gold", action="store_true", help="leave out the gold-qrels row (squad)")
     args = parser.parse_args()
+    unknown = sorted(set(args.modes or []) - set(MODES[args.task]) - ({"gold"} if args.task == "squad" else set()))
+    if unknown:
+        parser.error(f"--modes {' '.join(unknown)}: not a row of {args.task} (rows: {' '.join(MODES[args.task])}"
+                     f"{' gold' if args.task == 'squad' else ''})")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "false-negatives":
@@ -122,7 +125,7 @@ def main() -> None:
     pool = out / "pool.jsonl"
     distill("mine", "--model", args.model, "--data", str(free), "--pool-size", "16", "--output", str(pool))
     modes = [m for m in MODES[args.task] if not args.modes or m in args.modes]
-    with_gold = args.task == "squad" and not args.no_gold and (not args.modes or "gold" in args.modes)
+    with_gold = args.task == "squad" and (not args.modes or "gold" in args.modes)
     teachers = {"": args.llm, **({"2": args.llm2} if args.llm2 else {})} if modes else {}
     for tag, llm in teachers.items():
         print(f"[2] labels by {llm}", flush=True)
