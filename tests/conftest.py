@@ -115,12 +115,16 @@ def minilm_dir() -> Path:
 @pytest.fixture
 def small_beir(tmp_path) -> Path:
     """A valid BEIR folder: 40 squad-mini passages and the test queries that point to them."""
+    return make_small_beir(tmp_path / "beir")
+
+
+def make_small_beir(folder: Path) -> Path:
+    """Write `small_beir`'s folder at `folder` (for fixtures of a wider scope)."""
     corpus = read_jsonl(SQUAD_MINI / "corpus.jsonl")
     qrels = [line.split("\t") for line in (SQUAD_MINI / "qrels" / "test.tsv").read_text().splitlines()[1:]]
     test_pids = sorted({pid for _, pid, _ in qrels})[:40]
     kept_qrels = [(q, p, s) for q, p, s in qrels if p in test_pids][:20]
     kept_qids = {q for q, _, _ in kept_qrels}
-    folder = tmp_path / "beir"
     (folder / "qrels").mkdir(parents=True)
     write_jsonl(folder / "corpus.jsonl", [p for p in corpus if p["_id"] in test_pids])
     write_jsonl(folder / "queries.jsonl", [q for q in read_jsonl(SQUAD_MINI / "queries.jsonl") if q["_id"] in kept_qids])

