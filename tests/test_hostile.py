@@ -390,3 +390,23 @@ def test_measuring_memory_leaves_the_random_stream_alone(tiny_bert_dir):
     torch.manual_seed(0)
     saved_bytes_per_text(encoder, 32)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_job_killed_at_its_first_progress_write_reruns(tmp_path, monkeypatch):
+    """Killed at its very first progress write (found by test_run's random kills: `candidates.jsonl exists but has
+    no candidates.jsonl.progress.json`): no orphan output is left, so the rerun starts and writes the same bytes."""
+    import distill.stages.writer as writer
+
+    reference = tmp_path / "whole.jsonl"
+    assert main(mine_random(reference)) == 0
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies here
+
+    out = tmp_path / "cand.jsonl"
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "write_json_atomic", killed)
+        assert main(mine_random(out)) == 130  # the CLI's exit for an interrupt
+    assert not out.exists()
+    assert main(mine_random(out)) == 0
+    assert out.read_bytes() == reference.read_bytes()

@@ -118,15 +118,15 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
     done, kept, last_chunk = _resume_point(output, settings, n_units, overwrite)
     started, written = time.perf_counter(), 0
     state = {"version": FORMAT_VERSION, "settings": canonical(settings), "units": n_units, "chunk_size": chunk_size}
+    if done == 0:  # before the output exists: a kill in between leaves a job that resumes, not an orphan file
+        write_json_atomic(progress_path(output), {**state, "units_done": 0, "bytes": 0, "complete": n_units == 0,
+                                                  "last_chunk": {"start": 0, "sha256": EMPTY_SHA256}})
     bar = tqdm(total=n_units, initial=done, desc=desc, unit=unit, dynamic_ncols=True, disable=not show_progress)
     with bar, open(output, "r+b" if output.exists() and not overwrite else "wb") as f:
         f.truncate(kept)
         f.seek(kept)
         f.flush()
         os.fsync(f.fileno())
-        if done == 0:
-            write_json_atomic(progress_path(output), {**state, "units_done": 0, "bytes": 0, "complete": n_units == 0,
-                                                      "last_chunk": {"start": 0, "sha256": EMPTY_SHA256}})
         for start in range(done, n_units, chunk_size):
             stop = min(start + chunk_size, n_units)
             records = process(start, stop)
