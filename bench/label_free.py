@@ -9,13 +9,16 @@ scifact (queries only): the train claims without qrels (no answers: the teacher 
 rows base, retriever-top1, teacher, teacher+retriever, evaluated on dev.
 
 Each row prints how often the chosen positive is a qrels positive (the withheld ones), how many queries it kept,
-nDCG@10 and the paired gain over the base and over retriever-top1 (BCa 95% interval, randomization p). Every
-step is a `distill` command writing into --out, so a rerun skips what is done.
+nDCG@10 and the paired gain over the base and over retriever-top1 (BCa 95% interval, randomization p). With
+`--heldout`, every row is evaluated a second time on a larger set: the eval split's queries and the train
+queries that were not drawn (never trained on, never seen by any stage), for tighter intervals where the eval
+split is small (scifact's dev has 200 claims). Every step is a `distill` command writing into --out, so a
+rerun skips what is done.
 
 python bench/label_free.py squad --data ../shared/data/squad_dev --model <MiniLM> --llm <SmolLM2> \\
        --llm2 <Gemma 3 270M> --out runs/label_free/squad
 python bench/label_free.py scifact --data ../shared/data/scifact --model <MiniLM> --llm <SmolLM2> \\
-       --out runs/label_free/scifact --eval-split dev
+       --out runs/label_free/scifact --eval-split dev --heldout
 """
 from __future__ import annotations
 
@@ -78,6 +81,31 @@ def folders(data: Path, out: Path, n: int, seed: int, keep_answers: bool) -> tup
     return free, gold
 
 
+def heldout_folder(data: Path, out: Path, split: str, drawn: Path) -> Path:
+    """A BEIR folder whose split `heldout` holds the eval split's queries and the train queries not drawn."""
+    folder = out / "heldout"
+    if (folder / "qrels" / "heldout.tsv").is_file():
+        return folder
+    used = {q for q in load_retrieval_set(drawn, "train", unlabelled=True).queries.ids}
+    judged = {}
+    for name in (split, "train"):
+        for qid, rel in load_retrieval_set(data, name).qrels.items():
+            if qid in used:
+                continue
+            if qid in judged:
+                raise SystemExit(f"{data}: query {qid} is in both the {split} and the train split")
+            judged[qid] = rel
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "corpus.jsonl", folder / "corpus.jsonl")
+    lines = (data / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+    (folder / "queries.jsonl").write_text("".join(
+        line + "\n" for line in lines if line.strip() and (lambda q: q.get("_id") or q.get("id"))(json.loads(line))
+        in judged), encoding="utf-8")
+    (folder / "qrels" / "heldout.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{p}\t{score}\n" for q in sorted(judged) for p, score in sorted(judged[q].items())), encoding="utf-8")
+    return folder
+
+
 def choice_stats(labels: Path, free: Path, gold: Path, mode: str) -> tuple[int, float]:
     """(queries kept, share whose chosen positive is a withheld qrels positive)."""
     rset = load_retrieval_set(free, "train", unlabelled=True)
@@ -107,6 +135,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout", action="store_true", help="also evaluate every row on the eval split plus "
+                        "the train queries not drawn (see above)")
     parser.add_argument("--modes", nargs="+", help="only these rows: --positives modes, and `gold` for the "
                         "gold-qrels row (squad; default: every mode and gold); the rows are compared with "
                         "retriever-top1 where it is among them")
@@ -132,9 +162,17 @@ def main() -> None:
         distill("label", "--llm", llm, "--data", str(free), "--candidates", str(pool), "--output",
                 str(out / f"labels{tag}.jsonl"), "--max-passage-tokens", "256")
     print("[3] base", flush=True)
-    base = evaluate(args.model, args.data, args.eval_split, out / "eval" / "base")
-    rows = {"base": (None, None, base)}
-    trec = {"base": out / "eval" / "base.trec"}
+    heldout = heldout_folder(args.data, out, args.eval_split, free) if args.heldout else None
+    evals = {"": (args.data, args.eval_split)} | ({"-heldout": (heldout, "heldout")} if heldout else {})
+
+    def evaluated(name: str, model: str) -> dict:
+        """{eval tag: metrics} of one row's student, each paired with the base on the same queries."""
+        return {tag: evaluate(model, data, split, out / "eval" / f"{name}{tag}",
+                              None if name == "base" else out / "eval" / f"base{tag}.trec")
+                for tag, (data, split) in evals.items()}
+
+    rows = {"base": (None, None, evaluated("base", args.model))}
+    files = {"base": "base"}
     runs = [(mode, "") for mode in modes] + ([("teacher+retriever", "2")] if args.llm2 and modes else [])
     for mode, tag in runs:
         name = f"{mode}{' (' + Path(teachers[tag]).name + ')' if tag else ''}"
@@ -144,10 +182,8 @@ def main() -> None:
         model = out / "models" / f"{mode}{tag}"
         distill("train", "--model", args.model, "--data", str(free), "--labels", str(labels), "--positives", mode,
                 "--output", str(model), *TRAIN)
-        metrics = evaluate(str(model), args.data, args.eval_split, out / "eval" / f"{mode}{tag}",
-                           baseline=out / "eval" / "base.trec")
-        rows[name] = (kept, accuracy, metrics)
-        trec[name] = out / "eval" / f"{mode}{tag}.trec"
+        rows[name] = (kept, accuracy, evaluated(f"{mode}{tag}", str(model)))
+        files[name] = f"{mode}{tag}"
     if with_gold:
         print("[5] gold qrels, InfoNCE", flush=True)
         gold_pool = out / "gold_candidates.jsonl"
@@ -156,12 +192,21 @@ def main() -> None:
         model = out / "models" / "gold"
         distill("train", "--model", args.model, "--data", str(gold), "--candidates", str(gold_pool), "--output",
                 str(model), *[a if a != "rank_filter:1.0,infonce:0.2" else "infonce" for a in TRAIN])
-        rows["gold qrels (InfoNCE)"] = (None, 1.0, evaluate(str(model), args.data, args.eval_split,
-                                                           out / "eval" / "gold", baseline=out / "eval" / "base.trec"))
-        trec["gold qrels (InfoNCE)"] = out / "eval" / "gold.trec"
-    qrels = load_retrieval_set(args.data, args.eval_split).qrels
-    print(f"\n{args.task}: {args.eval_split} split, students all-MiniLM-L6-v2, plan {' '.join(TRAIN)}")
-    gold_gain = rows["gold qrels (InfoNCE)"][2]["ndcg@10_vs_baseline"]["mean_difference"] if with_gold else None
+        rows["gold qrels (InfoNCE)"] = (None, 1.0, evaluated("gold", str(model)))
+        files["gold qrels (InfoNCE)"] = "gold"
+    for tag, (data, split) in evals.items():
+        title = f"{args.eval_split} split" if not tag else f"{args.eval_split} split + the train queries not drawn"
+        print(f"\n{args.task}: {title}, students all-MiniLM-L6-v2, plan {' '.join(TRAIN)}")
+        print_table({name: (kept, accuracy, metrics[tag]) for name, (kept, accuracy, metrics) in rows.items()},
+                    {name: out / "eval" / f"{stem}{tag}.trec" for name, stem in files.items()},
+                    load_retrieval_set(data, split).qrels, args.seed)
+
+
+def print_table(rows: dict, trec: dict[str, Path], qrels, seed: int) -> None:
+    """One markdown row per student: choice accuracy, nDCG@10, paired gains over the base and retriever-top1."""
+    gold = rows.get("gold qrels (InfoNCE)")
+    gold_gain = gold[2]["ndcg@10_vs_baseline"]["mean_difference"] if gold else None
+    print(f"{len(qrels)} queries")
     print("| row | queries kept | chosen = qrels positive | nDCG@10 | vs base [95% CI], p | share of gold's gain "
           "| vs retriever-top1 |")
     print("|---|---|---|---|---|---|---|")
@@ -173,7 +218,7 @@ def main() -> None:
         vs_top1 = "-"
         if name not in ("base", "retriever-top1") and "retriever-top1" in trec:
             c = compare_to_run(read_trec_run(trec[name]).rankings(), read_trec_run(trec["retriever-top1"]).rankings(),
-                               qrels, seed=args.seed)
+                               qrels, seed=seed)
             vs_top1 = f"{100 * c.mean_difference:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}], {c.p_value:.2g}"
         print(f"| {name} | {kept if kept is not None else '-'} | "
               f"{'-' if accuracy is None else f'{100 * accuracy:.1f}%'} | {100 * metrics['ndcg@10']:.2f} | {gain} | "
