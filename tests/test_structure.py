@@ -30,3 +30,19 @@ def test_each_breach_is_found(tmp_path):
     assert "labelers/c.py: labelers imports distill.data" in problems
     assert "labelers/c.py: 402 lines (over 400)" in problems
     assert "distill/d.py:1 and distill/e.py:2 share 6+ lines" in problems
+
+
+def test_query_path_lists_the_files_a_command_runs_code_in(tiny_bert_dir, small_beir, tmp_path):
+    spec = importlib.util.spec_from_file_location("query_path", ROOT / "scripts" / "query_path.py")
+    query_path = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(query_path)
+    code, called = query_path.trace(["eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--output",
+                                     str(tmp_path / "m.json"), "--no-cache", "--no-show-progress"])
+    assert code == 0
+    names = {str(path.relative_to(ROOT)) for path in called}
+    assert {"distill/evaluate.py", "distill/model.py", "distill/metrics.py", "distill/data/retrieval.py"} <= names
+    assert not any(n.startswith("labelers/backends/") for n in names)  # eval asks no LLM
+    assert "run_generate" not in called.get(ROOT / "distill" / "stages" / "generate.py", set())
+    assert "run" in called[ROOT / "distill" / "evaluate.py"]
+    printed = query_path.report(called)
+    assert "distill.data: " in printed and printed.endswith(f"{len(called)} files, " + printed.split(", ")[-1])
