@@ -30,6 +30,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distill.data import load_retrieval_set  # noqa: E402
+from distill.data.records import read_trec_run  # noqa: E402
+from distill.evaluate import compare_to_run  # noqa: E402
+
 ROWS = ("base", "mlm", "tsdae", "simcse", "generated", "full")
 NAMES = {"base": "base", "mlm": "+ pretrain (mlm)", "tsdae": "+ pretrain (tsdae)", "simcse": "+ SimCSE",
          "generated": "generated pairs only", "full": "full recipe (SimCSE, then generated pairs)"}
@@ -121,6 +127,13 @@ def main() -> None:
         versus = f"{100 * c['mean_difference']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]" if c else ""
         print(f"| {NAMES[row]} | {100 * m['ndcg@10']:.2f} | {100 * m['recall@1']:.2f} | {100 * m['recall@10']:.2f} | "
               f"{100 * m['mrr@10']:.2f} | {versus} | {seconds:.0f} |", flush=True)
+    runs = {row: args.out / "eval" / f"{row}.trec" for row in ("generated", "full")}
+    if all(run.is_file() for run in runs.values()):  # the goal: the full recipe against generated pairs only
+        qrels = load_retrieval_set(args.data, args.eval_split).qrels
+        c = compare_to_run(read_trec_run(runs["full"]).rankings(), read_trec_run(runs["generated"]).rankings(), qrels,
+                           seed=args.seed)
+        print(f"\nfull recipe against generated pairs only: nDCG@10 {100 * c.mean_difference:+.2f} points (95% CI "
+              f"{100 * c.low:+.2f} to {100 * c.high:+.2f}, paired randomization p = {c.p_value:.2g}, {len(qrels)} queries)")
 
 
 if __name__ == "__main__":
