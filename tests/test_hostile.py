@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -258,14 +259,20 @@ def _label_openai(tiny_llama_dir: Path, out: Path, *extra: str) -> subprocess.Po
 def test_ctrl_c_stops_the_openai_backend_at_once_and_giving_up_is_one_line(tiny_llama_dir, tmp_path):
     out = tmp_path / "labels.jsonl"
     process = _label_openai(tiny_llama_dir, out)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
     deadline = time.time() + 120
-    while not (Path(str(out) + ".progress.json").exists()) and time.time() < deadline:
+    # interrupt inside the back-off loop (connection refused, retried for up to 600 s), not at a guessed moment:
+    # on a loaded machine a fixed sleep could land before the first request
+    while not any("Retrying" in line for line in lines) and time.time() < deadline:
         time.sleep(0.1)
-    time.sleep(3)  # in the back-off loop by now (connection refused, retried for up to 600 s)
-    assert process.poll() is None
+    assert process.poll() is None and any("Retrying" in line for line in lines)
     process.send_signal(signal.SIGINT)
     sent = time.perf_counter()
-    _, err = process.communicate(timeout=60)
+    process.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert time.perf_counter() - sent < 3, "Ctrl-C took too long"
     assert process.returncode == 130 and "Traceback" not in err and "interrupted" in err
     assert json.loads(Path(str(out) + ".progress.json").read_text())["units_done"] == 0  # kept, and resumable
