@@ -249,11 +249,18 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def _as_a_terminal_job() -> None:
+    """Ctrl-C as a terminal's foreground job gets it: a test runner started in the background (`cmd &` in a
+    script) ignores SIGINT, every child inherits that, and Python then leaves SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _label_openai(tiny_llama_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "distill", "label", "--llm", str(tiny_llama_dir), "--backend",
                              "openai", "--base-url", f"http://127.0.0.1:{_closed_port()}/v1", "--data", "squad-mini",
                              "--output", str(out), "--no-show-progress", *extra], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_as_a_terminal_job)
 
 
 def test_ctrl_c_stops_the_openai_backend_at_once_and_giving_up_is_one_line(tiny_llama_dir, tmp_path):
