@@ -73,7 +73,7 @@ def test_with_dropout_on_the_two_views_differ_and_so_does_the_loss(tiny_bert_dir
     loss, first, second, identical = first_batch_views(tiny_bert_dir, corpus_only, tmp_path / "on")
     cosine = (first * second).sum(-1) / (first.norm(dim=-1) * second.norm(dim=-1))
     assert float(cosine.max()) < 0.9999  # every passage's two views differ
-    # identical views give the same loss to float32 rounding (~1e-7 here); how far dropout moves it depends on
+    # identical views give the same loss to float32 rounding; how far dropout moves it depends on
     # the masks drawn (CI saw 9.5e-4), so the bound is rounding's, not a guess at dropout's size
     assert abs(loss - identical) > 1e-5, (loss, identical)
 
