@@ -315,11 +315,16 @@ def test_real_smollm2_hf_and_vllm_server_agree_in_bf16(vllm_python, tmp_path_fac
                                "--base-url", server.wait().url, *data)) == 0
     finally:
         server.kill()
+    assert main(label_args(llm, "squad-mini", tmp_path / "fp32.jsonl", "--dtype", "float32", *data)) == 0
     keys_hf, hf = rewards(tmp_path / "hf.jsonl")
     keys, got = rewards(tmp_path / "server.jsonl")
+    _, exact = rewards(tmp_path / "fp32.jsonl")
     assert keys == keys_hf
-    # bf16 rounds differently in each engine: each sits ~0.1 nats/token (max) from fp32 on its own,
-    # so the bound is on the mean difference, with a looser cap on the worst label.
-    assert np.abs(got - hf).mean() <= 0.05 and np.abs(got - hf).max() <= 0.25  # nats per answer token
+    # bf16 rounds differently in each engine, and differently on each CPU: on one with AVX2 only (torch emulates
+    # bf16 there) each engine sat 0.043 nats/token (mean) from fp32 on its own and the two 0.062 from each other.
+    # So the server is held to fp32, as close as our own bf16 path is, plus 0.05 (mean) and 0.25 (worst label):
+    # a wrong prompt or tokenization moves labels by whole nats.
+    ours, theirs = np.abs(hf - exact), np.abs(got - exact)  # nats per answer token
+    assert theirs.mean() <= ours.mean() + 0.05 and theirs.max() <= ours.max() + 0.25
     gold_first = [r["rewards"][0] == max(r["rewards"]) for r in read_jsonl(tmp_path / "server.jsonl")]
     assert sum(gold_first) >= 4  # a real teacher: the gold passage wins for most queries
