@@ -3,7 +3,9 @@
 squad (answers only): N random train questions of squad_dev with their answers, their qrels withheld; the
 retriever's top 16 per question (`distill mine --pool-size 16`), scored by the teacher (`distill label`), then one
 student per `--positives` mode, all with the same plan, evaluated on the real test split. Rows: base, every mode,
-`teacher+retriever` with a second teacher (`--llm2`), and the gold qrels with InfoNCE (the ceiling).
+`teacher+retriever` with a second teacher (`--llm2`), the default with the unchosen passages that hold an answer
+left out of the negatives (`answer-match+teacher:drop`, `--answer-negatives drop`: RocketQA's denoising), and the
+gold qrels with InfoNCE (the ceiling).
 
 scifact (queries only): the train claims without qrels (no answers: the teacher scores query likelihood, UPR);
 rows base, retriever-top1, teacher, teacher+retriever, evaluated on dev.
@@ -39,8 +41,10 @@ from distill.data.records import read_labels, read_trec_run  # noqa: E402
 from distill.evaluate import compare_to_run  # noqa: E402
 from distill.training.examples import PositiveChoice, examples_from_labels  # noqa: E402
 
-MODES = {"squad": ["retriever-top1", "teacher", "teacher+retriever", "answer-match", "answer-match+teacher"],
+MODES = {"squad": ["retriever-top1", "teacher", "teacher+retriever", "answer-match", "answer-match+teacher",
+                   "answer-match+teacher:drop"],
          "scifact": ["retriever-top1", "teacher", "teacher+retriever"], "false-negatives": []}
+VARIANTS = {"drop": ["--answer-negatives", "drop"]}  # mode:variant rows: the mode with these train flags
 TRAIN = ["--loss", "rank_filter:1.0,infonce:0.2", "--num-negatives", "3", "--train-batch-size", "16",
          "--learning-rate", "3e-5", "--epochs", "2", "--max-passage-length", "192", "--batch-dedup", "none"]
 
@@ -178,10 +182,11 @@ def main() -> None:
         name = f"{mode}{' (' + Path(teachers[tag]).name + ')' if tag else ''}"
         print(f"[4] {name}", flush=True)
         labels = out / f"labels{tag}.jsonl"
-        kept, accuracy = choice_stats(labels, free, gold, mode)
+        positives, _, variant = mode.partition(":")
+        kept, accuracy = choice_stats(labels, free, gold, positives)
         model = out / "models" / f"{mode}{tag}"
-        distill("train", "--model", args.model, "--data", str(free), "--labels", str(labels), "--positives", mode,
-                "--output", str(model), *TRAIN)
+        distill("train", "--model", args.model, "--data", str(free), "--labels", str(labels), "--positives",
+                positives, "--output", str(model), *TRAIN, *VARIANTS.get(variant, []))
         rows[name] = (kept, accuracy, evaluated(f"{mode}{tag}", str(model)))
         files[name] = f"{mode}{tag}"
     if with_gold:

@@ -103,6 +103,27 @@ def test_pools_labels_and_chosen_positives_for_queries_without_qrels(tiny_bert_d
     assert len(err) == 1 and "has no reference answers, which --positives answer-match matches" in err[0]
 
 
+def test_unchosen_passages_holding_an_answer_are_kept_or_dropped_from_the_negatives(query_log):
+    rset = load_retrieval_set(query_log, "train", unlabelled=True)
+    pids = ("p506", "p513", "p508", "p514", "p521")  # 'Bendigo' is in p506, p508 and p521 only
+    passages = rset.corpus.passages_at(rset.corpus.rows_of(list(pids)))
+    assert [contains_answer(p, ["Bendigo"]) for p in passages] == [True, False, True, False, True]
+    record = LabelRecord("570d2556fed7b91900d45c47", pids, (-1.0, -2.0, -0.5, -3.0, -2.5), 0, 1,
+                         retriever_scores=(0.9, 0.8, 0.7, 0.6, 0.5))
+
+    def run(answer_negatives: str):
+        found = examples_from_labels([record], rset, Path("labels.jsonl"),
+                                     choice=PositiveChoice("answer-match", answer_negatives=answer_negatives))
+        (example,) = found.examples
+        ids = lambda rows: sorted(rset.corpus.ids_at(rows))  # noqa: E731
+        return ids([example.positive]), ids(example.pool), ids(example.positives), found.skipped
+
+    assert run("keep")[:3] == (["p506"], ["p508", "p513", "p514", "p521"], ["p506"])
+    positive, pool, masked, skipped = run("drop")  # DPR: the retriever's best match; the other two leave the pool
+    assert (positive, pool, masked) == (["p506"], ["p513", "p514"], ["p506", "p508", "p521"])
+    assert skipped["answer-containing negatives dropped"] == 2
+
+
 def test_what_needs_a_positive_is_refused_for_queries_without_qrels(tiny_bert_dir, tiny_llama_dir, query_log,
                                                                    tmp_path, capsys):
     for args, said in ((["mine", "--model", str(tiny_bert_dir), "--strategy", "simans"], "--strategy simans"),

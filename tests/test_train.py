@@ -258,7 +258,8 @@ def test_drop_disputed_leaves_out_queries_the_teacher_does_not_confirm(tiny_bert
     assert summary["examples"] == len(records) - 2 and summary["skipped"]["teacher prefers a negative"] == 2
     assert main(["train", "--model", str(tiny_bert_dir), "--data", "squad-mini", "--candidates", str(labels),
                  "--drop-disputed", "--output", str(tmp_path / "o")]) == 2
-    assert "--drop-disputed, --keep-top-margin, --positives and --false-negatives need the teacher's rewards" in capsys.readouterr().err
+    assert ("--drop-disputed, --keep-top-margin, --positives, --false-negatives and --answer-negatives need the "
+            "teacher's rewards") in capsys.readouterr().err
 
 
 def test_keep_top_margin_keeps_the_queries_the_teacher_confirms_most_clearly(tiny_bert_dir, squad_mini_train_labels,

@@ -46,6 +46,11 @@ class TrainConfig(EncodingSettings, WindowSettings):
         "help": "with qrels: mined negatives the teacher rewards above the positive by --false-negative-margin are "
                 "kept, dropped, or made extra positives (RLHN)", "choices": ["keep", "drop", "positive"]})
     false_negative_margin: float = field(default=0.0, metadata={"help": "see --false-negatives (nats/token)"})
+    answer_negatives: str = field(default="keep", metadata={
+        "help": "with --positives answer-match[+teacher]: pool passages that contain a reference answer but are not "
+                "the chosen positive stay negatives (keep), or are left out of the query's negatives and masked "
+                "in-batch (drop: DPR's hard negatives hold no answer; RocketQA's denoising)",
+                "choices": ["keep", "drop"]})
     drop_disputed: bool = field(default=False, metadata={
         "help": "with --labels: leave out a query whose teacher rewards one of its negatives at least as high as its "
                 "positive (for synthetic queries: one that fits another passage as well; InPars-v2's reranker filter)"})
@@ -112,9 +117,9 @@ class TrainConfig(EncodingSettings, WindowSettings):
         if self.labels and self.candidates:
             raise ValueError("give --labels or --candidates, not both")
         if (self.drop_disputed or self.keep_top_margin < 1.0 or self.positives not in ("auto", "qrels")
-                or self.false_negatives != "keep") and not self.labels:
-            raise ValueError("--drop-disputed, --keep-top-margin, --positives and --false-negatives need the "
-                             "teacher's rewards: give --labels (from distill label)")
+                or self.false_negatives != "keep" or self.answer_negatives != "keep") and not self.labels:
+            raise ValueError("--drop-disputed, --keep-top-margin, --positives, --false-negatives and "
+                             "--answer-negatives need the teacher's rewards: give --labels (from distill label)")
         if not 0.0 < self.keep_top_margin <= 1.0:
             raise ValueError(f"--keep-top-margin must be in (0, 1], got {self.keep_top_margin}")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:

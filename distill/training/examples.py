@@ -55,6 +55,7 @@ class PositiveChoice:
     min_positive_margin: float = 0.0   # z units: less, and a chosen (not qrels) positive is not confident
     false_negatives: str = "keep"      # keep | drop | positive
     false_negative_margin: float = 0.0  # a negative with r > r(d+) + margin is a false negative
+    answer_negatives: str = "keep"     # keep | drop: unchosen pool passages that contain a reference answer
 
     def mode_for(self, labelled: bool, has_answers: bool, has_retriever_scores: bool) -> str:
         """`auto`: the qrels where a line has them; else the answers and the fused score (answer-match+teacher),
@@ -127,13 +128,20 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
             continue
         positive = rows[picked.index]
         negative = rows != positive
+        masked = np.array([positive], dtype=np.int64)
+        if choice.answer_negatives == "drop" and matches is not None and (negative & matches).any():
+            # DPR's hard negatives contain no answer; RocketQA drops such likely false negatives (denoising)
+            masked = np.union1d(masked, rows[negative & matches])
+            skipped["answer-containing negatives dropped"] = (skipped.get("answer-containing negatives dropped", 0)
+                                                              + int((negative & matches).sum()))
+            negative &= ~matches
         if not negative.any():
             skipped["no negatives"] += 1
             continue
         chosen_by[mode] = chosen_by.get(mode, 0) + 1
         out.append(Example(qid, texts[qid], int(positive), rows[negative], float(rewards[picked.index]),
                            rewards[negative], task, labelled=(rows[negative], rewards[negative]),
-                           positives=np.array([positive], dtype=np.int64)))
+                           positives=masked))
     for mode, count in chosen_by.items():
         skipped[f"positives chosen by {mode} (kept)"] = count
     margins = np.array([teacher_margin(e.positive_reward, e.pool_rewards) for e in out])

@@ -108,7 +108,8 @@ def remine(encoder, examples: list[Example], chosen: list[int], rsets: list[Retr
 
 def _positive_rows(rset: RetrievalSet, example: Example) -> np.ndarray:
     rows = rset.corpus.rows_of(rset.positives(example.qid))
-    return np.unique(np.concatenate([rows[rows >= 0], [example.positive]]))
+    masked = [] if example.positives is None else example.positives  # chosen positives, dropped answer matches
+    return np.unique(np.concatenate([rows[rows >= 0], [example.positive], masked]).astype(np.int64))
 
 
 def _labelled_batches(encoder, members: list[Example], rset: RetrievalSet, settings: RemineSettings, seed: int):

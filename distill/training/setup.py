@@ -47,7 +47,7 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
             found = examples_from_passages(rset, task, cfg.include_title)
         elif cfg.labels:
             choice = PositiveChoice(cfg.positives, cfg.min_positive_margin, cfg.false_negatives,
-                                    cfg.false_negative_margin)
+                                    cfg.false_negative_margin, cfg.answer_negatives)
             found: ExampleSet = examples_from_labels(read_labels(cfg.labels[task]), rset, cfg.labels[task],
                                                      cfg.positive, task, drop_disputed=cfg.drop_disputed,
                                                      keep_top_margin=cfg.keep_top_margin, choice=choice,
