@@ -14,6 +14,7 @@ from conftest import SQUAD_MINI, read_jsonl, write_jsonl
 from distill.cli import main
 from distill.data import load_retrieval_set
 from distill.data.records import LabelRecord, read_labels
+from distill.training.config import TrainConfig
 from distill.training.examples import PositiveChoice, examples_from_labels
 from distill.training.positives import choose_positive, contains_answer
 
@@ -122,6 +123,9 @@ def test_unchosen_passages_holding_an_answer_are_kept_or_dropped_from_the_negati
     positive, pool, masked, skipped = run("drop")  # DPR: the retriever's best match; the other two leave the pool
     assert (positive, pool, masked) == (["p506"], ["p513", "p514"], ["p506", "p508", "p521"])
     assert skipped["answer-containing negatives dropped"] == 2
+    with pytest.raises(ValueError, match="--answer-negatives drop needs answer matching"):  # it would do nothing
+        TrainConfig(model="m", data="squad-mini", output=Path("o"), labels="labels.jsonl", positives="teacher",
+                    answer_negatives="drop")
 
 
 def test_what_needs_a_positive_is_refused_for_queries_without_qrels(tiny_bert_dir, tiny_llama_dir, query_log,

@@ -120,6 +120,9 @@ class TrainConfig(EncodingSettings, WindowSettings):
                 or self.false_negatives != "keep" or self.answer_negatives != "keep") and not self.labels:
             raise ValueError("--drop-disputed, --keep-top-margin, --positives, --false-negatives and "
                              "--answer-negatives need the teacher's rewards: give --labels (from distill label)")
+        if self.answer_negatives != "keep" and self.positives not in ("auto", "answer-match", "answer-match+teacher"):
+            raise ValueError(f"--answer-negatives {self.answer_negatives} needs answer matching: --positives "
+                             f"answer-match, answer-match+teacher or auto, not {self.positives}")
         if not 0.0 < self.keep_top_margin <= 1.0:
             raise ValueError(f"--keep-top-margin must be in (0, 1], got {self.keep_top_margin}")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:

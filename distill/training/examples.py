@@ -129,11 +129,12 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
         positive = rows[picked.index]
         negative = rows != positive
         masked = np.array([positive], dtype=np.int64)
-        if choice.answer_negatives == "drop" and matches is not None and (negative & matches).any():
+        if choice.answer_negatives == "drop" and matches is not None:
             # DPR's hard negatives contain no answer; RocketQA drops such likely false negatives (denoising)
-            masked = np.union1d(masked, rows[negative & matches])
-            skipped["answer-containing negatives dropped"] = (skipped.get("answer-containing negatives dropped", 0)
-                                                              + int((negative & matches).sum()))
+            holds_answer = negative & matches
+            masked = np.union1d(masked, rows[holds_answer])
+            key = "answer-containing negatives dropped"
+            skipped[key] = skipped.get(key, 0) + int(holds_answer.sum())
             negative &= ~matches
         if not negative.any():
             skipped["no negatives"] += 1
