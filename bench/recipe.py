@@ -74,6 +74,8 @@ def adapted(row: str, args, passages: Path) -> tuple[str, float]:
     config = yaml.safe_load(args.config.read_text())
     config.update(output_dir=str(out), data=str(passages), eval_data=args.data, eval_split=args.eval_split,
                   llm=args.llm, model=args.model)
+    for adaptation in ("pretrain", "simcse"):  # the shipped example turns SimCSE on: the rows set both themselves
+        config.pop(adaptation, None)
     if row == "full":
         config.update(simcse={"max_steps": args.steps})
         if args.full_pretrain:
