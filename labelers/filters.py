@@ -110,6 +110,20 @@ FILTERS: dict[str, Callable[[Sequence[Pair], FilterSettings], list[bool]]] = {
 }
 
 
+COPIED_WARNING_SHARE = 0.2  # of all samples; SmolLM2 on squad_dev's passages: 10%, on scifact's abstracts: 37%
+
+
+def copied_warning(removed: dict[str, int], generated: int) -> str | None:
+    """What to tell the user when the copied filter took at least `COPIED_WARNING_SHARE` of the samples: the teacher
+    imitates rather than reads these passages (bench/RESULTS.md, "Why so few scifact pairs"), and the cure is few-shot
+    examples from the user's own text or a larger teacher. None below the share."""
+    copied = removed.get("copied", 0)
+    if not generated or copied / generated < COPIED_WARNING_SHARE:
+        return None
+    return (f"{copied} of {generated} samples ({copied / generated:.0%}) copied their passage or a few-shot example: "
+            "give the teacher examples from your own text (--few-shot FILE) or use a larger teacher")
+
+
 def apply_filters(pairs: Sequence[Pair], names: Sequence[str], settings: FilterSettings,
                   rejected: list[str | None] | None = None) -> tuple[list[str | None], dict[str, int]]:
     """(reason each pair was removed, or None; pairs removed per filter), filters run in `names` order.

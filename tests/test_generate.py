@@ -233,3 +233,26 @@ def test_shards_then_an_unsharded_run_finish_the_folder_without_sampling_again(t
     summary = json.loads((out / "generate_summary.json").read_text())
     assert summary["passages"] == 10 and summary["generated"] == 20
     assert set(summary["removed"]) == {"parse", "length", "duplicate"}  # parse always runs
+
+
+
+def _summary(generated: int, copied: int) -> dict:
+    return {"passages": generated // 2, "generated": generated, "kept": generated - copied, "seconds": 1.0,
+            "removed": {"parse": 0, "copied": copied}, "examples": []}
+
+
+def test_a_teacher_that_mostly_copies_is_named_when_the_summary_prints(tmp_path, caplog, capsys):
+    """scifact's 444 copies in 1,200 samples (stop 37) warrant a hint; squad's 253 in 2,400 do not."""
+    from distill.stages.generate import print_summary
+    from labelers.filters import COPIED_WARNING_SHARE, copied_warning
+
+    warning = copied_warning({"copied": 444}, 1200)
+    assert warning.startswith("444 of 1200 samples (37%)") and "--few-shot" in warning
+    assert copied_warning({"copied": 253}, 2400) is None and copied_warning({}, 0) is None
+    at_share = round(COPIED_WARNING_SHARE * 100)
+    assert copied_warning({"copied": at_share}, 100) and copied_warning({"copied": at_share - 1}, 100) is None
+    with caplog.at_level("WARNING", logger="distill.stages.generate"):
+        print_summary(_summary(1200, 444), tmp_path)
+        print_summary(_summary(2400, 253), tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [warning]
+    assert "copied       removed 444" in capsys.readouterr().out

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from labelers.backends import Sampling
-from labelers.filters import FILTERS, FilterSettings, Pair, apply_filters
+from labelers.filters import FILTERS, FilterSettings, Pair, apply_filters, copied_warning
 from labelers.generation import PairPrompts, generate_pairs, load_few_shot, packaged_examples
 from labelers.prompts import load_template
 from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score_groups
@@ -306,8 +306,7 @@ def finish(cfg: GenerateConfig, corpus: Corpus, records: list[GenerationRecord],
     write_folder(folder, corpus, kept)
     completed = {"answered": sum(c.sample.completed for c in samples), "kept": sum(c.sample.completed for c in kept)}
     summary = {"passages": len(records), "generated": len(samples), "removed": counts, "kept": len(kept),
-               "completed_answers": completed,
-               "seconds": round(seconds, 1), "settings": settings, "complete": True,
+               "completed_answers": completed, "seconds": round(seconds, 1), "settings": settings, "complete": True,
                "examples": [{"question": q.sample.question, "answer": q.sample.answer, "pid": q.pid} for q in kept[:3]]}
     write_json_atomic(folder / SUMMARY, summary)
     return summary
@@ -324,6 +323,8 @@ def print_summary(summary: dict, folder: Path) -> None:
         print(f"  {completed['answered']} question-only samples answered by the greedy pass, {completed['kept']} kept")
     for example in summary["examples"]:
         print(f"  e.g. Q: {example['question']}  A: {example['answer']}")
+    if warning := copied_warning(summary["removed"], summary["generated"]):
+        logger.warning(warning)
     print(f"-> {folder} (corpus.jsonl, queries.jsonl, qrels/train.tsv)")
 
 
