@@ -235,7 +235,6 @@ def test_shards_then_an_unsharded_run_finish_the_folder_without_sampling_again(t
     assert set(summary["removed"]) == {"parse", "length", "duplicate"}  # parse always runs
 
 
-
 def _summary(generated: int, copied: int) -> dict:
     return {"passages": generated // 2, "generated": generated, "kept": generated - copied, "seconds": 1.0,
             "removed": {"parse": 0, "copied": copied}, "examples": []}
