@@ -188,7 +188,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         step += 1
         losses.append(float(loss.detach()))
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
         if step % cfg.logging_steps == 0 or step == total:
             with open(out / LOG, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "loss": float(np.mean(losses)),

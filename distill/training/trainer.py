@@ -269,7 +269,7 @@ class Trainer:
                           "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
                           "tokens_per_s": round((self.tokens.real - window_tokens) / max(elapsed, 1e-9), 1)}
                 self.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
                 window_started, window_samples, window_tokens = time.perf_counter(), 0, self.tokens.real
             self.after_step()
         bar.close()
