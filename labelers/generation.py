@@ -160,7 +160,9 @@ def generate_pairs(backend: Backend, prompts: PairPrompts, passages: Sequence[st
 def fill_missing_answers(backend: Backend, prompts: PairPrompts, prompt_ids: Sequence[Sequence[int]],
                          generations: Sequence[Generation], max_new_tokens: int = 64) -> list[Generation]:
     """Each question-only generation with the greedy answer to prompt + " <question>\n<answer label>"
-    (one line), marked `completed`; the others as they were."""
+    (one line), marked `completed`; the others as they were. The prompts are those just sampled from: the
+    hf backend keeps their keys and values from that call and vLLM its prefix cache, so only the question
+    and the label run again."""
     out = list(generations)
     asked = [(k, question_only(g.raw, prompts.template)) for k, g in enumerate(out) if g.question is None]
     asked = [(k, q) for k, q in asked if q is not None]

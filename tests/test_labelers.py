@@ -83,6 +83,41 @@ def test_several_continuations_of_one_prompt_share_its_row_and_score_as_alone(ti
     assert windowed.tokens_run == plain.tokens_run  # rows longer than the window are not packed
 
 
+def test_prompts_that_share_a_passage_share_a_row_and_score_as_alone(tiny_llama_dir):
+    """The support filter's prompts: one passage, then each of its generated questions, then the answer. A row
+    holds the passage once and each question with its answer as a branch; scores must equal plain passes."""
+    from labelers.backends.hf import MIN_TRUNK_TOKENS, prompt_trunks
+
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32", token_budget=400))
+    plain = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", token_budget=400,
+                                      pack_continuations=False), model=backend.model)
+    generator = torch.Generator().manual_seed(4)
+
+    def tokens(low, high):
+        return torch.randint(5, 1000, (int(torch.randint(low, high, (1,), generator=generator)),),
+                             generator=generator).tolist()
+
+    head = tokens(10, 11)
+    prompts, continuations = [], []
+    for n_questions in [2, 1, 3, 2]:
+        passage = head + tokens(MIN_TRUNK_TOKENS, 60)
+        for _ in range(n_questions):
+            prompts.append(passage + tokens(3, 9))
+            continuations.append(tokens(1, 6))
+    prompts.append(prompts[0])  # a second answer to the first question: the same prompt
+    continuations.append(tokens(1, 6))
+    prompts.append(head + prompts[1][len(head):len(head) + 5] + tokens(20, 30))  # shares too little: a row alone
+    continuations.append(tokens(1, 6))
+    groups = prompt_trunks(prompts, len(head))
+    assert sorted(len(g) for _, g in groups) == [1, 1, 2, 3, 3]  # passages of 1, 2, 3 and 2 + 1 questions; the loner
+    scores, alone = backend.score(prompts, continuations), plain.score(prompts, continuations)
+    for s, t, p, c in zip(scores, alone, prompts, continuations):
+        assert s.n_tokens == len(c)
+        assert s.logprob_sum == pytest.approx(t.logprob_sum, abs=1e-4)
+        assert s.logprob_sum == pytest.approx(reference_logprob_sum(backend.model, p, c), abs=1e-3)
+    assert backend.tokens_run < plain.tokens_run
+
+
 def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a_time(tiny_llama_dir):
     """The prefix all prompts share is run once and its cache copied to every row; greedy text must be
     what plain `generate` writes for each prompt alone (no padding, no shared cache)."""
@@ -142,6 +177,61 @@ def test_batched_generation_over_a_shared_prefix_equals_one_unpadded_prompt_at_a
     for a, b in zip(parts[1].layers, whole[1].layers):
         torch.testing.assert_close(a.keys * parts[2][:, None, :, None], b.keys * whole[2][:, None, :, None])
     assert [backend.generate([p], 12, replace(sampling, seed=7 + 3 * i))[0] for i, p in enumerate(prompts)] == sampled
+
+
+def test_a_call_that_extends_the_last_calls_prompts_runs_only_the_new_tokens(tiny_llama_dir):
+    """The answer pass after sampling (prompt + " <question>\nAnswer:"): the prompts' keys and values come from
+    the last call and only the appended tokens run; logits and greedy text must be those of a fresh backend."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from labelers.backends import Sampling
+    from labelers.backends.hf_cache import PrefixCache, PromptCache
+    from labelers.backends.hf_decode import prefill
+
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32", prefill_tokens=40))
+    fresh = HFBackend(replace(backend.cfg, prompt_cache_bytes=0), model=backend.model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    head = tokenizer("Write a question about the passage, then its answer. Passage:")["input_ids"]
+    tails = [" the old mill by the river ground wheat", " the mill burnt down twice, in 1850 and in 1911",
+             " barley", " the miller's house still stands beside the weir and the road to the village"]
+    prompts = [head + tokenizer(t, add_special_tokens=False)["input_ids"] for t in tails]
+    ran = []
+    backend.model.register_forward_pre_hook(lambda m, a, k: ran.append(int(k["input_ids"].numel())), with_kwargs=True)
+    backend.generate(prompts, 8, Sampling(temperature=1.0, n=2, seed=3))
+    asked = [" Who ground wheat?\nAnswer:", " When did it burn?\nAnswer:", " What grew?\nAnswer:", ""]
+    cues = [p + tokenizer(a, add_special_tokens=False)["input_ids"] for p, a in zip(prompts, asked)]
+    ran.clear()
+    answers = backend.generate(cues, 8)
+    reused = sum(ran)
+    ran.clear()
+    assert answers == fresh.generate(cues, 8)
+    # the second pass ran the questions (padded to the longest; the unchanged prompt runs its last token) and 8
+    # steps at most a row, not the prompts again
+    longest_new = max(max(len(c) - len(p) for c, p in zip(cues, prompts)), 1)
+    assert reused < sum(ran) and reused <= len(cues) * (longest_new + 8)
+    # the logits each row starts decoding from equal one plain forward pass over the whole cue
+    stored, prefixes = PromptCache(2 ** 20), PrefixCache(backend.model, backend.cache_kwarg)
+    shared = shared_prefix_length(prompts)
+    with torch.inference_mode():
+        prefill(backend.model, backend.cache_kwarg, prefixes, head[:shared], [p[shared:] for p in prompts], 0, 40,
+                stored)
+        stored.commit(head[:shared])
+        assert stored.lookup(head[:shared], cues[0][shared:])[0] == len(prompts[0]) - shared
+        logits, _, mask, positions = prefill(backend.model, backend.cache_kwarg, prefixes, head[:shared],
+                                             [c[shared:] for c in cues], 0, 40, stored)
+    for row, cue in enumerate(cues):
+        torch.testing.assert_close(logits[row], backend.model(input_ids=torch.tensor([cue])).logits[0, -1].detach(),
+                                   rtol=1e-4, atol=1e-5)
+        assert int(mask[row].sum()) == len(cue) and int(positions[row]) == len(cue)
+    # nothing is kept past its budget
+    small = PromptCache(1)
+    with torch.inference_mode():
+        prefill(backend.model, backend.cache_kwarg, prefixes, head[:shared], [p[shared:] for p in prompts], 0, 40,
+                small)
+    small.commit(head[:shared])
+    assert small.entries == {} and not small.covers(cues)
 
 
 def test_length_buckets_respect_the_budget_and_cover_everything():

@@ -24,7 +24,8 @@ import torch
 from ..models import check_causal_lm, load_error
 from ..batching import length_buckets
 from .base import GREEDY, Sampling, Score, check_pairs, cut_at_stop
-from .hf_decode import PrefixCache, decode, prefill
+from .hf_cache import PrefixCache, PromptCache
+from .hf_decode import decode, prefill
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,32 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def packed_rows(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Pair indices grouped by identical prompt, in first-seen order: each group becomes one scored row."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        groups.setdefault(tuple(prompt), []).append(i)
-    return list(groups.values())
+MIN_TRUNK_TOKENS = 32  # prompts share a row when they share this many tokens past the call's common start
+
+
+def prompt_trunks(prompts: Sequence[Sequence[int]], common: int) -> list[tuple[int, list[int]]]:
+    """Pair indices grouped into rows that share a trunk: (trunk length, indices), in first-seen order.
+
+    Identical prompts always share one (a question's several answers after one passage); so do prompts whose
+    common first tokens reach `MIN_TRUNK_TOKENS` past `common`, the start all prompts share (a passage with
+    two of its generated questions after it). Groups are runs of the prompts in token order."""
+    order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
+    groups: list[tuple[int, list[int]]] = []
+    for i in order:
+        if groups:
+            trunk, members = groups[-1]
+            head = prompts[members[0]]
+            n = 0
+            limit = min(trunk, len(prompts[i]))
+            while n < limit and head[n] == prompts[i][n]:
+                n += 1
+            same = n == trunk == len(prompts[i])
+            if same or n >= common + MIN_TRUNK_TOKENS:
+                groups[-1] = (n, members + [i])
+                continue
+        groups.append((len(prompts[i]), [i]))
+    groups.sort(key=lambda g: min(g[1]))
+    return groups
 
 
 class RowLayout:
@@ -147,7 +168,8 @@ class HFBackendConfig:
     trust_remote_code: bool = False
     share_prefix: bool = True          # run the prompts' common first tokens once (score: per call; generate: per job)
     prefill_tokens: int | None = None  # generate: padded tokens per prefill pass; default that of scoring
-    pack_continuations: bool = True    # score: continuations of one identical prompt share its row (RowLayout)
+    pack_continuations: bool = True    # score: prompts sharing a trunk (a passage) share a row (RowLayout)
+    prompt_cache_bytes: int = 2 ** 30  # generate: keep the last call's prompt caches up to this size (0: off)
 
 
 class HFBackend:
@@ -166,6 +188,7 @@ class HFBackend:
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.cache_kwarg = cache_keyword(self.model)
         self.prefix = PrefixCache(self.model, self.cache_kwarg)  # generate's shared prompt start, kept across calls
+        self.prompts = PromptCache(cfg.prompt_cache_bytes)  # generate's last prompts, for calls that extend them
         # custom 4D masks reach the attention as they are with SDPA and eager attention (not flash kernels)
         self._custom_masks = self.model.config._attn_implementation in ("sdpa", "eager")
         self.sliding_window = getattr(self.model.config, "sliding_window", None)
@@ -176,18 +199,22 @@ class HFBackend:
         """Log-probs of each continuation after its prompt. The tokens all prompts share at their start
         (chat template, system prompt and instruction: ~50 of ~240 tokens of a reward prompt) are run
         once per call; every batch starts from a copy of their key/value cache (as vLLM's prefix caching).
-        Continuations of one identical prompt (a question's several reference answers after the same
-        passage) share one row: the prompt once, then each continuation attending to the prompt and to
-        itself alone (`packed_rows`), so the prompt runs once instead of once per answer."""
+        Pairs whose prompts share a trunk share one row (`prompt_trunks`): identical prompts (a question's
+        several reference answers after the same passage), or prompts that go on alike for `MIN_TRUNK_TOKENS`
+        past the common start (a passage followed by each of its generated questions, as the support filter
+        of `distill generate` scores them). The trunk runs once, then each pair's branch (the rest of its
+        prompt, then its continuation) attends to the trunk and to itself alone."""
         check_pairs(prompts, continuations)
-        rows = packed_rows(prompts) if self.cfg.pack_continuations and self._custom_masks else []
-        lengths = [len(prompts[row[0]]) + sum(len(continuations[i]) for i in row) for row in rows]
+        groups = (prompt_trunks(prompts, shared_prefix_length(prompts)) if self.cfg.pack_continuations
+                  and self._custom_masks and len(prompts) > 1 else [])
+        rows, trunks = [g for _, g in groups], [t for t, _ in groups]
+        lengths = [t + sum(len(prompts[i]) - t + len(continuations[i]) for i in row) for t, row in groups]
         # a custom mask replaces a sliding-window layer's own (Gemma 3): pack only rows that fit the window
         masked = 0 < len(rows) < len(prompts) and max(lengths) <= (self.sliding_window or max(lengths))
-        if not masked:  # no prompt repeats: the plain causal pass (a faster kernel than an explicit mask)
-            rows = [[i] for i in range(len(prompts))]
+        if not masked:  # no prompts share a row: the plain causal pass (a faster kernel than an explicit mask)
+            rows, trunks = [[i] for i in range(len(prompts))], [len(p) for p in prompts]
             lengths = [len(p) + len(c) for p, c in zip(prompts, continuations)]
-        heads = [prompts[row[0]] for row in rows]
+        heads = [prompts[row[0]][:trunk] for row, trunk in zip(rows, trunks)]
         results: list[Score | None] = [None] * len(prompts)
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
         shared = shared_prefix_length(heads) if self.cfg.share_prefix and len(heads) > 1 else 0
@@ -208,13 +235,16 @@ class HFBackend:
                 if layout is not None:
                     layout.prompt(r, prompt_end)
                 for i in rows[b]:
-                    start, continuation = len(own), list(continuations[i])
-                    own += continuation
+                    # a branch: the rest of the prompt after the row's trunk, then the continuation
+                    rest, continuation = list(prompts[i][trunks[b]:]), list(continuations[i])
+                    start = len(own) + len(rest)
                     if layout is not None:
-                        layout.continuation(r, start, len(continuation), prompt_end)
+                        layout.continuation(r, len(own), len(rest) + len(continuation), prompt_end)
+                    own += rest + continuation
                     # token u of the continuation is predicted from the hidden state before it: the prompt's
-                    # last column for u = 0, else the continuation's own previous token
-                    cols += [prompt_end - 1] + [start + u - 1 for u in range(1, len(continuation))]
+                    # last column (the trunk's, or the branch's own rest) for u = 0, else the previous token
+                    cols += [start - 1 if rest else prompt_end - 1]
+                    cols += [start + u - 1 for u in range(1, len(continuation))]
                     picked_rows += [r] * len(continuation)
                     targets += continuation
                     owners.append((i, len(continuation)))
@@ -252,7 +282,10 @@ class HFBackend:
 
         Prompts of similar length decode together (rows x (own part + new tokens) <= the token budget); their
         own parts are prefilled in length-sorted passes (`hf_decode.prefill`), each row laid out as the shared
-        prefix (in the cache), then padding, then its own tokens, with a mask and positions that skip the padding."""
+        prefix (in the cache), then padding, then its own tokens, with a mask and positions that skip the padding.
+        Each prompt's keys and values are kept until the next call (`hf_cache.PromptCache`, up to
+        `prompt_cache_bytes`): a call whose prompts extend them (the answer pass after sampling) runs only
+        the new tokens."""
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -264,14 +297,17 @@ class HFBackend:
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         n, stops = sampling.n, tuple(sampling.stop)
         shared = shared_prefix_length(prompts) if self.cfg.share_prefix and len(prompts) * n > 1 else 0
+        if self.cfg.share_prefix and self.prompts.covers(prompts):  # they extend the last call's prompts
+            shared = len(self.prompts.prefix)
         prefix = list(prompts[0][:shared])
+        stored = self.prompts if self.cfg.prompt_cache_bytes > 0 else None
         budget = self.cfg.token_budget or default_token_budget(self.device, "generate")
         for batch in length_buckets([len(p) - shared + max_new_tokens for p in prompts], budget,
                                     max(1, self.cfg.max_batch_rows // n)):
             own = [list(prompts[i][shared:]) for i in batch]
             logits, cache, mask, positions = prefill(self.model, self.cache_kwarg, self.prefix, prefix, own,
                                                      self.pad_id, self.cfg.prefill_tokens
-                                                     or default_token_budget(self.device, "score"))
+                                                     or default_token_budget(self.device, "score"), stored)
             if n > 1:  # each prompt's cache, once per sample
                 cache.batch_repeat_interleave(n)
                 logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
@@ -285,6 +321,8 @@ class HFBackend:
                 text = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), sampling.stop)
                 # a character cut by max_new_tokens decodes to U+FFFD; vLLM holds such bytes back: drop it too
                 texts[batch[row // n]].append(text.rstrip("\ufffd").strip())
+        if stored is not None:
+            stored.commit(prefix)
         return texts
 
     def _prefix_cache(self, prefix: list[int], rows: int):
@@ -300,6 +338,6 @@ class HFBackend:
 
     def close(self) -> None:
         """Drop the model so its memory is freed before the next stage loads one."""
-        self.model, self.prefix = None, None
+        self.model, self.prefix, self.prompts = None, None, None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

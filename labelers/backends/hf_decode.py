@@ -4,7 +4,8 @@
 every row in the batch until the last one ends. For query writing on a CPU both cost most of the time
 (prompts of ~400 tokens, answers of ~30). Here:
 
-- the tokens all prompts of a job share (instruction, few-shot block) run once per job (`PrefixCache`);
+- the tokens all prompts of a job share (instruction, few-shot block) run once per job (`hf_cache.PrefixCache`),
+  and a prompt that extends one of the last call's prompts runs only its new tokens (`hf_cache.PromptCache`);
 - each prompt's own tokens run once (one prefill row per prompt, attending over the shared cache), in
   length-sorted forward passes that carry little padding (`batching.sorted_chunks`), whose caches are then
   joined into one decoding batch and repeated for each prompt's n samples;
@@ -21,7 +22,6 @@ may rarely differ between batchings; greedy decoding is the same argmax as `gene
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,30 +29,7 @@ import torch
 
 from ..batching import sorted_chunks
 from .base import Sampling
-
-
-class PrefixCache:
-    """The key/value cache of a token prefix, computed once and reused while calls share that prefix."""
-
-    def __init__(self, model, cache_kwarg: str):
-        self.model, self.cache_kwarg = model, cache_kwarg
-        self.tokens: list[int] | None = None
-        self.cache = None
-
-    def rows(self, prefix: list[int], rows: int):
-        """A fresh cache holding `prefix` for `rows` rows (None for an empty prefix)."""
-        if not prefix:
-            return None
-        if prefix != self.tokens:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.config)
-            device = next(self.model.parameters()).device
-            self.model(input_ids=torch.tensor([prefix], device=device), **{self.cache_kwarg: cache}, use_cache=True)
-            self.tokens, self.cache = list(prefix), cache
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(rows)
-        return cache
+from .hf_cache import PrefixCache, PromptCache
 
 
 NUCLEUS_CANDIDATES = 256  # tokens searched first for the top-p nucleus (all of them when these hold less than p)
@@ -84,35 +61,49 @@ def _joinable(model) -> bool:
 
 
 def prefill(model, cache_kwarg: str, prefixes: PrefixCache, prefix: list[int], own: list[list[int]], pad_id: int,
-            token_budget: int):
+            token_budget: int, prompts: PromptCache | None = None):
     """Run each row's own tokens after the shared `prefix`: (last logits [rows, vocab], the cache, the attention
     mask [rows, prefix + width], each row's next position), rows in the order given.
 
-    Each row is laid out as prefix, padding, own tokens; the mask and positions skip the padding. The rows run
-    in length-sorted forward passes under `token_budget`; the passes' caches are padded to the widest and joined."""
+    A row whose first tokens are in `prompts` (an earlier call's prompt that this one extends) takes their keys and
+    values from there and runs only the rest. Each row is laid out as prefix, padding, stored tokens, padding, new
+    tokens; the mask and positions skip the padding. The rows run in forward passes sorted by new tokens under
+    `token_budget`, whose caches are padded to the widest and joined. With `prompts`, every row's own tokens are
+    kept there for the next call."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     shared = len(prefix)
-    lengths = np.array([len(r) for r in own])
-    chunks = sorted_chunks(lengths, token_budget) if _joinable(model) else [np.arange(len(own))]
-    width = int(lengths.max())
+    joinable = _joinable(model)
+    hits = [prompts.lookup(prefix, row) if prompts is not None and joinable else (0, None) for row in own]
+    stored = np.array([n for n, _ in hits])
+    new = np.array([len(r) for r in own]) - stored
+    chunks = sorted_chunks(new, token_budget) if joinable else [np.arange(len(own))]
+    width = max(int(stored[chunk].max() + new[chunk].max()) for chunk in chunks)
     logits, masks, positions, caches = [], [], [], []
     for chunk in chunks:
-        w = int(lengths[chunk].max())
-        ids = torch.full((len(chunk), w), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), shared + w), dtype=torch.long)
+        c, u = int(stored[chunk].max()), int(new[chunk].max())
+        ids = torch.full((len(chunk), u), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), shared + c + u), dtype=torch.long)
         mask[:, :shared] = 1
         for r, i in enumerate(chunk):
-            ids[r, w - lengths[i]:] = torch.tensor(own[i])
-            mask[r, shared + w - lengths[i]:] = 1
+            ids[r, u - new[i]:] = torch.tensor(own[i][stored[i]:])
+            mask[r, shared + c - stored[i]:shared + c] = 1
+            mask[r, shared + c + u - new[i]:] = 1
         ids, mask = ids.to(device), mask.to(device)
         position = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = prefixes.rows(prefix, len(chunk))
         cache = DynamicCache(config=model.config) if cache is None else cache
-        logits.append(model(input_ids=ids, attention_mask=mask, position_ids=position[:, shared:],
+        if c:
+            append_stored(cache, [hits[i][1] for i in chunk], c)
+        logits.append(model(input_ids=ids, attention_mask=mask, position_ids=position[:, shared + c:],
                             **{cache_kwarg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1])
-        gap = width - w  # columns of padding that line this pass up with the widest
+        if prompts is not None and joinable:
+            for r, i in enumerate(chunk):
+                columns = torch.nonzero(mask[r, shared:]).squeeze(1) + shared
+                prompts.keep(own[i], [(layer.keys[r][:, columns], layer.values[r][:, columns])
+                                      for layer in cache.layers])
+        gap = width - c - u  # columns of padding that line this pass up with the widest
         masks.append(torch.cat([mask[:, :shared], mask.new_zeros(len(chunk), gap), mask[:, shared:]], dim=1))
         positions.append(position[:, -1] + 1)
         caches.append((cache, gap))
@@ -130,6 +121,20 @@ def prefill(model, cache_kwarg: str, prefixes: PrefixCache, prefix: list[int], o
                           torch.cat([v[:, :, :shared], pad, v[:, :, shared:]], dim=2)))
         joined.update(torch.cat([k for k, _ in parts])[back], torch.cat([v for _, v in parts])[back], layer)
     return torch.cat(logits)[back], joined, torch.cat(masks)[back], torch.cat(positions)[back]
+
+
+def append_stored(cache, rows: list, width: int) -> None:
+    """Append `width` columns to `cache`: each row's stored keys and values (per layer, [heads, n, dim]; None for
+    none), right-aligned after zeros."""
+    for layer in range(len(cache.layers)):
+        like = next(kv for kv in rows if kv is not None)[layer][0]
+        keys = like.new_zeros(len(rows), like.shape[0], width, like.shape[2])
+        values = torch.zeros_like(keys)
+        for r, kv in enumerate(rows):
+            if kv is not None:
+                n = kv[layer][0].shape[1]
+                keys[r, :, width - n:], values[r, :, width - n:] = kv[layer]
+        cache.update(keys, values, layer)
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator]) -> torch.Tensor:
