@@ -15,9 +15,9 @@ interleaved in one process, order flipped every round:
   rows stay in the batch until the last one stops (`stop_strings`).
 
 A second table times `distill generate`'s whole per-passage work (`QuestionSampler.process` over
-`--stage-passages`, in the stage's 16-passage chunks): the sampling, the greedy answer pass for samples that wrote
+`--stage-passages`, in the stage's chunks): the sampling, the greedy answer pass for samples that wrote
 only a question, and the support filter's scoring; "before" is the stage with `transformers_generate` for both
-generation calls and a row of its own for each scored prompt, as it was before issue 24.
+generation calls, a row of its own for each scored prompt and 16-passage chunks, as it was before issue 24.
 
 Roofline: every forward pass reads all the weights (bytes / the measured copy bandwidth) and each token costs
 about 2 x parameters FLOPs (over the measured matmul rate); the table prints the share of each ceiling that a
@@ -77,6 +77,9 @@ def transformers_generate(backend: HFBackend, prompts, max_new_tokens: int, samp
     return texts
 
 
+BEFORE_CHUNK_SIZE = 16  # `distill generate --chunk-size`'s default before issue 24 (passages per backend call)
+
+
 class BeforeBackend:
     """The hf backend as `distill generate` had it before issue 24: `generate` through `transformers_generate` (the
     sampling and the answer pass alike, each running whole prompts), and each scored prompt in a row of its own
@@ -99,27 +102,31 @@ class BeforeBackend:
 
 
 def stage_table(cfg: GenerateConfig, backend: HFBackend, passages: int, rounds: int) -> None:
-    """`distill generate`'s per-passage work (`QuestionSampler.process` in 16-passage chunks: sampling, the answer
+    """`distill generate`'s per-passage work (`QuestionSampler.process` in the stage's chunks: sampling, the answer
     pass for question-only samples, the cheap filters and the support filter's scoring), ours against before."""
     corpus, _ = load_corpus_of(cfg.data)
     cfg = dataclasses.replace(cfg, max_passages=passages)
     rows = selected_rows(corpus, cfg)
-    stages = {name: QuestionSampler(cfg, corpus, rows) for name in ("ours", "before (transformers generate)")}
+    stages = {"ours": QuestionSampler(cfg, corpus, rows),
+              "before (transformers generate)": QuestionSampler(dataclasses.replace(cfg, chunk_size=BEFORE_CHUNK_SIZE),
+                                                                corpus, rows)}
     stages["ours"].backend, stages["before (transformers generate)"].backend = backend, BeforeBackend(backend)
     timings = {name: {"seconds": [], "parts": {}} for name in stages}
     for round_ in range(rounds):
         for name in (list(stages) if round_ % 2 == 0 else list(stages)[::-1]):
             parts = timed_parts(stages[name])
             started = time.perf_counter()
-            records = [r for start in range(0, len(rows), cfg.chunk_size)
-                       for r in stages[name].process(start, min(start + cfg.chunk_size, len(rows)))]
+            step = stages[name].cfg.chunk_size
+            records = [r for start in range(0, len(rows), step)
+                       for r in stages[name].process(start, min(start + step, len(rows)))]
             timings[name]["seconds"].append(time.perf_counter() - started)
             samples = [s for r in records for s in r["samples"]]
             timings[name].update(samples=len(samples), kept=sum(s["rejected"] is None for s in samples),
                                  completed=sum(bool(s.get("completed")) for s in samples))
             if len(timings[name]["seconds"]) == 1 or timings[name]["seconds"][-1] <= min(timings[name]["seconds"]):
                 timings[name]["parts"] = parts
-    print(f"\n`distill generate` per passage ({len(rows)} passages in chunks of {cfg.chunk_size}, "
+    print(f"\n`distill generate` per passage ({len(rows)} passages in chunks of {cfg.chunk_size} (before: "
+          f"{BEFORE_CHUNK_SIZE}), "
           f"{cfg.questions_per_passage} samples each, best of {rounds}):\n")
     print("| distill generate | seconds (each round) | samples/s (best) | vs before | sampling s | answer pass s "
           "(rows) | support s | kept (of samples) |\n|---|---|---|---|---|---|---|---|")
