@@ -100,8 +100,7 @@ class GenerateConfig(TeacherSettings, ExecutorSettings):
     max_passage_tokens: int = field(default=MAX_PASSAGE_TOKENS, metadata={"help": "passages are cut to this many teacher tokens"})
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
     shard: str | None = field(default=None, metadata={"help": "i/n: sample only the i-th of n slices of the passages"})
-    chunk_size: int = field(default=32, metadata={  # 32 x 2 samples: a decoding step costs ~35 ms + ~2.5 ms a row
-        "help": "passages per fsync'd output chunk (and per backend call)"})
+    chunk_size: int = field(default=32, metadata={"help": "passages per fsync'd output chunk and backend call"})
     batch_size: int = field(default=64, metadata={"volatile": True, "help": "retriever: texts per encoder batch"})
     overwrite: bool = field(default=False, metadata={"volatile": True, "help": "discard earlier output instead of resuming it"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
