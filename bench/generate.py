@@ -95,7 +95,7 @@ class BeforeBackend:
         return transformers_generate(self.backend, prompts, max_new_tokens, sampling)
 
     def score(self, prompts, continuations):
-        return HFBackend.score(self.backend, prompts, continuations)  # not the instance's timed wrapper
+        return self.backend.score(prompts, continuations)
 
     def close(self) -> None:
         pass

@@ -62,18 +62,20 @@ class PromptCache:
         n = len(self.prefix)
         if not self.entries or not all(len(p) > n and list(p[:n]) == self.prefix for p in prompts):
             return False
-        return any(self.lookup(self.prefix, list(p[n:]))[0] for p in prompts)
+        return any(self.longest(list(p[n:])) for p in prompts)
+
+    def longest(self, own: list[int]) -> int:
+        """The length of the longest stored prompt that `own` starts with (0 for none)."""
+        return next((n for n in self.lengths if n <= len(own) and tuple(own[:n]) in self.entries), 0)
 
     def lookup(self, prefix: list[int], own: list[int]) -> tuple[int, KeyValues | None]:
         """(how many leading tokens of `own` are stored after `prefix`, their keys and values); the last token of
         `own` is never taken, since the next-token logits come from running it."""
-        if prefix != self.prefix:
+        found = self.longest(own) if prefix == self.prefix else 0
+        n = min(found, len(own) - 1)
+        if not n:
             return 0, None
-        for n in self.lengths:
-            if n <= len(own) and (stored := self.entries.get(tuple(own[:n]))) is not None:
-                n = min(n, len(own) - 1)
-                return (n, [(k[:, :n], v[:, :n]) for k, v in stored]) if n else (0, None)
-        return 0, None
+        return n, [(k[:, :n], v[:, :n]) for k, v in self.entries[tuple(own[:found])]]
 
     def keep(self, own: list[int], key_values: KeyValues) -> None:
         size = sum(k.numel() * k.element_size() * 2 for k, _ in key_values)
