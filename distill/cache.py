@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labelers.errors import UsageError
+
 from .config import add_command
 from .index import cache_entries, default_cache_dir
 
@@ -39,9 +41,9 @@ def _size(n: float) -> str:
 
 def run_cache(cfg: CacheConfig) -> dict:
     if cfg.older_than is not None and not cfg.clear:
-        raise ValueError("--older-than goes with --clear")
+        raise UsageError("--older-than goes with --clear")
     if cfg.older_than is not None and cfg.older_than < 0:
-        raise ValueError("--older-than must be >= 0 days")
+        raise UsageError("--older-than must be >= 0 days")
     entries = cache_entries(cfg.cache_dir)
     now = time.time()
     total = sum(e.size_bytes for e in entries)

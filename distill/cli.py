@@ -1,20 +1,24 @@
 """The `distill` command: wires each stage's `add_parser` into one CLI.
 
-Expected problems (bad input files, a model that is not there) print one line
-on stderr and exit with status 2; an LLM server refusing a request prints its
-message and exits with status 1; no traceback.
+Expected problems print one line on stderr, no traceback: bad input files and
+settings (`UsageError`, `DataError`) and files or models that are not there or
+cannot be written exit with status 2; an LLM server refusing a request, or a
+job that went wrong (a diverging loss), exit with status 1. Anything else is a
+bug, ours or a library's: it keeps its traceback (exit 1), so it can be
+reported.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
 from labelers.backends import BackendError
+from labelers.errors import UsageError
 
 from . import evaluate
-from .data import DataError
 from . import cache, pipeline
 from .stages import generate, label, mine
 from .training import pretrain
@@ -46,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UsageError as exc:  # our own checks (DataError among them): the message says what to fix
+        print(f"error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -56,15 +60,34 @@ def main(argv: list[str] | None = None) -> int:
         # The LLM server refused the work (a 4xx other than 429): its message, no retry, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BACKEND_REFUSED
-    except (ValueError, OSError) as exc:
-        # Settings that fail validation, models or files that are not there.
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except OSError as exc:
+        if not _environment_problem(exc):
+            raise
+        # a file or model that is not there, a folder that cannot be written, a full disk
+        print(f"error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: what was written is kept (finished chunks are fsync'd); rerun the same command to "
               "resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+# OSErrors that are the machine's or the user's paths, not a bug: anything else keeps its traceback
+ENVIRONMENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC, errno.EROFS,
+                      errno.EEXIST, errno.ENOTEMPTY, errno.EDQUOT}
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _environment_problem(exc: OSError) -> bool:
+    """A missing or unwritable path, a full disk; or a model loader's OSError ("... does not appear to have a
+    file named config.json"), which carries no errno."""
+    return (exc.errno in ENVIRONMENT_ERRNOS or isinstance(exc, PATH_ERRORS)
+            or (exc.errno is None and type(exc) is OSError))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def run_and_exit(argv: list[str] | None = None) -> None:

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from labelers.errors import UsageError
+
 T = TypeVar("T")
 
 
@@ -96,7 +98,7 @@ def coerce(value: Any, annotation: Any, name: str, where: str, choices: typing.S
     if value is None:
         if _optional(annotation):
             return None
-        raise ValueError(f"{where}: setting {name!r}: needs a value ({_type_name(kind)})")
+        raise UsageError(f"{where}: setting {name!r}: needs a value ({_type_name(kind)})")
     try:
         if typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
@@ -110,11 +112,11 @@ def coerce(value: Any, annotation: Any, name: str, where: str, choices: typing.S
         shown = f"{value!r}" if not isinstance(value, (list, dict)) else f"{type(value).__name__} {value!r}"
         article = "n" if kind is int else ""
         what = f"a{article} {kind.__name__}" if kind in (int, float) else _type_name(kind)
-        raise ValueError(f"{where}: setting {name!r}: {shown} is not {what}") from None
+        raise UsageError(f"{where}: setting {name!r}: {shown} is not {what}") from None
     if choices is not None:
         for v in checked if isinstance(checked, list) else [checked]:
             if v not in choices:
-                raise ValueError(f"{where}: setting {name!r}: {v!r} is not one of {list(choices)}")
+                raise UsageError(f"{where}: setting {name!r}: {v!r} is not one of {list(choices)}")
     return checked
 
 
@@ -152,14 +154,14 @@ def config_from_mapping(cls: type[T], values: dict[str, Any], where: str) -> T:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"{where}: unknown settings {unknown}; known: {sorted(names)}")
+        raise UsageError(f"{where}: unknown settings {unknown}; known: {sorted(names)}")
     hints = typing.get_type_hints(cls)
     checked = {name: coerce(value, hints[name], name, where, names[name].metadata.get("choices"))
                for name, value in values.items()}
     missing = [n for n, f in names.items() if n not in checked and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ValueError(f"{where}: missing required settings {missing}")
+        raise UsageError(f"{where}: missing required settings {missing}")
     return cls(**checked)
 
 
@@ -171,18 +173,18 @@ def load_yaml_mapping(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+        raise UsageError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ValueError(f"{where}: not valid YAML: {problem}") from None
+        raise UsageError(f"{where}: not valid YAML: {problem}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of settings, got {type(loaded).__name__}")
+        raise UsageError(f"{path}: the top level must be a mapping of settings, got {type(loaded).__name__}")
     return loaded
 
 
@@ -197,7 +199,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
     if missing:
-        raise ValueError("missing required settings: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        raise UsageError("missing required settings: " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return config_from_mapping(cls, values, where)
 
 
@@ -236,5 +238,5 @@ def check_backend_settings(cfg: Any, backend: str) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if getattr(cfg, f.name) != default:
-            raise ValueError(f"--{f.name.replace('_', '-')} applies to the {' and '.join(takes)} backend"
+            raise UsageError(f"--{f.name.replace('_', '-')} applies to the {' and '.join(takes)} backend"
                              f"{'s' if len(takes) > 1 else ''}, not to --backend {backend}")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from .config import add_command
 from .data import DataError, RetrievalSet, load_retrieval_set
 from .data.records import ranked, read_trec_run
@@ -122,10 +124,10 @@ def check_output_path(path: Path | None, flag: str) -> None:
         return
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{flag} {path}: is a folder; give a file path (e.g. {path / 'metrics.json'})")
+        raise UsageError(f"{flag} {path}: is a folder; give a file path (e.g. {path / 'metrics.json'})")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
 def check_trec_ids(rset: RetrievalSet, path: Path) -> None:

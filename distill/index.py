@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from labelers.errors import UsageError
+
 from .files import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -54,9 +56,9 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_FACTORIES:
-            raise ValueError(f"index kind {self.kind!r} is not known; choose one of {sorted(INDEX_FACTORIES)}")
+            raise UsageError(f"index kind {self.kind!r} is not known; choose one of {sorted(INDEX_FACTORIES)}")
         if self.gpu not in ("auto", "yes", "no"):
-            raise ValueError(f"gpu must be auto, yes or no, got {self.gpu!r}")
+            raise UsageError(f"gpu must be auto, yes or no, got {self.gpu!r}")
 
 
 def _flat(dim: int, n: int, cfg: IndexConfig):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 Ranking = Sequence[str]
 Qrels = Mapping[str, Mapping[str, int]]
 
@@ -115,7 +117,7 @@ def compare_paired(a: Sequence[float], b: Sequence[float], rng: np.random.Genera
 
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     if d.ndim != 1 or len(d) < 2:
-        raise ValueError(f"need per-query scores of at least 2 queries for both systems, got {d.shape}")
+        raise UsageError(f"need per-query scores of at least 2 queries for both systems, got {d.shape}")
     mean = float(d.mean())
     if np.all(d == d[0]):  # no spread: the interval is the point, and no sign flip can beat a constant
         return PairedComparison(len(d), mean, mean, mean, 1.0 if mean == 0 else 2.0 ** (1 - len(d)), confidence)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from labelers.models import checked_model_source, load_error
+from labelers.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,9 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r} is not known; choose one of {sorted(POOLINGS)}")
+            raise UsageError(f"pooling {self.pooling!r} is not known; choose one of {sorted(POOLINGS)}")
         if min(self.max_query_length, self.max_passage_length) < 2:
-            raise ValueError("max lengths must be at least 2 tokens")
+            raise UsageError("max lengths must be at least 2 tokens")
 
 
 def _read_model_json(name_or_path: str, filename: str) -> dict | list | None:
@@ -95,12 +96,12 @@ def _config_from_sentence_transformers(name_or_path: str, modules: list[dict]) -
                 (m for m in ("cls", "mean") if pooling.get(f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens")),
                 None)
             if mode not in POOLINGS or not pooling.get("include_prompt", True):
-                raise ValueError(f"{name_or_path}: pooling {pooling} is not supported (supported: cls, mean, with the prompt included)")
+                raise UsageError(f"{name_or_path}: pooling {pooling} is not supported (supported: cls, mean, with the prompt included)")
             found["pooling"] = mode
         elif kind == "Normalize":
             found["normalize"] = True
         else:
-            raise ValueError(f"{name_or_path}: sentence-transformers module {module['type']} is not supported "
+            raise UsageError(f"{name_or_path}: sentence-transformers module {module['type']} is not supported "
                              "(supported: Transformer, Pooling, Normalize)")
     found.setdefault("normalize", False)
     prompts = (_read_model_json(name_or_path, "config_sentence_transformers.json") or {}).get("prompts") or {}

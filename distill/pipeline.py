@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from labelers.models import checked_model_source
+from labelers.errors import UsageError
 
 from .config import config_from_mapping, load_yaml_mapping
 from .evaluate import EvalConfig, format_table
@@ -204,7 +205,7 @@ def load_run(path: Path, overrides: dict[str, Any]) -> tuple[RunSettings, dict[s
             loaded[name] = value
             value = None
         if value is not None and not isinstance(value, dict):
-            raise ValueError(f"{path}: section {name!r} must be a mapping of {name} settings")
+            raise UsageError(f"{path}: section {name!r} must be a mapping of {name} settings")
         sections[name] = dict(value or {})
         if name in SWITCHED and value is not None and name not in loaded:
             loaded[name] = True
@@ -221,7 +222,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--"):
-            raise ValueError(f"unexpected argument {token!r}: settings look like --key value or --section.key value")
+            raise UsageError(f"unexpected argument {token!r}: settings look like --key value or --section.key value")
         key, eq, value = token[2:].partition("=")
         if not eq:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from labelers.errors import UsageError
+
 from .data import DataError, has_table, load_retrieval_set, resolve_data_dir
 
 SUPERVISIONS = ("auto", "qrels", "answers", "queries", "raw_text")
@@ -55,7 +57,7 @@ def mined_pool_size(stages) -> int | None:
 def choose_supervision(data: str, split: str, asked: str = "auto") -> Supervision:
     """The supervision `data`'s `split` gives (or checks that `asked` is possible there)."""
     if asked not in SUPERVISIONS:
-        raise ValueError(f"supervision {asked!r} is not known; choose one of {list(SUPERVISIONS)}")
+        raise UsageError(f"supervision {asked!r} is not known; choose one of {list(SUPERVISIONS)}")
     if asked == "raw_text":
         return Supervision("raw_text", "asked for")
     if not has_table(resolve_data_dir(data), "queries"):

@@ -27,6 +27,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from .errors import UsageError
 
 
 @dataclass
@@ -92,7 +93,7 @@ def duplicate_questions(pairs: Sequence[Pair], s: FilterSettings) -> list[bool]:
 
 def unsupported_answers(pairs: Sequence[Pair], s: FilterSettings) -> list[bool]:
     if any(p.support is None for p in pairs):
-        raise ValueError("the unsupported filter needs each pair's answer support (score them first)")
+        raise UsageError("the unsupported filter needs each pair's answer support (score them first)")
     return [p.support < s.min_support for p in pairs]
 
 
@@ -131,7 +132,7 @@ def apply_filters(pairs: Sequence[Pair], names: Sequence[str], settings: FilterS
     `rejected` carries verdicts from an earlier call: those pairs stay removed and are not looked at."""
     unknown = [n for n in names if n not in FILTERS]
     if unknown:
-        raise ValueError(f"unknown filters {unknown}; known: {list(FILTERS)}")
+        raise UsageError(f"unknown filters {unknown}; known: {list(FILTERS)}")
     reasons: list[str | None] = list(rejected) if rejected is not None else [None] * len(pairs)
     counts = {}
     for name in names:

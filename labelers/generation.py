@@ -23,6 +23,7 @@ from pathlib import Path
 from .backends.base import Backend, Sampling
 from .prompts import PromptTemplate
 from .reward import MAX_PASSAGE_TOKENS, as_user_turn, truncate_to_tokens
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,10 @@ def load_few_shot(path: str | Path) -> list[FewShotExample]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                raise UsageError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
             for key in ("passage", "question", "answer"):
                 if not isinstance(record.get(key), str) or not record[key].strip():
-                    raise ValueError(f"{path}:{line_no}: field {key!r}: missing or empty")
+                    raise UsageError(f"{path}:{line_no}: field {key!r}: missing or empty")
             examples.append(FewShotExample(record["passage"], record["question"], record["answer"]))
     return examples
 
@@ -67,7 +68,7 @@ class PairPrompts:
 
     def __post_init__(self):
         if self.template.continuation != "pair":
-            raise ValueError(f"template {self.template.name} is not a query-generation (pair) template")
+            raise UsageError(f"template {self.template.name} is not a query-generation (pair) template")
 
     def truncate(self, passage: str) -> str:
         return truncate_to_tokens(self.tokenizer, passage, self.max_passage_tokens)

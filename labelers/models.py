@@ -21,6 +21,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from .errors import UsageError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "namespace/name"
 
@@ -45,13 +47,13 @@ def checked_model_source(name: str | Path) -> str:
 
 
 def check_model_folder(path: Path) -> None:
-    """ValueError naming `path` (or its damaged weights file) when it is not a loadable model folder."""
+    """UsageError naming `path` (or its damaged weights file) when it is not a loadable model folder."""
     if not path.is_dir():
-        raise ValueError(f"{path}: is a file; a model is a folder (config.json, weights, tokenizer files)")
+        raise UsageError(f"{path}: is a file; a model is a folder (config.json, weights, tokenizer files)")
     if not (path / "config.json").is_file():
         entries = sorted(p.name for p in path.iterdir())
         shown = ", ".join(entries[:5]) + (f" (+{len(entries) - 5} more)" if len(entries) > 5 else "") or "nothing"
-        raise ValueError(f"{path}: not a model folder: no config.json (it holds {shown})")
+        raise UsageError(f"{path}: not a model folder: no config.json (it holds {shown})")
     from safetensors import SafetensorError, safe_open
 
     for weights in sorted(path.glob("*.safetensors")):
@@ -59,14 +61,14 @@ def check_model_folder(path: Path) -> None:
             with safe_open(str(weights), framework="pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{weights}: damaged model weights ({str(exc).strip().splitlines()[0]}); "
+            raise UsageError(f"{weights}: damaged model weights ({str(exc).strip().splitlines()[0]}); "
                              "download or save the model again") from None
 
 
-def load_error(name: str, what: str, exc: Exception) -> ValueError:
+def load_error(name: str, what: str, exc: Exception) -> UsageError:
     """One line naming the model and what could not be loaded from it, for errors of transformers' loaders."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    return ValueError(f"{name}: cannot load its {what}: {message[:300]}")
+    return UsageError(f"{name}: cannot load its {what}: {message[:300]}")
 
 
 def check_causal_lm(name: str | Path, trust_remote_code: bool = False) -> str:
@@ -87,11 +89,11 @@ def check_causal_lm(name: str | Path, trust_remote_code: bool = False) -> str:
         causal.update(value if isinstance(value, (list, tuple)) else [value])
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(a in causal for a in architectures):
-        raise ValueError(f"{source}: is a {', '.join(architectures)} ({config.model_type}), not a causal language "
+        raise UsageError(f"{source}: is a {', '.join(architectures)} ({config.model_type}), not a causal language "
                          "model: the teacher (--llm) must be a decoder LM with its LM head (SmolLM2, Gemma, Qwen, "
                          "Llama...); an encoder is the student (--model)")
     if not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"{source}: a {config.model_type} model has no causal-LM form: the teacher (--llm) must be "
+        raise UsageError(f"{source}: a {config.model_type} model has no causal-LM form: the teacher (--llm) must be "
                          "a decoder LM")
     return source
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import UsageError
 
 SETTINGS = {"chat", "continuation", "separator", "question_label", "answer_label"}
 CONTINUATIONS = ("answer", "question", "pair")
@@ -57,7 +58,7 @@ def parse_template(text: str, name: str) -> PromptTemplate:
         if not body_lines and line.startswith("##"):
             key, _, value = line[2:].partition(":")
             if key.strip() not in SETTINGS:
-                raise ValueError(f"{name}: unknown setting {key.strip()!r}; known: {sorted(SETTINGS)}")
+                raise UsageError(f"{name}: unknown setting {key.strip()!r}; known: {sorted(SETTINGS)}")
             settings[key.strip()] = value.strip()
         elif not body_lines and line.startswith("#"):
             continue
@@ -66,12 +67,12 @@ def parse_template(text: str, name: str) -> PromptTemplate:
     body = "\n".join(body_lines).strip("\n")
     continuation = settings.get("continuation", "answer")
     if continuation not in CONTINUATIONS:
-        raise ValueError(f"{name}: continuation must be one of {CONTINUATIONS}, got {continuation!r}")
+        raise UsageError(f"{name}: continuation must be one of {CONTINUATIONS}, got {continuation!r}")
     if "{passage}" not in body or (continuation == "answer" and "{question}" not in body):
-        raise ValueError(f"{name}: the body must contain {{passage}}" + (" and {question}" if continuation == "answer" else ""))
+        raise UsageError(f"{name}: the body must contain {{passage}}" + (" and {question}" if continuation == "answer" else ""))
     chat = settings.get("chat", "false").lower()
     if chat not in ("true", "false"):
-        raise ValueError(f"{name}: setting 'chat': must be true or false, got {settings['chat']!r}")
+        raise UsageError(f"{name}: setting 'chat': must be true or false, got {settings['chat']!r}")
     return PromptTemplate(name=name, body=body, chat=chat == "true", continuation=continuation,
                           separator=_json_string(name, "separator", settings.get("separator", '""')),
                           **{k: _json_string(name, k, settings[k]) for k in ("question_label", "answer_label")
@@ -85,7 +86,7 @@ def _json_string(name: str, key: str, value: str) -> str:
     except json.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, str):
-        raise ValueError(f"{name}: setting {key!r}: {value!r} is not a JSON string; write it in double quotes, "
+        raise UsageError(f"{name}: setting {key!r}: {value!r} is not a JSON string; write it in double quotes, "
                          'e.g.  ## separator: " "  for one space')
     return parsed
 
@@ -97,6 +98,6 @@ def load_template(name_or_path: str) -> PromptTemplate:
         return parse_template(path.read_text(encoding="utf-8"), str(path))
     available = packaged_templates()
     if name_or_path not in available:
-        raise ValueError(f"prompt template {name_or_path!r} is neither a file nor a packaged template "
+        raise UsageError(f"prompt template {name_or_path!r} is neither a file nor a packaged template "
                          f"({', '.join(sorted(available))})")
     return parse_template(available[name_or_path].read_text(encoding="utf-8"), name_or_path)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from .backends.base import Backend, Score
 from .prompts import PromptTemplate
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def as_user_turn(tokenizer, template: PromptTemplate, filled: str) -> str:
     if not template.chat:
         return filled
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"template {template.name} needs a chat template, and this tokenizer has none; "
+        raise UsageError(f"template {template.name} needs a chat template, and this tokenizer has none; "
                          "use a template without _chat")
     return tokenizer.apply_chat_template([{"role": "user", "content": filled}], tokenize=False,
                                          add_generation_prompt=True)
@@ -72,7 +73,7 @@ class RewardInputs:
     def build(self, question: str, passage: str, answer: str | None = None) -> tuple[list[int], list[int]]:
         continuation = answer if self.template.continuation == "answer" else question
         if not continuation:
-            raise ValueError(f"template {self.template.name} scores the {self.template.continuation}, which is empty")
+            raise UsageError(f"template {self.template.name} scores the {self.template.continuation}, which is empty")
         prompt = self.prompt_text(question, passage)
         special = not self.template.chat  # a chat template writes its own BOS
         prompt_ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
@@ -113,13 +114,13 @@ def score_groups(backend: Backend, inputs: RewardInputs, groups: Sequence[Reward
     itself is the continuation and the answers are ignored.
     """
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization {normalization!r} is not known; choose one of {sorted(NORMALIZATIONS)}")
+        raise UsageError(f"normalization {normalization!r} is not known; choose one of {sorted(NORMALIZATIONS)}")
     normalise = NORMALIZATIONS[normalization]
     pairs, owners = [], []  # owners[k] = (group, passage, answer index)
     for g, group in enumerate(groups):
         targets: list[str | None] = list(group.answers) if inputs.template.continuation == "answer" else [None]
         if not targets:
-            raise ValueError(f"template {inputs.template.name} scores answers, and question {group.question!r} has none")
+            raise UsageError(f"template {inputs.template.name} scores answers, and question {group.question!r} has none")
         for p, passage in enumerate(group.passages):
             for a, answer in enumerate(targets):
                 pairs.append(inputs.build(group.question, passage, answer))

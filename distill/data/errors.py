@@ -11,6 +11,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from labelers.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,8 +32,8 @@ class Problem:
         return f"{where}: {what}"
 
 
-class DataError(ValueError):
-    """Bad input that the user must fix; the CLI prints it on one line and exits 2."""
+class DataError(UsageError):
+    """A bad record or file that the user must fix (file:line:field); the CLI prints it on one line and exits 2."""
 
     def __init__(self, problem: Problem | str):
         super().__init__(str(problem))

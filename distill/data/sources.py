@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from labelers.errors import UsageError
+
 from .errors import Problem
 
 Record = tuple[int, "dict | Problem"]
@@ -79,7 +81,7 @@ def iter_hf_dataset(path: Path) -> Iterator[Record]:
 
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
-        raise ValueError(f"{path}: is a DatasetDict with splits {list(dataset)}; point to one split's folder")
+        raise UsageError(f"{path}: is a DatasetDict with splits {list(dataset)}; point to one split's folder")
     row = 0
     for batch in dataset.iter(batch_size=TABULAR_BATCH_ROWS):
         columns = list(batch)
@@ -129,4 +131,4 @@ def iter_records(path: Path) -> Iterator[Record]:
     for matches, reader in SOURCE_READERS:
         if matches(path):
             return reader(path)
-    raise ValueError(f"{path}: unsupported file form (use .jsonl, .parquet, .tsv or a saved datasets folder)")
+    raise UsageError(f"{path}: unsupported file form (use .jsonl, .parquet, .tsv or a saved datasets folder)")

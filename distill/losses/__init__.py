@@ -13,6 +13,8 @@ from types import ModuleType
 
 import torch
 
+from labelers.errors import UsageError
+
 from . import cosent, infonce, kl, margin_mse, rank_filter, simcse, soft_label
 from .base import LossInputs
 
@@ -36,14 +38,14 @@ class Objective:
             name, _, weight = part.partition(":")
             name = name.strip()
             if name not in LOSSES:
-                raise ValueError(f"unknown loss {name!r} in {spec!r}; choose from {sorted(LOSSES)}")
+                raise UsageError(f"unknown loss {name!r} in {spec!r}; choose from {sorted(LOSSES)}")
             try:
                 value = float(weight) if weight else 1.0
             except ValueError:
-                raise ValueError(f"loss weight {weight!r} in {spec!r} is not a number") from None
+                raise UsageError(f"loss weight {weight!r} in {spec!r} is not a number") from None
             terms.append((name, value))
         if not terms:
-            raise ValueError(f"no loss in {spec!r}")
+            raise UsageError(f"no loss in {spec!r}")
         return cls(tuple(terms))
 
     @property
@@ -52,7 +54,7 @@ class Objective:
         alone = [getattr(LOSSES[name], "PASSAGES_ONLY", False) for name, _ in self.terms]
         if any(alone) and not all(alone):
             mixed = ", ".join(name for (name, _), a in zip(self.terms, alone) if a)
-            raise ValueError(f"--loss {self}: {mixed} trains on passages alone (each encoded twice, no queries) and "
+            raise UsageError(f"--loss {self}: {mixed} trains on passages alone (each encoded twice, no queries) and "
                              "does not combine with query losses in one run; train it first (--loss simcse) and "
                              "give its output as --model to the query run")
         return all(alone)

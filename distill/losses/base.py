@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from labelers.errors import UsageError
+
 
 @dataclass
 class LossInputs:
@@ -32,7 +34,7 @@ class LossInputs:
 
     def require_rewards(self, loss: str) -> torch.Tensor:
         if self.rewards is None:
-            raise ValueError(f"the {loss} loss needs teacher rewards (train with --labels from distill label)")
+            raise UsageError(f"the {loss} loss needs teacher rewards (train with --labels from distill label)")
         return self.rewards
 
     def teacher_weights(self) -> torch.Tensor:

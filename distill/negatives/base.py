@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 
 @dataclass
 class Ranked:
@@ -70,11 +72,11 @@ class CandidateWindow:
 
     def __post_init__(self) -> None:
         if not 0 <= self.range_min < self.range_max:
-            raise ValueError(f"need 0 <= range_min < range_max, got [{self.range_min}, {self.range_max})")
+            raise UsageError(f"need 0 <= range_min < range_max, got [{self.range_min}, {self.range_max})")
         if self.sampling not in ("top", "random"):
-            raise ValueError(f"sampling must be 'top' or 'random', got {self.sampling!r}")
+            raise UsageError(f"sampling must be 'top' or 'random', got {self.sampling!r}")
         if self.simans_a <= 0:
-            raise ValueError(f"simans_a must be > 0, got {self.simans_a}")
+            raise UsageError(f"simans_a must be > 0, got {self.simans_a}")
 
     @property
     def filters_scores(self) -> bool:

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from .base import Chosen, MiningBatch, Ranked, CandidateWindow
 from .dense import pick
 from .window import excluded_mask, rank_window, score_filter_mask
@@ -67,7 +69,7 @@ class BM25Index:
         import bm25s
 
         if tokenizer not in TOKENIZERS:
-            raise ValueError(f"BM25 tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+            raise UsageError(f"BM25 tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
         self.tokenizer = tokenizer
         tokens = [tokenize(t, tokenizer) for batch in passages for t in batch]
         self.size = len(tokens)
@@ -87,7 +89,7 @@ class BM25Index:
 
 def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.bm25 is None:
-        raise ValueError("the bm25 strategy needs a BM25 index")
+        raise UsageError("the bm25 strategy needs a BM25 index")
     ranked = batch.bm25
     dropped = excluded_mask(ranked.rows, batch.excluded)
     dense = None
@@ -96,7 +98,7 @@ def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen
         if params.filters_scores:
             dropped |= score_filter_mask(dense, batch.positive_scores, params)
     elif params.filters_scores:
-        raise ValueError("score filters on BM25 candidates need a dense --model to score them")
+        raise UsageError("score filters on BM25 candidates need a dense --model to score them")
     out = []
     shown = dense if dense is not None else ranked.scores
     for b, (rows, scores) in enumerate(rank_window(ranked.rows, shown, dropped, params.range_min, params.range_max)):

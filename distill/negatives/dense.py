@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from .base import Chosen, MiningBatch, CandidateWindow
 from .window import surviving_window
 
@@ -25,7 +27,7 @@ def pick(n: int, num: int, sampling: str, rng: np.random.Generator) -> np.ndarra
 
 def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.dense is None:
-        raise ValueError("the dense strategy needs a dense --model")
+        raise UsageError("the dense strategy needs a dense --model")
     out = []
     for b, (rows, scores) in enumerate(surviving_window(batch, batch.dense, params)):
         chosen = pick(len(rows), num, params.sampling, batch.rngs[b])

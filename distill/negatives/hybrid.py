@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from . import bm25, dense
 from .base import Chosen, MiningBatch, CandidateWindow
 
@@ -30,7 +32,7 @@ def interleave(lists: list[Chosen], num: int) -> Chosen:
 
 def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.score_rows is None:
-        raise ValueError("the hybrid strategy needs a dense --model")
+        raise UsageError("the hybrid strategy needs a dense --model")
     from_dense = dense.select(batch, num, params)
     from_bm25 = bm25.select(batch, num, params)
     return [interleave([d, s], num) for d, s in zip(from_dense, from_bm25)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from .base import Chosen, MiningBatch, CandidateWindow
 
 POOLS = ("same_doc",)
@@ -12,7 +14,7 @@ POOLS = ("same_doc",)
 
 def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.same_doc is None:
-        raise ValueError("the same_doc strategy needs the corpus' doc_id field")
+        raise UsageError("the same_doc strategy needs the corpus' doc_id field")
     out = []
     for b in range(len(batch)):
         pool = np.setdiff1d(batch.same_doc[b], batch.excluded[b])

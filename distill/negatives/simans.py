@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from .base import Chosen, MiningBatch, CandidateWindow
 from .window import surviving_window
 
@@ -43,7 +45,7 @@ def sample_without_replacement(log_p: np.ndarray, k: int, rng: np.random.Generat
 
 def select(batch: MiningBatch, num: int, params: CandidateWindow) -> list[Chosen]:
     if batch.dense is None or batch.positive_scores is None:
-        raise ValueError("SimANS needs a dense --model (candidate and positive scores)")
+        raise UsageError("SimANS needs a dense --model (candidate and positive scores)")
     out = []
     for b, (rows, scores) in enumerate(surviving_window(batch, batch.dense, params)):
         log_p = simans_log_probabilities(scores, float(batch.positive_scores[b]), params.simans_a, params.simans_b)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from .base import CandidateWindow
 
 
@@ -33,7 +35,7 @@ def score_filter_mask(scores: np.ndarray, positive_scores: np.ndarray | None, pa
     drop = np.zeros(scores.shape, dtype=bool)
     if params.absolute_margin is not None or params.relative_margin is not None:
         if positive_scores is None:
-            raise ValueError("margin filters need the positives' scores, i.e. a dense --model")
+            raise UsageError("margin filters need the positives' scores, i.e. a dense --model")
         positive = np.asarray(positive_scores, dtype=np.float64)[:, None]
         if params.absolute_margin is not None:
             drop |= scores + params.absolute_margin > positive

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from labelers.errors import UsageError
+
 from ..data.progress import read_progress
 from .writer import JobSummary, is_complete, write_resumable
 
@@ -47,9 +49,9 @@ class ExecutorSettings:
     def check_executor(self, shard: str | None) -> None:
         if self.executor == "ray":
             if shard:
-                raise ValueError("--shard and --executor ray both split the job: give one of them")
+                raise UsageError("--shard and --executor ray both split the job: give one of them")
             if self.workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker < 1:
-                raise ValueError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
+                raise UsageError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from labelers.errors import UsageError
+
 from ..data import DataError, RetrievalSet
 from ..data.records import CandidateRecord, iter_candidates
 from ..data.sources import is_hf_dataset_dir
@@ -69,7 +71,7 @@ def _export_n_tuple(candidates: Path, rset: RetrievalSet, output: Path, include_
     texts = _texts(rset, include_title)
     n = max((len(r.pids) for r in _records(candidates)), default=0)
     if n == 0:
-        raise ValueError(f"{candidates}: no query has negatives; nothing to export")
+        raise UsageError(f"{candidates}: no query has negatives; nothing to export")
     columns = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, n + 1)]
     fields = [pa.field(c, pa.string()) for c in columns]
     if scores:
@@ -93,7 +95,7 @@ def _export_n_tuple(candidates: Path, rset: RetrievalSet, output: Path, include_
                     skipped += 1
                     continue
                 if scores and record.score_kind != "dense":
-                    raise ValueError(f"{candidates}: n-tuple-scores needs dense scores (mine with a --model)")
+                    raise UsageError(f"{candidates}: n-tuple-scores needs dense scores (mine with a --model)")
                 negatives = texts(list(record.pids))
                 for j, positive in enumerate(texts(list(record.positives))):
                     batch["anchor"].append(query_text[record.qid])
@@ -110,7 +112,7 @@ def _export_n_tuple(candidates: Path, rset: RetrievalSet, output: Path, include_
         Dataset.from_parquet(str(parquet), cache_dir=str(Path(work) / "cache")).save_to_disk(str(staged))
         if output.exists():
             if output.is_dir() and not is_hf_dataset_dir(output):  # replace an earlier export, nothing else
-                raise ValueError(f"--export-output {output}: is a folder that is not a saved dataset; it is left as "
+                raise UsageError(f"--export-output {output}: is a folder that is not a saved dataset; it is left as "
                                  "it is: give a new path")
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         os.replace(staged, output)
@@ -130,13 +132,13 @@ def check_export_output(fmt: str, output: Path) -> None:
     if not output.is_dir():
         return
     if fmt == "flagembedding":
-        raise ValueError(f"--export-output {output}: is a folder; flagembedding writes one JSON Lines file")
+        raise UsageError(f"--export-output {output}: is a folder; flagembedding writes one JSON Lines file")
     if not is_hf_dataset_dir(output):
-        raise ValueError(f"--export-output {output}: is a folder that is not a saved dataset; it is left as it is: "
+        raise UsageError(f"--export-output {output}: is a folder that is not a saved dataset; it is left as it is: "
                          "give a new path")
 
 
 def export_candidates(candidates: Path, rset: RetrievalSet, fmt: str, output: Path, include_title: bool = True) -> dict:
     if fmt not in EXPORTERS:
-        raise ValueError(f"export format {fmt!r} is not known; choose one of {sorted(EXPORTERS)}")
+        raise UsageError(f"export format {fmt!r} is not known; choose one of {sorted(EXPORTERS)}")
     return EXPORTERS[fmt](Path(candidates), rset, Path(output), include_title=include_title)

@@ -41,6 +41,7 @@ from labelers.filters import FILTERS, FilterSettings, Pair, apply_filters, copie
 from labelers.generation import PairPrompts, generate_pairs, load_few_shot, packaged_examples
 from labelers.prompts import load_template
 from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score_groups
+from labelers.errors import UsageError
 
 from ..config import add_command, output_settings
 from ..data import Corpus, ProblemLog, load_corpus_of
@@ -147,7 +148,7 @@ class QuestionSampler:
         self.support = RewardInputs(tokenizer, load_template(
             cfg.support_prompt or default_template(cfg.language, "reward", chat)), cfg.max_passage_tokens)
         if self.support.template.continuation != "answer":
-            raise ValueError(f"--support-prompt {self.support.template.name} must score answers")
+            raise UsageError(f"--support-prompt {self.support.template.name} must score answers")
         self.filters = [f for f in PASSAGE_FILTERS if f in cfg.filters]
         self.filter_config = cfg.filter_settings(few_shot)
         self.backend = None
@@ -356,11 +357,11 @@ def run_generate(cfg: GenerateConfig) -> dict:
     cfg.check_llm()
     unknown = [f for f in cfg.filters if f not in FILTERS]
     if unknown:
-        raise ValueError(f"--filters: unknown {unknown}; known: {list(FILTERS)}")
+        raise UsageError(f"--filters: unknown {unknown}; known: {list(FILTERS)}")
     if "parse" not in cfg.filters:
         cfg = dataclasses.replace(cfg, filters=["parse", *cfg.filters])
     if cfg.questions_per_passage < 1:
-        raise ValueError("--questions-per-passage must be >= 1")
+        raise UsageError("--questions-per-passage must be >= 1")
     cfg.check_executor(cfg.shard)
     folder = Path(cfg.output)
     folder.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from labelers.prompts import load_template
 from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score_groups
+from labelers.errors import UsageError
 
 from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
@@ -95,9 +96,9 @@ class Labeler:
         self.query_inputs = RewardInputs(self.tokenizer, load_template(
             cfg.query_prompt or default_template(cfg.language, "query_likelihood", chat)), cfg.max_passage_tokens)
         if self.answer_inputs.template.continuation != "answer":
-            raise ValueError(f"--prompt {self.answer_inputs.template.name} scores the question; it must score answers")
+            raise UsageError(f"--prompt {self.answer_inputs.template.name} scores the question; it must score answers")
         if self.query_inputs.template.continuation != "question":
-            raise ValueError(f"--query-prompt {self.query_inputs.template.name} must score the question")
+            raise UsageError(f"--query-prompt {self.query_inputs.template.name} must score the question")
         table = rset.queries.table
         self.query = {qid: (text, answers or []) for qid, text, answers in
                       zip(table["id"].to_pylist(), table["text"].to_pylist(), table["answers"].to_pylist())}
@@ -201,13 +202,13 @@ def build_labeler(cfg: LabelConfig) -> tuple[Labeler, RetrievalSet, int]:
     """The label stage for `cfg` (data read and checked), and how many split queries have no candidates line."""
     shard = Shard.parse(cfg.shard)
     if cfg.num_random < 0:
-        raise ValueError("--num-random must be >= 0")
+        raise UsageError("--num-random must be >= 0")
     rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=True)
     if not rset.labelled and not cfg.candidates:
-        raise ValueError(f"split {cfg.split!r} has no qrels: give --candidates (the retriever's pool per query, from "
+        raise UsageError(f"split {cfg.split!r} has no qrels: give --candidates (the retriever's pool per query, from "
                          "distill mine) for the teacher to score")
     if not rset.labelled and cfg.missing_answers == "generate":
-        raise ValueError("--missing-answers generate writes an answer from the query's positive passage; split "
+        raise UsageError("--missing-answers generate writes an answer from the query's positive passage; split "
                          f"{cfg.split!r} has no qrels: use --missing-answers query (UPR)")
     if cfg.candidates:
         units: list[Unit] = [(r.qid, list(r.pids), None if rset.labelled or r.scores is None else list(r.scores))

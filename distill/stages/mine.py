@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from labelers.errors import UsageError
+
 from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
 from ..data.records import iter_candidates, read_labels
@@ -147,11 +149,11 @@ class Miner:
         self.encoder = encoder
         self.passages = self.queries = self.index = None
         if encoder is None and ("dense" in pools or self.params.filters_scores):
-            raise ValueError(f"--strategy {cfg.strategy}" + (" with score filters" if "dense" not in pools else "")
+            raise UsageError(f"--strategy {cfg.strategy}" + (" with score filters" if "dense" not in pools else "")
                              + " needs a dense --model")
         if not rset.labelled and (cfg.strategy in NEEDS_POSITIVES or self.params.absolute_margin is not None
                                   or self.params.relative_margin is not None):
-            raise ValueError(f"split {rset.split!r} has no qrels, so no positive to measure from: "
+            raise UsageError(f"split {rset.split!r} has no qrels, so no positive to measure from: "
                              f"--strategy {cfg.strategy} and the margin filters need one; use dense, bm25 or hybrid "
                              "to take the retriever's top --pool-size")
         self.bm25 = self.docs = None
@@ -273,7 +275,7 @@ def pool_size(cfg: MineConfig, rset: RetrievalSet) -> int:
     """Candidates per query: --num-negatives beyond the positives, or for queries without qrels --pool-size (16)."""
     if rset.labelled:
         if cfg.pool_size is not None:
-            raise ValueError(f"--pool-size is for queries without qrels; split {rset.split!r} has qrels: use "
+            raise UsageError(f"--pool-size is for queries without qrels; split {rset.split!r} has qrels: use "
                              "--num-negatives")
         return cfg.num_negatives
     return cfg.pool_size if cfg.pool_size is not None else DEFAULT_POOL_SIZE
@@ -303,9 +305,9 @@ def miner_for(cfg: MineConfig) -> Miner:
 
 def run_mine(cfg: MineConfig) -> dict:
     if cfg.num_negatives < 1:
-        raise ValueError("--num-negatives must be >= 1")
+        raise UsageError("--num-negatives must be >= 1")
     if cfg.export and not cfg.export_output:
-        raise ValueError("--export needs --export-output")
+        raise UsageError("--export needs --export-output")
     if cfg.export:
         check_export_output(cfg.export, cfg.export_output)
     cfg.check_executor(cfg.shard)
@@ -313,7 +315,7 @@ def run_mine(cfg: MineConfig) -> dict:
     miner = miner_for(cfg)
     rset = miner.rset
     if cfg.export and not rset.labelled:
-        raise ValueError(f"--export writes (query, positive, negatives) rows; split {cfg.split!r} has no qrels")
+        raise UsageError(f"--export writes (query, positive, negatives) rows; split {cfg.split!r} has no qrels")
     num, shard = miner.num, miner.shard
     output = Path(cfg.output)
     run = run_record_stage(miner, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from labelers.errors import UsageError
+
 from .executor import ExecutorSettings, run_on_ray
 from .writer import JobSummary, is_complete, write_resumable
 
@@ -74,7 +76,7 @@ def run_record_stage(stage: RecordStage, output: Path, *, chunk_size: int, overw
         return StageRun(JobSummary(output, stage.n_units, stage.n_units, 0, 0.0, True), True)
     if executor is not None and executor.executor == "ray":
         if factory is None:
-            raise ValueError(f"{stage.desc} cannot run on Ray")
+            raise UsageError(f"{stage.desc} cannot run on Ray")
         getattr(stage, "prepare", lambda: None)()
         return StageRun(run_on_ray(stage, factory, output, settings, chunk_size=chunk_size, overwrite=overwrite,
                                    show_progress=show_progress, executor=executor), False)

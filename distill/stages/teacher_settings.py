@@ -14,6 +14,7 @@ from ..config import check_backend_settings
 
 from labelers.backends import BACKENDS, Backend, create_backend
 from labelers.models import check_causal_lm, checked_model_source, load_error
+from labelers.errors import UsageError
 
 
 @dataclass(kw_only=True)
@@ -99,7 +100,7 @@ class TeacherSettings:
         if getattr(self, "executor", "local") != "ray" or gpus <= 1:
             return self.tensor_parallel_size
         if self.tensor_parallel_size not in (None, int(gpus)):
-            raise ValueError(f"--tensor-parallel-size {self.tensor_parallel_size} differs from --gpus-per-worker "
+            raise UsageError(f"--tensor-parallel-size {self.tensor_parallel_size} differs from --gpus-per-worker "
                              f"{gpus}: a Ray worker's GPUs are its model's tensor-parallel group")
         return int(gpus)
 

@@ -32,6 +32,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from labelers.errors import UsageError
+
 from ..data.progress import (EMPTY_SHA256, FORMAT_VERSION, ProgressMismatch, canonical, is_complete,
                              progress_path, read_progress, verified_progress)
 from ..files import write_json_atomic
@@ -52,10 +54,10 @@ class Shard:
             return cls()
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
         if not match:
-            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}")
+            raise UsageError(f"--shard must look like i/n (e.g. 0/4), got {text!r}")
         index, count = int(match.group(1)), int(match.group(2))
         if count < 1 or not 0 <= index < count:
-            raise ValueError(f"--shard {text}: need 0 <= i < n")
+            raise UsageError(f"--shard {text}: need 0 <= i < n")
         return cls(index, count)
 
     def bounds(self, n_units: int) -> tuple[int, int]:
@@ -91,12 +93,12 @@ def _resume_point(output: Path, settings: dict, n_units: int, overwrite: bool) -
     if progress is None and not output.exists():
         return 0, 0, None
     if progress is None:
-        raise ValueError(f"{output} exists but has no {progress_path(output).name}: it was not written by this "
+        raise UsageError(f"{output} exists but has no {progress_path(output).name}: it was not written by this "
                          "job; remove it or pass --overwrite")
     if progress["settings"] != canonical(settings) or progress["units"] != n_units:
         old = progress["settings"]
         changed = sorted(k for k in set(old) | set(canonical(settings)) if old.get(k) != canonical(settings).get(k))
-        raise ValueError(f"{output} was started with other settings ({', '.join(changed) or 'unit count'} differ); "
+        raise UsageError(f"{output} was started with other settings ({', '.join(changed) or 'unit count'} differ); "
                          "rerun with the same settings to resume, or pass --overwrite to start again")
     return progress["units_done"], progress["bytes"], progress.get("last_chunk")
 
@@ -112,7 +114,7 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
     taken)` after each chunk.
     """
     if chunk_size < 1:
-        raise ValueError("chunk_size must be at least 1")
+        raise UsageError("chunk_size must be at least 1")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done, kept, last_chunk = _resume_point(output, settings, n_units, overwrite)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labelers.errors import UsageError
+
 from ..encoding import EncodingSettings
 from ..losses import LOSSES, Objective
 from ..negatives.settings import WindowSettings
@@ -112,40 +114,40 @@ class TrainConfig(EncodingSettings, WindowSettings):
             if value is not None:
                 value = [value] if isinstance(value, (str, Path)) else list(value)
                 if len(value) != len(self.data):
-                    raise ValueError(f"--{name} needs one file per --data ({len(self.data)}), got {len(value)}")
+                    raise UsageError(f"--{name} needs one file per --data ({len(self.data)}), got {len(value)}")
                 setattr(self, name, [Path(v) for v in value])
         if self.labels and self.candidates:
-            raise ValueError("give --labels or --candidates, not both")
+            raise UsageError("give --labels or --candidates, not both")
         if (self.drop_disputed or self.keep_top_margin < 1.0 or self.positives not in ("auto", "qrels")
                 or self.false_negatives != "keep" or self.answer_negatives != "keep") and not self.labels:
-            raise ValueError("--drop-disputed, --keep-top-margin, --positives, --false-negatives and "
+            raise UsageError("--drop-disputed, --keep-top-margin, --positives, --false-negatives and "
                              "--answer-negatives need the teacher's rewards: give --labels (from distill label)")
         if self.answer_negatives != "keep" and self.positives not in ("auto", "answer-match", "answer-match+teacher"):
-            raise ValueError(f"--answer-negatives {self.answer_negatives} needs answer matching: --positives "
+            raise UsageError(f"--answer-negatives {self.answer_negatives} needs answer matching: --positives "
                              f"answer-match, answer-match+teacher or auto, not {self.positives}")
         if not 0.0 < self.keep_top_margin <= 1.0:
-            raise ValueError(f"--keep-top-margin must be in (0, 1], got {self.keep_top_margin}")
+            raise UsageError(f"--keep-top-margin must be in (0, 1], got {self.keep_top_margin}")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:
-            raise ValueError("--train-batch-size and --gradient-accumulation-steps must be >= 1, "
+            raise UsageError("--train-batch-size and --gradient-accumulation-steps must be >= 1, "
                              "--num-negatives >= 0")
         for name in ("temperature", "teacher_temperature", "student_temperature", "learning_rate"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("epochs", "save_steps", "logging_steps", "dynamic_remine_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.objective().passages_only:
             if self.labels or self.candidates or self.remine_steps or self.dynamic_remine:
-                raise ValueError(f"--loss {self.loss} trains on the corpus passages alone: --labels, --candidates "
+                raise UsageError(f"--loss {self.loss} trains on the corpus passages alone: --labels, --candidates "
                                  "and re-mining do not apply")
             self.num_negatives = 0  # a group of one, the passage's second view; the batch's others are negatives
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
-            raise ValueError(f"--micro-batch-tokens must be >= 0, got {self.micro_batch_tokens}")
+            raise UsageError(f"--micro-batch-tokens must be >= 0, got {self.micro_batch_tokens}")
         for name in ("max_steps", "grad_cache_chunk_size", "remine_pool_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
-            raise ValueError(f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}")
+            raise UsageError(f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}")
 
     def objective(self) -> Objective:
         return Objective.parse(self.loss)

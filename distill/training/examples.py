@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from ..data import DataError, RetrievalSet
 from ..data.records import CandidateRecord, LabelRecord
 from .positives import choose_positive, contains_answer
@@ -86,7 +88,7 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
     2023: the top 10k of 100k synthetic queries by score), here with the labelling LLM and the mined candidates.
     """
     if not 0.0 < keep_top_margin <= 1.0:
-        raise ValueError(f"keep_top_margin must be in (0, 1], got {keep_top_margin}")
+        raise UsageError(f"keep_top_margin must be in (0, 1], got {keep_top_margin}")
     table = rset.queries.table
     texts = dict(zip(rset.queries.ids, rset.queries.texts))
     answers_of = dict(zip(table["id"].to_pylist(), table["answers"].to_pylist()))

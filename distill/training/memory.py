@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from labelers.errors import UsageError
+
 SAFETY = 1.25          # the forward's temporaries above what autograd saves (observed ~1.1-1.2x on BERT, CPU)
 DEFAULT_SHARE = 0.6    # of the free memory, for activations; the rest for weights, optimizer, data, the OS
 
@@ -113,7 +115,7 @@ def plan_memory(*, n_queries: int, n_passages: int, query_bytes: float, passage_
             "--gradient-checkpointing")
     if chunk_size:
         if chunk_size * per_text > budget_bytes:
-            raise ValueError(f"--grad-cache-chunk-size {chunk_size} needs about {chunk_size * per_text / 2**30:.1f} "
+            raise UsageError(f"--grad-cache-chunk-size {chunk_size} needs about {chunk_size * per_text / 2**30:.1f} "
                              f"GiB of activations per chunk, over the {budget_bytes / 2**30:.1f} GiB budget: use "
                              f"--grad-cache-chunk-size {max(int(budget_bytes // per_text), 1)} or less, or {hint}")
         return MemoryPlan(step, budget_bytes, chunk_size, texts, longest_tokens)
@@ -121,7 +123,7 @@ def plan_memory(*, n_queries: int, n_passages: int, query_bytes: float, passage_
         return MemoryPlan(step, budget_bytes, None, texts, longest_tokens)
     chunk = int(budget_bytes // per_text)
     if chunk < 1:
-        raise ValueError(f"one {longest_tokens}-token text needs about {per_text / 2**30:.2f} GiB of activations, "
+        raise UsageError(f"one {longest_tokens}-token text needs about {per_text / 2**30:.2f} GiB of activations, "
                          f"over the {budget_bytes / 2**30:.2f} GiB budget, so no --grad-cache-chunk-size fits: {hint}, "
                          "or raise --memory-budget-gb (--train-batch-size does not change this)")
     return MemoryPlan(step, budget_bytes, min(chunk, texts), texts, longest_tokens)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 POSITIVE_MODES = ("qrels", "teacher", "teacher+retriever", "answer-match", "answer-match+teacher", "retriever-top1")
 NEEDS_RETRIEVER = ("teacher+retriever", "answer-match+teacher", "retriever-top1")
 NEEDS_ANSWERS = ("answer-match",)
@@ -79,7 +81,7 @@ def choose_positive(mode: str, rewards: np.ndarray, retriever_scores: np.ndarray
     if mode == "teacher":
         return _best(zscore(rewards), everything, min_margin)
     if mode in NEEDS_RETRIEVER and retriever_scores is None:
-        raise ValueError(f"--positives {mode} needs the retriever's scores of each pool (labels written from a "
+        raise UsageError(f"--positives {mode} needs the retriever's scores of each pool (labels written from a "
                          "candidates file of distill mine with a --model)")
     if mode == "retriever-top1":
         return _best(zscore(retriever_scores), everything, min_margin)
@@ -87,7 +89,7 @@ def choose_positive(mode: str, rewards: np.ndarray, retriever_scores: np.ndarray
     if mode == "teacher+retriever":
         return _best(fused, everything, min_margin)
     if matches is None:
-        raise ValueError(f"--positives {mode} needs the queries' reference answers")
+        raise UsageError(f"--positives {mode} needs the queries' reference answers")
     matched = np.flatnonzero(matches)
     if mode == "answer-match":
         if not len(matched):
@@ -100,4 +102,4 @@ def choose_positive(mode: str, rewards: np.ndarray, retriever_scores: np.ndarray
             choice = _best(fused, matched, 0.0) if len(matched) > 1 else Choice(int(matched[0]), None)
             return choice if choice.index is not None else Choice(int(matched[0]), None)
         return _best(fused, everything, min_margin)
-    raise ValueError(f"--positives {mode!r} is not known; choose one of {list(POSITIVE_MODES)}")
+    raise UsageError(f"--positives {mode!r} is not known; choose one of {list(POSITIVE_MODES)}")

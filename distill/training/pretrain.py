@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labelers.errors import UsageError
+
 from ..config import add_command, output_settings
 from ..data import data_digest, load_corpus_of
 from ..files import write_text_atomic
@@ -74,18 +76,18 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"--objective {self.objective!r}: choose from {sorted(OBJECTIVES)}")
+            raise UsageError(f"--objective {self.objective!r}: choose from {sorted(OBJECTIVES)}")
         for name in ("mlm_probability", "deletion_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(self, name)}")
         for name in ("train_batch_size", "epochs", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, least in (("max_steps", 1), ("max_length", 2)):
             if getattr(self, name) is not None and getattr(self, name) < least:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
         if not self.learning_rate > 0:
-            raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+            raise UsageError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
 
 def passages_of_step(step: int, n_passages: int, batch_size: int, seed: int) -> np.ndarray:
@@ -119,11 +121,11 @@ def _resume_point(cfg: PretrainConfig, folder: RunFolder, settings: dict) -> Pat
         return None
     if folder.settings is not None and folder.settings != settings:
         changed = ", ".join(differences(folder.settings, settings))
-        raise ValueError(f"{out} holds a pretraining run with other settings ({changed}); --overwrite to start "
+        raise UsageError(f"{out} holds a pretraining run with other settings ({changed}); --overwrite to start "
                          "again there, or give another --output")
     saved = checkpoint.current_folder(out)
     if saved is not None and not cfg.resume:
-        raise ValueError(f"{out} holds an unfinished pretraining run: --resume to continue it, --overwrite to "
+        raise UsageError(f"{out} holds an unfinished pretraining run: --resume to continue it, --overwrite to "
                          "start again")
     return saved
 
@@ -148,7 +150,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     max_length = cfg.max_length or encoder.max_length("passage")
     per_epoch = len(corpus) // cfg.train_batch_size
     if per_epoch < 1:
-        raise ValueError(f"{cfg.data}: {len(corpus)} passages make no batch of {cfg.train_batch_size}")
+        raise UsageError(f"{cfg.data}: {len(corpus)} passages make no batch of {cfg.train_batch_size}")
     total = cfg.max_steps or per_epoch * cfg.epochs
     torch.manual_seed(cfg.seed)
     module = OBJECTIVES[cfg.objective](encoder, max_length, cfg).to(encoder.device)
@@ -178,7 +180,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         rows = passages_of_step(step, len(corpus), cfg.train_batch_size, cfg.seed)
         loss = module(corpus.passages_at(rows, cfg.include_title))
         if not torch.isfinite(loss):
-            raise ValueError(f"step {step + 1}: the loss is {float(loss)}; lower --learning-rate")
+            raise UsageError(f"step {step + 1}: the loss is {float(loss)}; lower --learning-rate")
         loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)

@@ -25,6 +25,8 @@ import copy
 
 import torch
 
+from labelers.errors import UsageError
+
 from ..model import POOLINGS, BiEncoder
 
 
@@ -91,13 +93,13 @@ class DenoisingAutoEncoder(torch.nn.Module):
         try:
             self.decoder = AutoModelForCausalLM.from_config(config)
         except ValueError as exc:
-            raise ValueError(f"--objective tsdae needs a decoder twin of the student's {config.model_type} "
+            raise UsageError(f"--objective tsdae needs a decoder twin of the student's {config.model_type} "
                              f"(transformers has none: {str(exc).splitlines()[0]}); use --objective mlm") from None
         if _share_weights(self.decoder.base_model, encoder.backbone) == 0:
-            raise ValueError(f"--objective tsdae: the {config.model_type} decoder shares no weights with the student")
+            raise UsageError(f"--objective tsdae: the {config.model_type} decoder shares no weights with the student")
         self.decoder.get_output_embeddings().weight = self.decoder.get_input_embeddings().weight
         if not getattr(encoder.tokenizer, "is_fast", False):
-            raise ValueError("--objective tsdae deletes whole words, which needs a fast tokenizer (word ids)")
+            raise UsageError("--objective tsdae deletes whole words, which needs a fast tokenizer (word ids)")
 
     def noisy(self, tokens, rows: int) -> list[list[int]]:
         """Each passage's token ids without ~`deletion_ratio` of its words (at least one word stays)."""

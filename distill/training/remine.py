@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from labelers.errors import UsageError
+
 from ..data import RetrievalSet
 from ..negatives import STRATEGIES, MiningBatch, Ranked, CandidateWindow, query_rng
 from .examples import Example
@@ -81,7 +83,7 @@ def remine(encoder, examples: list[Example], chosen: list[int], rsets: list[Retr
     """Replace the pools of `examples[chosen]` using `encoder`; returns how many pools changed."""
     strategy = STRATEGIES[settings.strategy]
     if "dense" not in strategy.POOLS:
-        raise ValueError(f"re-mining needs a dense strategy (dense or simans), not {settings.strategy!r}")
+        raise UsageError(f"re-mining needs a dense strategy (dense or simans), not {settings.strategy!r}")
     seed = settings.seed + 7919 * (round_index + 1)  # a new draw each round, the same after a resume
     changed = 0
     for task in sorted({examples[i].task for i in chosen}):

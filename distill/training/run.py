@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from labelers.errors import UsageError
+
 from ..config import add_command, output_settings
 from ..data import data_digest
 from ..data.records import read_labels, read_train_log
@@ -72,7 +74,7 @@ def finished_summary(cfg: TrainConfig, folder: RunFolder, settings: dict) -> dic
     if cfg.overwrite or folder.state not in ("ours", "legacy") or not done.is_file():
         return None
     if folder.settings is not None and folder.settings != settings:
-        raise ValueError(f"{folder.path} holds a finished run with other settings ({_changed(folder.settings, settings)});"
+        raise UsageError(f"{folder.path} holds a finished run with other settings ({_changed(folder.settings, settings)});"
                          " --overwrite to train again there, or give another --output")
     return json.loads(done.read_text(encoding="utf-8"))
 
@@ -87,12 +89,12 @@ def check_resumable(cfg: TrainConfig, folder: RunFolder, settings: dict) -> Path
     if not has_run:
         return None
     if not cfg.resume:
-        raise ValueError(f"{out} holds a previous training run: --resume to continue it, --overwrite to start again")
+        raise UsageError(f"{out} holds a previous training run: --resume to continue it, --overwrite to start again")
     if folder.state == "legacy" or (out / checkpoint.LEGACY_FILE).exists():
-        raise ValueError(f"{out / checkpoint.LEGACY_FILE}: an older distill's checkpoint (a pickle, which could run "
+        raise UsageError(f"{out / checkpoint.LEGACY_FILE}: an older distill's checkpoint (a pickle, which could run "
                          "code when loaded) cannot be resumed; --overwrite to start again")
     if folder.settings != settings:
-        raise ValueError(f"{out} was started with other settings ({_changed(folder.settings or {}, settings)}); "
+        raise UsageError(f"{out} was started with other settings ({_changed(folder.settings or {}, settings)}); "
                          "rerun with the same settings to resume, or --overwrite to start again")
     return checkpoint.current_folder(out)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labelers.errors import UsageError
+
 from ..data import DataError, load_retrieval_set
 from ..evaluate import evaluate
 from . import checkpoint
@@ -43,12 +45,12 @@ class Trainer:
         self.out = Path(cfg.output)
         self.folder = folder if folder is not None else RunFolder(self.out)
         if cfg.train_batch_size % ctx.world_size:
-            raise ValueError(f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
+            raise UsageError(f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
                              f"{ctx.world_size} processes")
         self.objective = cfg.objective()
         self.query_kind = cfg.query_kind()
         if self.objective.needs_rewards and not cfg.labels:
-            raise ValueError(f"--loss {cfg.loss} needs teacher rewards: give --labels (from distill label)")
+            raise UsageError(f"--loss {cfg.loss} needs teacher rewards: give --labels (from distill label)")
         self.rsets, self.examples, self.skipped = load_training_examples(cfg)
         device = cfg.device or (f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
@@ -74,7 +76,7 @@ class Trainer:
         self.plan = self.new_plan(0)
         per_epoch = len(self.plan.batches) // cfg.gradient_accumulation_steps
         if per_epoch < 1:
-            raise ValueError(f"{len(self.examples)} examples make no full batch of {cfg.train_batch_size} under "
+            raise UsageError(f"{len(self.examples)} examples make no full batch of {cfg.train_batch_size} under "
                              f"--batch-dedup {cfg.batch_dedup} (topically clustered data: try --batch-dedup none)")
         self.total_steps = cfg.max_steps or per_epoch * cfg.epochs
         self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
@@ -287,7 +289,7 @@ class Trainer:
         self.state.batch = 0
         self.plan = self.new_plan(self.state.epoch)
         if len(self.plan.batches) < self.cfg.gradient_accumulation_steps:
-            raise ValueError(f"epoch {self.state.epoch} makes {len(self.plan.batches)} batches, fewer than "
+            raise UsageError(f"epoch {self.state.epoch} makes {len(self.plan.batches)} batches, fewer than "
                              f"--gradient-accumulation-steps {self.cfg.gradient_accumulation_steps}")
 
     def after_step(self) -> None:

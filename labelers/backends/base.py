@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.n < 1:
-            raise ValueError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and n >= 1, got {self}")
+            raise UsageError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and n >= 1, got {self}")
         if self.temperature == 0 and self.n > 1:
-            raise ValueError("greedy decoding (temperature 0) gives one completion per prompt; set a temperature")
+            raise UsageError("greedy decoding (temperature 0) gives one completion per prompt; set a temperature")
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,7 @@ from ..batching import length_buckets
 from .base import GREEDY, Sampling, Score, check_pairs, cut_at_stop
 from .hf_cache import PrefixCache, PromptCache
 from .hf_decode import decode, prefill
+from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def load_causal_lm(name: str, dtype: torch.dtype, trust_remote_code: bool = Fals
         raise load_error(source, "weights", exc) from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise ValueError(f"{source}: {len(missing)} weights of the causal LM are missing from the checkpoint "
+        raise UsageError(f"{source}: {len(missing)} weights of the causal LM are missing from the checkpoint "
                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they would be random: "
                          "the teacher (--llm) must be a complete causal LM")
     return model
@@ -180,7 +181,7 @@ class HFBackend:
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = cfg.dtype or default_dtype(self.device)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not known; choose one of {sorted(DTYPES)}")
+            raise UsageError(f"dtype {dtype!r} is not known; choose one of {sorted(DTYPES)}")
         self.model = model if model is not None else load_causal_lm(cfg.model, DTYPES[dtype], cfg.trust_remote_code)
         self.model.to(self.device).eval()
         self.pad_id = 0
