@@ -22,7 +22,7 @@ from . import evaluate
 from . import cache, pipeline
 from .stages import generate, label, mine
 from .training import pretrain
-from .training import run as train
+from .training import command as train
 from .training.step import NonFiniteLoss
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.

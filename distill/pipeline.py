@@ -65,8 +65,8 @@ from .stages.writer import is_complete
 from .training.config import TrainConfig
 from .training.pretrain import DONE as PRETRAIN_DONE
 from .training.pretrain import PretrainConfig, run_pretrain
-from .training.run import DONE as TRAIN_DONE
-from .training.run import run_train
+from .training.command import DONE as TRAIN_DONE
+from .training.command import run_train
 
 SECTIONS = ("pretrain", "simcse", "generate", "mine", "label", "train", "eval")
 SWITCHED = ("pretrain", "simcse", "generate")  # sections that are also switches: `simcse: true` or a section turns the stage on

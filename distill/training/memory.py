@@ -133,7 +133,7 @@ def plan_for_run(encoder, rsets, examples, cfg, n_queries: int, amp: torch.dtype
                  device: torch.device) -> tuple[MemoryPlan, str | None]:
     """A run's plan: measured per-text bytes at its longest texts, its budget (`--memory-budget-gb`, or a share
     of what is free, split between the processes of one machine), and the line to print when GradCache went on."""
-    from .setup import longest_texts
+    from .inputs import longest_texts
 
     n_passages = n_queries * (1 + cfg.num_negatives)
     query_tokens, passage_tokens = longest_texts(encoder, rsets, examples, cfg.include_title,

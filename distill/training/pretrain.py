@@ -32,7 +32,7 @@ from ..files import write_text_atomic
 from . import checkpoint
 from .pretrain_objectives import OBJECTIVES
 from .run_folder import RunFolder, differences
-from .setup import make_scheduler, rng_state, set_rng_state
+from .optim import make_scheduler, rng_state, set_rng_state
 
 DONE = "pretrain_summary.json"
 LOG = "pretrain_log.jsonl"

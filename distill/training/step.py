@@ -28,7 +28,7 @@ import torch
 
 from ..losses import LossInputs, Objective
 from .distributed import Distributed, gather_with_local_grad
-from .setup import rng_state, set_rng_state
+from .optim import rng_state, set_rng_state
 
 
 class NonFiniteLoss(RuntimeError):

@@ -33,7 +33,8 @@ from .memory import plan_for_run
 from .microbatch import PaddingCount, default_token_budget, kind_chunks, sorted_chunks
 from .remine import RemineSettings, ScoreTracker, due, remine
 from .run_folder import RunFolder
-from .setup import autocast_dtype, load_training_examples, make_optimizer, make_scheduler, rng_state, set_rng_state
+from .inputs import load_training_examples
+from .optim import autocast_dtype, make_optimizer, make_scheduler, rng_state, set_rng_state
 from .step import Scoring, StepLoss, batch_loss, check_finite, forward_backward
 
 LOG = "train_log.jsonl"

@@ -1,4 +1,5 @@
-"""What a training run is set up from: its examples, optimizer, schedule, precision and random state."""
+"""A training run's inputs: its examples, read from the labels, candidates or qrels it is given (checked
+finished first), and how long its longest texts may be."""
 from __future__ import annotations
 
 import logging
@@ -6,17 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ..data import DataError, Queries, RetrievalSet, load_corpus_of, load_retrieval_set
 from ..data.tables import QUERY_FIELDS
 from ..data.progress import verified_progress
 from ..data.records import read_candidates, read_labels
+from .examples import (ExampleSet, PositiveChoice, examples_from_candidates, examples_from_labels,
+                       examples_from_passages, examples_from_qrels)
 
 logger = logging.getLogger(__name__)
 LENGTH_SAMPLE = 2048  # texts tokenised to find how long a batch's longest text can be
-from .examples import (ExampleSet, PositiveChoice, examples_from_candidates, examples_from_labels,
-                       examples_from_passages, examples_from_qrels)
 
 
 def check_finished(path, allow_partial: bool) -> None:
@@ -69,50 +69,6 @@ def no_queries(path) -> Queries:
     """An empty queries table (a training run on the corpus alone)."""
     columns = {spec.name: pa.array([], spec.arrow_type) for spec in QUERY_FIELDS}
     return Queries(pa.table({**columns, "line": pa.array([], pa.int64())}), Path(path))
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")
-
-
-def make_optimizer(encoder, cfg) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, parameter in encoder.backbone.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    # the fused kernel updates every tensor in one pass: ~4.5x faster than the per-tensor loop on a CPU, which
-    # is ~5% of a MiniLM step (transformers' Trainer also defaults to it)
-    fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in decay + no_decay)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, fused=fused or None)
-
-
-def make_scheduler(optimizer, cfg, total_steps: int):
-    from transformers import get_scheduler
-
-    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
-
-
-def rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def longest_texts(encoder, rsets: list[RetrievalSet], examples: list, include_title: bool,
