@@ -7,12 +7,13 @@ texts), rows x dim float32, so 4 x 384 bytes per passage for MiniLM (1.5 GB
 per million passages). Nothing is evicted on its own; every trained student
 adds entries. `distill cache` lists the entries, most recently used first,
 with their size; `--clear` removes them all, or with `--older-than DAYS` those
-not used for that long.
+not used for that long. Only folders the cache wrote (named by a key, with its
+`meta.json` marker) are entries, and only the files it wrote are removed: a
+mistyped `--cache-dir` lists other folders as not ours and deletes nothing.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from labelers.errors import UsageError
 
 from .config import add_command
-from .index import cache_entries, default_cache_dir
+from .index import cache_entries, default_cache_dir, remove_entry
 
 
 @dataclass(kw_only=True)
@@ -44,22 +45,29 @@ def run_cache(cfg: CacheConfig) -> dict:
         raise UsageError("--older-than goes with --clear")
     if cfg.older_than is not None and cfg.older_than < 0:
         raise UsageError("--older-than must be >= 0 days")
-    entries = cache_entries(cfg.cache_dir)
+    entries, others = cache_entries(cfg.cache_dir)
     now = time.time()
     total = sum(e.size_bytes for e in entries)
+    not_ours = (f"; {len(others)} other folder{'s' * (len(others) != 1)} there are not cache entries and are left "
+                f"alone ({', '.join(p.name for p in others[:3])}{', ...' if len(others) > 3 else ''})" if others else "")
     if not cfg.clear:
-        print(f"{cfg.cache_dir}: {len(entries)} entries, {_size(total)}")
+        print(f"{cfg.cache_dir}: {len(entries)} entries, {_size(total)}{not_ours}")
         for e in entries:
             state = "" if e.complete else f"  (partial: {e.rows_done} rows encoded)"
             print(f"  {e.folder.name}  {e.kind or '?':<7} {e.rows:>9} x {e.dim:<5} {_size(e.size_bytes):>10}  "
                   f"used {(now - e.last_used) / 86400:.1f} days ago{state}")
-        return {"entries": len(entries), "bytes": total}
+        return {"entries": len(entries), "bytes": total, "not_entries": len(others)}
     chosen = [e for e in entries if cfg.older_than is None or now - e.last_used > cfg.older_than * 86400]
+    kept = {}
     for e in chosen:
-        shutil.rmtree(e.folder)
+        left = remove_entry(e)  # only the files the cache wrote; anything else in the folder stays
+        if left:
+            kept[e.folder.name] = left
     freed = sum(e.size_bytes for e in chosen)
-    print(f"{cfg.cache_dir}: removed {len(chosen)} of {len(entries)} entries, {_size(freed)} freed")
-    return {"removed": len(chosen), "bytes": freed}
+    print(f"{cfg.cache_dir}: removed {len(chosen)} of {len(entries)} entries, {_size(freed)} freed{not_ours}")
+    for name, left in kept.items():
+        print(f"  {name}: kept {', '.join(left)} (not written by the cache)")
+    return {"removed": len(chosen), "bytes": freed, "not_entries": len(others)}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,7 +203,8 @@ class EmbeddingCache:
         progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"rows_done": 0}
         if progress["rows_done"] == 0 or not array_path.exists():
             progress = {"rows_done": 0}
-            write_json_atomic(folder / "meta.json", {"kind": source.kind, "rows": n, "dim": dim, "dtype": dtype})
+            write_json_atomic(folder / "meta.json", {"writer": CACHE_MARKER, "kind": source.kind, "rows": n,
+                                                     "dim": dim, "dtype": dtype})
             np.lib.format.open_memmap(array_path, mode="w+", dtype=np.dtype(dtype), shape=(n, dim)).flush()
         done = progress["rows_done"]
         if done < n:
@@ -225,10 +227,15 @@ class EmbeddingCache:
         return self.embeddings(encoder, passage_source(corpus, include_title), **options)
 
 
+CACHE_MARKER = "distill embedding cache"  # meta.json's "writer": what makes a folder one of our entries
+ENTRY_FILES = ("embeddings.npy", "progress.json", "meta.json")  # every file an entry holds, and all we remove
+ENTRY_NAME = re.compile(r"[0-9a-f]{24}")  # EmbeddingCache.key
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     folder: Path
-    kind: str | None        # query | passage (None for entries written before it was recorded)
+    kind: str | None        # query | passage
     rows: int
     dim: int
     rows_done: int
@@ -240,23 +247,52 @@ class CacheEntry:
         return self.rows_done >= self.rows
 
 
-def cache_entries(root: Path) -> list[CacheEntry]:
-    """Every entry of an embedding cache, most recently used first."""
-    entries = []
-    for folder in sorted(Path(root).glob("*/")) if Path(root).is_dir() else []:
-        array = folder / "embeddings.npy"
-        if not array.is_file():
+def _entry_meta(folder: Path) -> dict | None:
+    """The folder's meta.json when the folder is one of our entries, else None.
+
+    Ours: named by a cache key, with a meta.json that carries our marker; or, from before the marker was written,
+    a meta.json of exactly the keys this cache wrote then (kind, rows, dim, dtype) beside a progress.json."""
+    if not ENTRY_NAME.fullmatch(folder.name) or not (folder / "meta.json").is_file():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        legacy = (isinstance(meta, dict) and set(meta) == {"kind", "rows", "dim", "dtype"}
+                  and "rows_done" in json.loads((folder / "progress.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) and (meta.get("writer") == CACHE_MARKER or legacy) else None
+
+
+def cache_entries(root: Path) -> tuple[list[CacheEntry], list[Path]]:
+    """(every entry of an embedding cache, most recently used first; the folders there that are not entries).
+
+    Only folders that `_entry_meta` recognises are entries: a mistyped `--cache-dir` (a project folder that
+    happens to hold an `embeddings.npy`) lists them as not ours, and `distill cache --clear` leaves them."""
+    entries, others = [], []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
+        meta = _entry_meta(folder)
+        if meta is None:
+            others.append(folder)
             continue
         try:
-            rows, dim = np.load(array, mmap_mode="r").shape
             rows_done = json.loads((folder / "progress.json").read_text()).get("rows_done", 0)
-            meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
         except (OSError, ValueError):
-            rows, dim, rows_done, meta = 0, 0, 0, {}
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        entries.append(CacheEntry(folder, meta.get("kind"), int(rows), int(dim), int(rows_done), size,
-                                  folder.stat().st_mtime))
-    return sorted(entries, key=lambda e: -e.last_used)
+            rows_done = 0
+        size = sum((folder / name).stat().st_size for name in ENTRY_FILES if (folder / name).is_file())
+        entries.append(CacheEntry(folder, meta.get("kind"), int(meta.get("rows", 0)), int(meta.get("dim", 0)),
+                                  int(rows_done), size, folder.stat().st_mtime))
+    return sorted(entries, key=lambda e: -e.last_used), others
+
+
+def remove_entry(entry: CacheEntry) -> list[str]:
+    """Delete the files the cache wrote in `entry`, then the folder if nothing else is left in it; returns the
+    names of anything else found there (kept)."""
+    for name in ENTRY_FILES:
+        (entry.folder / name).unlink(missing_ok=True)
+    left = sorted(p.name for p in entry.folder.iterdir())
+    if not left:
+        entry.folder.rmdir()
+    return left
 
 
 def embeddings(encoder, source: TextSource, *, cache_dir: Path | None, batch_size: int = 64,
