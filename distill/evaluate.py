@@ -89,11 +89,14 @@ def write_trec_run(path: Path, hits: dict[str, list[tuple[str, float]]], tag: st
 
 def compare_to_run(rankings: dict[str, list[str]], baseline: dict[str, list[str]], qrels, *, seed: int = 0,
                    metric: str = "ndcg@10") -> PairedComparison:
-    """Paired comparison of `metric` per qrels query: these rankings against the baseline's."""
+    """Paired comparison of `metric`, these rankings against the baseline's, over the qrels queries that both
+    rank: a query the baseline does not rank is left out of the pairs, never scored 0 for it (that would credit
+    this model with the baseline's gaps)."""
     name, k = metric.split("@")
-    ours = per_query_metrics(rankings, qrels, [(name, int(k))])[metric]
-    theirs = per_query_metrics(baseline, qrels, [(name, int(k))])[metric]
-    queries = list(qrels)
+    queries = [q for q in qrels if q in baseline and q in rankings]
+    judged = {q: qrels[q] for q in queries}
+    ours = per_query_metrics(rankings, judged, [(name, int(k))])[metric]
+    theirs = per_query_metrics(baseline, judged, [(name, int(k))])[metric]
     return compare_paired([theirs[q] for q in queries], [ours[q] for q in queries], np.random.default_rng(seed))
 
 
@@ -156,7 +159,10 @@ def run(cfg: EvalConfig) -> int:
         if missing == len(rset.qrels):
             raise DataError(f"{cfg.baseline_run}: ranks none of the {cfg.split} split's queries (another split?)")
         if missing:
-            print(f"{cfg.baseline_run}: no ranking for {missing} of {len(rset.qrels)} queries (they score 0 there)")
+            logger.warning("%s: no ranking for %d of %d queries; the paired comparison is over the %d it ranks",
+                           cfg.baseline_run, missing, len(rset.qrels), len(rset.qrels) - missing)
+            print(f"WARNING: {cfg.baseline_run} ranks {len(rset.qrels) - missing} of the {len(rset.qrels)} "
+                  f"{cfg.split} queries: the paired comparison is over those {len(rset.qrels) - missing} only")
     encoder = cfg.load_encoder(cfg.model)
     hits = retrieve(encoder, rset, top_k=cfg.top_k, batch_size=cfg.batch_size, include_title=cfg.include_title,
                     cache_dir=cfg.cache_path, index=cfg.index_config(), show_progress=cfg.show_progress)

@@ -42,3 +42,26 @@ def test_cache_clear_leaves_folders_that_are_not_cache_entries(tiny_bert_dir, tm
     assert sorted(p.name for p in project.iterdir()) == ["embeddings.npy", "notes.txt"]
     assert (project / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in entries[0].iterdir()) == ["mine.txt"] and not entries[1].exists()
+
+
+# ----- 2: a baseline run that misses queries does not inflate the paired gain -----------------------------------
+
+def test_a_baseline_run_that_misses_queries_is_compared_on_the_queries_it_ranks(tiny_bert_dir, small_beir, tmp_path,
+                                                                                 capsys):
+    own = tmp_path / "own.trec"
+    assert main(["eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--run-file", str(own),
+                 "--no-cache", "--no-show-progress"]) == 0
+    lines = own.read_text().splitlines()
+    qids = list(dict.fromkeys(line.split()[0] for line in lines))
+    half = set(qids[: len(qids) // 2])
+    partial = tmp_path / "partial.trec"  # the same model's rankings, for half of the queries
+    partial.write_text("".join(line + "\n" for line in lines if line.split()[0] in half))
+    out = tmp_path / "m.json"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--baseline-run", str(partial),
+                 "--output", str(out), "--no-cache", "--no-show-progress"]) == 0
+    versus = json.loads(out.read_text())["ndcg@10_vs_baseline"]
+    # against itself the gain is exactly 0, over the queries the baseline ranks; before, the others counted as
+    # the baseline's zeros and read as a gain
+    assert versus["mean_difference"] == 0.0 and versus["queries"] == len(half)
+    assert f"ranks {len(half)} of the {len(qids)} test queries" in capsys.readouterr().out
