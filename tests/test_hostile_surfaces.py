@@ -65,3 +65,61 @@ def test_a_baseline_run_that_misses_queries_is_compared_on_the_queries_it_ranks(
     # the baseline's zeros and read as a gain
     assert versus["mean_difference"] == 0.0 and versus["queries"] == len(half)
     assert f"ranks {len(half)} of the {len(qids)} test queries" in capsys.readouterr().out
+
+
+# ----- 3: labels made from data without qrels never train a qrels positive as a negative ------------------------
+
+def _squad_slice(folder: Path, n_queries: int, with_qrels: bool) -> Path:
+    """squad-mini's corpus and its first `n_queries` train questions (with answers); their qrels or none."""
+    header, *rows = (SQUAD_MINI / "qrels" / "train.tsv").read_text().splitlines()
+    qids = list(dict.fromkeys(r.split("\t")[0] for r in rows))[:n_queries]
+    folder.mkdir(parents=True)
+    shutil.copy(SQUAD_MINI / "corpus.jsonl", folder / "corpus.jsonl")
+    write_jsonl(folder / "queries.jsonl", [q for q in read_jsonl(SQUAD_MINI / "queries.jsonl") if q["_id"] in qids])
+    if with_qrels:
+        (folder / "qrels").mkdir()
+        (folder / "qrels" / "train.tsv").write_text(
+            "\n".join([header, *(r for r in rows if r.split("\t")[0] in qids)]) + "\n")
+    return folder
+
+
+def test_labels_from_data_without_qrels_never_make_a_qrels_positive_a_negative(tiny_bert_dir, tiny_llama_dir,
+                                                                               tmp_path, capsys):
+    from distill.config import config_from_mapping
+    from distill.data import load_retrieval_set
+    from distill.training.config import TrainConfig
+    from distill.training.inputs import load_training_examples
+
+    free, gold = _squad_slice(tmp_path / "free", 6, False), _squad_slice(tmp_path / "gold", 6, True)
+    pool, labels = tmp_path / "pool.jsonl", tmp_path / "labels.jsonl"
+    assert main(["mine", "--model", str(tiny_bert_dir), "--data", str(free), "--pool-size", "4", "--output",
+                 str(pool), "--no-cache", "--no-show-progress"]) == 0
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(free), "--candidates", str(pool), "--output",
+                 str(labels), "--device", "cpu", "--dtype", "float32", "--no-show-progress"]) == 0
+    train = ["train", "--model", str(tiny_bert_dir), "--data", str(gold), "--output", str(tmp_path / "m"),
+             "--device", "cpu", "--no-cache", "--no-show-progress", "--train-batch-size", "2", "--max-steps", "1"]
+    capsys.readouterr()
+    # the labels' progress file records the data they were made from: not this one
+    assert main([*train, "--labels", str(labels), "--positives", "teacher"]) == 2
+    assert f"{labels}: was made from other data than --data {gold}" in capsys.readouterr().err
+
+    # without a progress file to tell: lines whose pools hold the qrels positive, as a user's own file might
+    rset = load_retrieval_set(str(gold), "train")
+    rows = read_jsonl(labels)
+    for row in rows:
+        positive = rset.positives(row["qid"])[0]
+        if positive not in row["pids"]:
+            row["pids"][-1] = positive
+    bare = tmp_path / "bare.jsonl"
+    write_jsonl(bare, rows)
+    assert main([*train, "--labels", str(bare)]) == 2  # auto: the data has qrels that the lines lack
+    err = capsys.readouterr().err
+    assert f"{bare}:1: field 'n_positives'" in err and "has qrels" in err
+    cfg = config_from_mapping(TrainConfig, {"model": str(tiny_bert_dir), "data": [str(gold)], "labels": [str(bare)],
+                                            "positives": "teacher", "output": str(tmp_path / "m2")}, "test")
+    rsets, examples, _ = load_training_examples(cfg)
+    assert examples
+    for example in examples:
+        qrels_rows = set(rsets[0].corpus.rows_of(rset.positives(example.qid)).tolist())
+        assert not qrels_rows & set(example.pool.tolist())  # never a negative
+        assert qrels_rows <= set(example.positives.tolist())  # and masked in-batch

@@ -105,6 +105,11 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
             raise DataError(f"{path}:{line_no}: field 'pids': unknown passage id {bad!r}")
         rewards = np.asarray(record.rewards, dtype=np.float64)
         answers = answers_of.get(qid) or []
+        qrels_rows = _positive_rows(rset, qid)
+        if record.n_positives == 0 and len(qrels_rows) and choice.positives == "auto":
+            raise DataError(f"{path}:{line_no}: field 'n_positives': query {qid!r} has qrels in --data's split "
+                            f"{rset.split!r}, but its labels line lists no positive: the labels were made from data "
+                            "without these qrels; label this split again (or name a --positives mode)")
         mode = choice.mode_for(record.n_positives > 0, bool(answers), record.retriever_scores is not None)
         if mode == "qrels":
             found, counts = _qrels_examples(record, rows, rewards, rset, path, positive_choice, choice, task,
@@ -129,8 +134,9 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
             skipped[key] = skipped.get(key, 0) + 1
             continue
         positive = rows[picked.index]
-        negative = rows != positive
-        masked = np.array([positive], dtype=np.int64)
+        # a qrels positive of the query is never one of its negatives, whichever passage the mode chose
+        negative = (rows != positive) & ~np.isin(rows, qrels_rows)
+        masked = np.union1d(np.array([positive], dtype=np.int64), qrels_rows).astype(np.int64)
         if choice.answer_negatives == "drop" and matches is not None:
             # DPR's hard negatives contain no answer; RocketQA drops such likely false negatives (denoising)
             holds_answer = negative & matches

@@ -32,6 +32,21 @@ def check_finished(path, allow_partial: bool) -> None:
     print(f"WARNING: {path} is unfinished ({done} of {units} queries); training on those {done} (--allow-partial)")
 
 
+def check_made_from(path: Path, rset: RetrievalSet, data: str) -> None:
+    """Refuse a labels or candidates file that its progress file says was made from other data than `rset`
+    (`distill label` / `mine` record the data's fingerprint: corpus, queries file and the split's qrels).
+
+    Labels from a set without qrels would otherwise train on one with qrels (its labelled positives becoming
+    hard negatives), or a set's labels on another set with the same passage ids."""
+    progress = verified_progress(path)
+    made_from = ((progress or {}).get("settings") or {}).get("data")
+    if made_from is None or made_from == rset.fingerprint():
+        return
+    raise DataError(f"{path}: was made from other data than --data {data} (split {rset.split!r}): its progress "
+                    f"file records data {made_from[:12]}, this data is {rset.fingerprint()[:12]} (corpus, queries "
+                    "and qrels); give the --data it was made from, or label/mine this data")
+
+
 def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int]]:
     rsets, examples, skipped = [], [], {}
     for path in (cfg.labels or []) + (cfg.candidates or []):
@@ -43,6 +58,9 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
             rset = RetrievalSet(corpus, no_queries(corpus.path), {}, "corpus", problems)
         else:
             rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=bool(cfg.labels))
+            for files in (cfg.labels, cfg.candidates):
+                if files:
+                    check_made_from(Path(files[task]), rset, data)
         if passages_only:
             found = examples_from_passages(rset, task, cfg.include_title)
         elif cfg.labels:
