@@ -337,7 +337,7 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
     fingerprints: dict[str, str] = {}
     started_run = time.perf_counter()
     for number, (stage, cfg) in enumerate(planned, 1):
-        record = stage_record(stage, cfg, data_hash, fingerprints)
+        record = stage_record(stage, cfg, data_hash, fingerprints, run.output_dir)
         fp = fingerprints[stage.name] = record["fingerprint"]
         state = ledger.read(stage.name)
         header = f"== [{number}/{len(stages) + 1}] {stage.name}"

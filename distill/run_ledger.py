@@ -4,13 +4,13 @@
 "complete" after. The fingerprint (`stage_record`) covers the stage's settings (`config.output_settings`:
 volatile ones left out), the content of the data sets it reads (`DataHashes`: a hash of the files' bytes,
 remembered per (path, size, mtime), so a copied or touched folder is still the same data) and the
-fingerprints of the stages whose output it reads; `why_changed` says in one line what differs.
+content of the models it loads (`DataHashes.model`: a student or teacher folder changed in place is a change)
+and the fingerprints of the stages whose output it reads; `why_changed` says in one line what differs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +45,46 @@ class DataHashes:
         entries = [(str(p.relative_to(folder)), self.file(p)) for p in data_files(folder)]
         return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
 
+    def model(self, name: str) -> str:
+        """A model folder's content hash (every file under it, by relative name and bytes); a name that is not
+        a local folder (a hub id) is taken as it is: its files live in the hub's cache, under its revision."""
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            return f"name:{name}"
+        entries = [(str(p.relative_to(folder)), self.file(p)) for p in sorted(folder.rglob("*")) if p.is_file()]
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
 
-def stage_record(stage, cfg: Any, data_hash: Callable[[str], str], fingerprints: dict[str, str]) -> dict:
-    """What a stage's output depends on: its settings, the data it reads, the stages it reads from,
-    and the fingerprint of all three."""
+
+MODEL_SETTINGS = ("model", "llm", "retriever")  # the settings of a stage that name a model it loads
+
+
+def stage_models(cfg: Any, data_hash: DataHashes, run_output: Path | None) -> dict[str, str]:
+    """{setting: content hash} of the models a stage loads, less those the run itself writes (under
+    `run_output`: their stage's fingerprint already covers them)."""
+    out = {}
+    for name in MODEL_SETTINGS:
+        value = getattr(cfg, name, None)
+        if not value:
+            continue
+        path = Path(str(value)).resolve()
+        if run_output is not None and (path == run_output.resolve() or run_output.resolve() in path.parents):
+            continue
+        out[name] = data_hash.model(str(value))
+    return out
+
+
+def stage_record(stage, cfg: Any, data_hash: DataHashes, fingerprints: dict[str, str],
+                 run_output: Path | None = None) -> dict:
+    """What a stage's output depends on: its settings, the data it reads, the content of the models it loads
+    (a student or teacher folder changed in place is a change), the stages it reads from, and the fingerprint
+    of all four."""
     settings = output_settings(cfg)
     inputs = {str(data): data_hash(str(data)) for data in stage.reads}
+    models = stage_models(cfg, data_hash, run_output)
     upstream = {name: fingerprints[name] for name in stage.after}
-    fp = hashlib.sha256(json.dumps({"stage": stage.name, "settings": settings, "inputs": inputs,
+    fp = hashlib.sha256(json.dumps({"stage": stage.name, "settings": settings, "inputs": inputs, "models": models,
                                     "upstream": upstream}, sort_keys=True).encode()).hexdigest()[:24]
-    return {"fingerprint": fp, "settings": settings, "inputs": inputs, "upstream": upstream}
+    return {"fingerprint": fp, "settings": settings, "inputs": inputs, "models": models, "upstream": upstream}
 
 
 def why_changed(old: dict, new: dict) -> str:
@@ -63,12 +93,17 @@ def why_changed(old: dict, new: dict) -> str:
         return "recorded by an older version"
     reasons = []
     for kind, label in (("settings", "settings changed"), ("inputs", "data changed"),
-                        ("upstream", "earlier stage redone")):
-        keys = sorted(k for k in set(old[kind]) | set(new[kind]) if old[kind].get(k) != new[kind].get(k))
+                        ("models", "model changed"), ("upstream", "earlier stage redone")):
+        recorded, current = old.get(kind, {}), new.get(kind, {})
+        if kind == "models" and kind not in old:
+            if current:
+                reasons.append("model contents not recorded (an older version)")
+            continue
+        keys = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
         if not keys:
             continue
         if kind == "settings":  # a setting a record lacks came with a newer version (None is a real value)
-            shown = [[repr(side[k]) if k in side else "(not recorded)" for side in (old[kind], new[kind])]
+            shown = [[repr(side[k]) if k in side else "(not recorded)" for side in (recorded, current)]
                      for k in keys[:3]]
             keys = [f"{k} {was} -> {now}" for k, (was, now) in zip(keys, shown)] + (
                 [f"+{len(keys) - 3} more"] if len(keys) > 3 else [])

@@ -123,3 +123,51 @@ def test_labels_from_data_without_qrels_never_make_a_qrels_positive_a_negative(t
         qrels_rows = set(rsets[0].corpus.rows_of(rset.positives(example.qid)).tolist())
         assert not qrels_rows & set(example.pool.tolist())  # never a negative
         assert qrels_rows <= set(example.positives.tolist())  # and masked in-batch
+
+
+# ----- 4: a student or teacher folder changed in place reruns the stages that load it --------------------------
+
+def test_a_model_folder_changed_in_place_reruns_the_stages_that_load_it(tmp_path, tiny_bert_dir, tiny_llama_dir,
+                                                                          tiny_bert_no_dropout):
+    import yaml
+
+    from distill.pipeline import plan
+    from distill.run_ledger import DataHashes, stage_record, why_changed
+
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    shutil.copytree(tiny_bert_dir, student)
+    shutil.copytree(tiny_llama_dir, teacher)
+    out = tmp_path / "out"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(out), "data": "squad-mini", "model": str(student),
+                                      "llm": str(teacher), "show_progress": False}))
+
+    def records():
+        _, planned, _ = plan(config)
+        fingerprints, found = {}, {}
+        for stage, cfg in planned:
+            found[stage.name] = stage_record(stage, cfg, DataHashes(tmp_path / "hashes.json"), fingerprints, out)
+            fingerprints[stage.name] = found[stage.name]["fingerprint"]
+        return found
+
+    def redone(old, new):
+        return {name for name in new if old[name]["fingerprint"] != new[name]["fingerprint"]}
+
+    base = records()
+    assert redone(base, records()) == set()
+    # another student copied over the folder (same names, other weights): what it loads or what follows is redone
+    shutil.copy(tiny_bert_no_dropout / "config.json", student / "config.json")
+    moved = records()
+    assert redone(base, moved) == {"eval_before", "mine", "label", "train", "eval_after"}
+    assert why_changed(base["mine"], moved["mine"]) == "model changed: model"
+    assert why_changed(base["label"], moved["label"]) == "earlier stage redone: mine"
+    # the teacher's weights rewritten in place: labelling and what reads its labels
+    weights = next(teacher.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    relabelled = records()
+    assert redone(moved, relabelled) == {"label", "train", "eval_after"}
+    assert why_changed(moved["label"], relabelled["label"]) == "model changed: llm"
+    # the trained student lives in the run's own folder: its stage's fingerprint covers it, not its bytes
+    assert "model" not in relabelled["eval_after"]["models"]
