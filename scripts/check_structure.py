@@ -3,9 +3,12 @@
 1. no import cycle between packages: each sub-package (distill.data, .negatives, .losses, .stages, .training,
    labelers.backends) and each top-level module (distill.model, distill.pipeline, labelers.reward, ...) is a
    node, an import is an edge; the graph has no cycle, and `labelers` imports nothing of `distill`;
-2. no module over MAX_LINES lines;
-3. no block of MIN_BLOCK or more identical lines (whitespace aside; blank lines, comments and imports left out)
+2. no block of MIN_BLOCK or more identical lines (whitespace aside; blank lines, comments and imports left out)
    in two places of the source tree.
+
+A module over LONG_MODULE lines is a warning, not a breach: a length is a question (does it still have one
+job?), and a hard cap made modules lose measured comments and cram lines to fit it. Split along the seams of
+the work instead.
 
 python scripts/check_structure.py [--root DIR]
 """
@@ -18,7 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-MAX_LINES = 400
+LONG_MODULE = 400  # lines: asks whether a module still has one job (a warning)
 MIN_BLOCK = 6
 PACKAGES = ("distill", "labelers")
 
@@ -134,12 +137,18 @@ def check(root: Path) -> list[str]:
     cycle = find_cycle(graph)
     if cycle:
         problems.append("import cycle: " + " -> ".join(cycle))
-    for name, path in found.items():
-        n = len(path.read_text(encoding="utf-8").splitlines())
-        if n > MAX_LINES:
-            problems.append(f"{path.relative_to(root)}: {n} lines (over {MAX_LINES})")
     problems += repeated_blocks(sorted(found.values()), root)
     return problems
+
+
+def long_modules(root: Path) -> list[str]:
+    """Warnings: the modules over LONG_MODULE lines."""
+    out = []
+    for path in modules(root).values():
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        if n > LONG_MODULE:
+            out.append(f"{path.relative_to(root)}: {n} lines (over {LONG_MODULE}: does it still have one job?)")
+    return out
 
 
 def main() -> int:
@@ -147,9 +156,11 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     args = parser.parse_args()
     problems = check(args.root)
+    for warning in long_modules(args.root):
+        print(f"warning: {warning}")
     for problem in problems:
         print(problem)
-    print(f"{len(problems)} structural problems" if problems else "structure: no cycles, no long modules, no repeats")
+    print(f"{len(problems)} structural problems" if problems else "structure: no cycles, no repeats")
     return 1 if problems else 0
 
 

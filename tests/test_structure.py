@@ -10,7 +10,7 @@ check_structure = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(check_structure)
 
 
-def test_the_tree_has_no_import_cycle_no_long_module_and_no_repeated_block():
+def test_the_tree_has_no_import_cycle_and_no_repeated_block():
     assert check_structure.check(ROOT) == []
 
 
@@ -28,7 +28,8 @@ def test_each_breach_is_found(tmp_path):
     problems = "\n".join(check_structure.check(tmp_path))
     assert "import cycle: distill.data -> distill.stages -> distill.data" in problems
     assert "labelers/c.py: labelers imports distill.data" in problems
-    assert "labelers/c.py: 402 lines (over 400)" in problems
+    assert "402 lines" not in problems  # a long module is a warning, not a breach
+    assert check_structure.long_modules(tmp_path) == ["labelers/c.py: 402 lines (over 400: does it still have one job?)"]
     assert "distill/d.py:1 and distill/e.py:2 share 6+ lines" in problems
 
 
