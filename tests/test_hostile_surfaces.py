@@ -171,3 +171,33 @@ def test_a_model_folder_changed_in_place_reruns_the_stages_that_load_it(tmp_path
     assert why_changed(moved["label"], relabelled["label"]) == "model changed: llm"
     # the trained student lives in the run's own folder: its stage's fingerprint covers it, not its bytes
     assert "model" not in relabelled["eval_after"]["models"]
+
+
+# ----- 7, 17: empty answers and invisible texts are refused on load, naming file, line and field ----------------
+
+@pytest.mark.parametrize("answers", [[""], ["", "Paris"], ["   "], ["\u200b"]])
+def test_an_empty_reference_answer_is_refused_before_any_labelling(tiny_llama_dir, tmp_path, capsys, answers):
+    data = _squad_slice(tmp_path / "data", 4, True)
+    queries = read_jsonl(data / "queries.jsonl")
+    queries[2]["answers"] = answers
+    write_jsonl(data / "queries.jsonl", queries)
+    out = tmp_path / "labels.jsonl"
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(data), "--output", str(out), "--device", "cpu",
+                 "--no-show-progress"]) == 2
+    err = capsys.readouterr().err
+    first_empty = next(i for i, a in enumerate(answers) if not a.replace("\u200b", "").strip())
+    assert f'{data / "queries.jsonl"}:3: field "answers": answer {first_empty}' in err
+    assert not out.exists()
+    # --skip-invalid drops that query and says so; the others are labelled
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(data), "--output", str(out), "--device", "cpu",
+                 "--no-show-progress", "--skip-invalid"]) == 0
+    assert "(empty answer: 1)" in capsys.readouterr().out and len(read_jsonl(out)) == 3
+
+
+def test_a_passage_of_zero_width_spaces_is_empty(tmp_path, capsys):
+    data = _squad_slice(tmp_path / "data", 4, True)
+    corpus = read_jsonl(data / "corpus.jsonl")
+    corpus[5]["text"] = "\u200b\u200b \ufeff"
+    write_jsonl(data / "corpus.jsonl", corpus)
+    assert main(["eval", "--model", "unused-never-loaded", "--data", str(data), "--split", "train"]) == 2
+    assert f'{data / "corpus.jsonl"}:6: field "text": holds only invisible characters' in capsys.readouterr().err

@@ -8,6 +8,7 @@ the line of the offending record.
 """
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,12 @@ class _Invalid(Exception):
         self.kind = kind
 
 
+def _blank(value: str) -> bool:
+    """Nothing to read: only whitespace and invisible format characters (zero-width space U+200B, joiners, BOM:
+    Unicode category Cf), which `str.strip` keeps."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in value)
+
+
 def _id(value: object) -> str:
     if isinstance(value, bool) or value is None:
         raise _Invalid("is missing" if value is None else "must be a string", "missing id" if value is None else "bad id")
@@ -36,7 +43,7 @@ def _id(value: object) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise _Invalid(f"must be a string, got {type(value).__name__}", "bad id")
-    if not value.strip():
+    if _blank(value):
         raise _Invalid("is empty", "empty id")
     if any(c in value for c in LINE_BREAKING):
         raise _Invalid(f"{value!r} holds a tab or line break (TREC runs, qrels and TSV exports could not hold it)",
@@ -49,8 +56,9 @@ def _text(value: object) -> str:
         raise _Invalid("is missing", "missing text")
     if not isinstance(value, str):
         raise _Invalid(f"must be a string, got {type(value).__name__}", "bad text")
-    if not value.strip():
-        raise _Invalid("is empty", "empty text")
+    if _blank(value):
+        raise _Invalid("is empty" if not value.strip() else "holds only invisible characters (zero-width spaces)",
+                       "empty text")
     return value
 
 
@@ -76,6 +84,16 @@ def _str_list(value: object) -> list[str]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
         raise _Invalid("must be a list of strings", "bad list")
     return [str(v) for v in value]
+
+
+def _answers(value: object) -> list[str]:
+    """Reference answers: each must have something to score (an empty answer would stop labelling hours in)."""
+    answers = _str_list(value)
+    for i, answer in enumerate(answers):
+        if _blank(answer):
+            raise _Invalid(f"answer {i} ({answer!r}) is empty: remove it (a query without answers is scored by "
+                           "query likelihood)", "empty answer")
+    return answers
 
 
 def _score(value: object) -> int:
@@ -108,7 +126,7 @@ CORPUS_FIELDS = (
 QUERY_FIELDS = (
     FieldSpec("id", ("_id", "id"), _id, pa.string()),
     FieldSpec("text", ("text",), _text, pa.string()),
-    FieldSpec("answers", ("answers",), _str_list, pa.list_(pa.string()), required=False),
+    FieldSpec("answers", ("answers",), _answers, pa.list_(pa.string()), required=False),
     FieldSpec("positives", ("positives",), _str_list, pa.list_(pa.string()), required=False),
 )
 QRELS_FIELDS = (
