@@ -83,19 +83,35 @@ def _squad_slice(folder: Path, n_queries: int, with_qrels: bool) -> Path:
     return folder
 
 
-def test_labels_from_data_without_qrels_never_make_a_qrels_positive_a_negative(tiny_bert_dir, tiny_llama_dir,
-                                                                               tmp_path, capsys):
+@pytest.fixture(scope="module")
+def label_free(tiny_bert_dir, tiny_llama_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """{"answers" | "queries": (data folder, labels)}: 6 squad-mini train questions without qrels, with and
+    without their reference answers, pools of 4 mined by the tiny BERT and labelled by the tiny Llama."""
+    made = {}
+    for kind in ("answers", "queries"):
+        root = tmp_path_factory.mktemp(f"free-{kind}")
+        data = _squad_slice(root / "data", 6, False)
+        if kind == "queries":
+            write_jsonl(data / "queries.jsonl", [{k: v for k, v in q.items() if k != "answers"}
+                                                 for q in read_jsonl(data / "queries.jsonl")])
+        pool, labels = root / "pool.jsonl", root / "labels.jsonl"
+        assert main(["mine", "--model", str(tiny_bert_dir), "--data", str(data), "--pool-size", "4", "--output",
+                     str(pool), "--no-cache", "--no-show-progress"]) == 0
+        assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(data), "--candidates", str(pool),
+                     "--output", str(labels), "--device", "cpu", "--dtype", "float32", "--no-show-progress"]) == 0
+        made[kind] = (data, labels)
+    return made
+
+
+def test_labels_from_data_without_qrels_never_make_a_qrels_positive_a_negative(tiny_bert_dir, label_free, tmp_path,
+                                                                               capsys):
     from distill.config import config_from_mapping
     from distill.data import load_retrieval_set
     from distill.training.config import TrainConfig
     from distill.training.inputs import load_training_examples
 
-    free, gold = _squad_slice(tmp_path / "free", 6, False), _squad_slice(tmp_path / "gold", 6, True)
-    pool, labels = tmp_path / "pool.jsonl", tmp_path / "labels.jsonl"
-    assert main(["mine", "--model", str(tiny_bert_dir), "--data", str(free), "--pool-size", "4", "--output",
-                 str(pool), "--no-cache", "--no-show-progress"]) == 0
-    assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(free), "--candidates", str(pool), "--output",
-                 str(labels), "--device", "cpu", "--dtype", "float32", "--no-show-progress"]) == 0
+    gold = _squad_slice(tmp_path / "gold", 6, True)
+    labels = label_free["answers"][1]
     train = ["train", "--model", str(tiny_bert_dir), "--data", str(gold), "--output", str(tmp_path / "m"),
              "--device", "cpu", "--no-cache", "--no-show-progress", "--train-batch-size", "2", "--max-steps", "1"]
     capsys.readouterr()
@@ -201,3 +217,35 @@ def test_a_passage_of_zero_width_spaces_is_empty(tmp_path, capsys):
     write_jsonl(data / "corpus.jsonl", corpus)
     assert main(["eval", "--model", "unused-never-loaded", "--data", str(data), "--split", "train"]) == 2
     assert f'{data / "corpus.jsonl"}:6: field "text": holds only invisible characters' in capsys.readouterr().err
+
+
+# ----- 11, 12, 13: settings that would do nothing, or nothing sane, are refused; an empty result says why --------
+
+def _train(model: Path, data: Path, labels: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--labels", str(labels), "--output", str(out),
+            "--device", "cpu", "--no-cache", "--no-show-progress", "--train-batch-size", "2", "--max-steps", "1",
+            *extra]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--weight-decay", "-5", "--weight-decay must be in [0, 1), got -5.0"),
+    ("--warmup-ratio", "7", "--warmup-ratio is a share of the steps, in [0, 1], got 7.0"),
+    ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0 (0 turns clipping off), got -1.0")])
+def test_optimizer_settings_out_of_range_are_refused(tiny_bert_dir, label_free, tmp_path, capsys, flag, value, message):
+    data, labels = label_free["answers"]
+    assert main(_train(tiny_bert_dir, data, labels, tmp_path / "m", flag, value)) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_modes_the_data_makes_a_no_op_are_refused_and_an_empty_result_says_why(tiny_bert_dir, label_free, tmp_path,
+                                                                                capsys):
+    data, labels = label_free["answers"]
+    assert main(_train(tiny_bert_dir, data, labels, tmp_path / "a", "--false-negatives", "drop")) == 2
+    assert "--false-negatives drop compares the mined negatives with the qrels positive" in capsys.readouterr().err
+    bare_data, bare_labels = label_free["queries"]
+    assert main(_train(tiny_bert_dir, bare_data, bare_labels, tmp_path / "b", "--answer-negatives", "drop")) == 2
+    err = capsys.readouterr().err
+    assert "--answer-negatives drop takes answer-holding passages" in err and "has reference answers" in err
+    assert main(_train(tiny_bert_dir, bare_data, bare_labels, tmp_path / "c", "--min-positive-margin", "100")) == 2
+    err = capsys.readouterr().err
+    assert "every query was left out (6 positive not confident)" in err and "lower it" in err

@@ -15,6 +15,7 @@ from ..losses import LOSSES, Objective
 from ..negatives.settings import WindowSettings
 from .positives import POSITIVE_MODES
 
+
 @dataclass(kw_only=True)
 class TrainConfig(EncodingSettings, WindowSettings):
     model: str = field(metadata={"help": "student to start from: our folder, a sentence-transformers folder or a HF encoder"})
@@ -130,6 +131,12 @@ class TrainConfig(EncodingSettings, WindowSettings):
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_negatives < 0:
             raise UsageError("--train-batch-size and --gradient-accumulation-steps must be >= 1, "
                              "--num-negatives >= 0")
+        if not 0.0 <= self.weight_decay < 1.0:  # AdamW multiplies the weights by 1 - lr * decay each step
+            raise UsageError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UsageError(f"--warmup-ratio is a share of the steps, in [0, 1], got {self.warmup_ratio}")
+        if self.max_grad_norm < 0:
+            raise UsageError(f"--max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
         for name in ("temperature", "teacher_temperature", "student_temperature", "learning_rate"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

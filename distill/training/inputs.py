@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from labelers.errors import UsageError
+
 from ..data import DataError, Queries, RetrievalSet, load_corpus_of, load_retrieval_set
 from ..data.tables import QUERY_FIELDS
 from ..data.progress import verified_progress
@@ -61,6 +63,7 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
             for files in (cfg.labels, cfg.candidates):
                 if files:
                     check_made_from(Path(files[task]), rset, data)
+            check_applies(cfg, rset, data)
         if passages_only:
             found = examples_from_passages(rset, task, cfg.include_title)
         elif cfg.labels:
@@ -79,8 +82,23 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
         rsets.append(rset)
         examples.extend(found.examples)
     if not examples:
-        raise DataError(f"no training examples in {cfg.data} (split {cfg.split!r})")
+        dropped = {reason: n for reason, n in skipped.items() if n and "(kept)" not in reason}
+        why = "; ".join(f"{n} {reason}" for reason, n in dropped.items())
+        hint = ("; --min-positive-margin left out every query whose choice was closer than it: lower it"
+                if cfg.min_positive_margin > 0 and any("not confident" in r for r in dropped) else "")
+        raise DataError(f"no training examples in {cfg.data} (split {cfg.split!r})"
+                        + (f": every query was left out ({why}){hint}" if why else ""))
     return rsets, examples, skipped
+
+
+def check_applies(cfg, rset: RetrievalSet, data: str) -> None:
+    """Refuse a setting that the data makes a silent no-op: a user who asked for it would think it worked."""
+    if cfg.labels and cfg.false_negatives != "keep" and not rset.labelled:
+        raise UsageError(f"--false-negatives {cfg.false_negatives} compares the mined negatives with the qrels "
+                         f"positive; split {rset.split!r} of {data} has no qrels (keep is the only choice)")
+    if cfg.labels and cfg.answer_negatives != "keep" and not any(rset.queries.table["answers"].to_pylist()):
+        raise UsageError(f"--answer-negatives {cfg.answer_negatives} takes answer-holding passages out of the "
+                         f"negatives; no query of split {rset.split!r} of {data} has reference answers")
 
 
 def no_queries(path) -> Queries:
