@@ -49,6 +49,11 @@ class EvalConfig(EncodingSettings):
     show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bars"})
 
 
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise UsageError(f"--top-k must be >= 1, got {self.top_k}")
+
+
 def retrieve(encoder: BiEncoder, rset: RetrievalSet, *, top_k: int = 100, batch_size: int = 64,
              include_title: bool = True, cache_dir: Path | None = None, index: IndexConfig | None = None,
              show_progress: bool = False) -> dict[str, list[tuple[str, float]]]:

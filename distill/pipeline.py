@@ -69,6 +69,7 @@ from .training.command import DONE as TRAIN_DONE
 from .training.command import run_train
 
 SECTIONS = ("pretrain", "simcse", "generate", "mine", "label", "train", "eval")
+TRAINING_DATA_STAGES = ("mine", "label", "train")  # the stages that read the training queries (checked against them)
 SWITCHED = ("pretrain", "simcse", "generate")  # sections that are also switches: `simcse: true` or a section turns the stage on
 
 
@@ -260,10 +261,19 @@ def plan(config_path: Path, overrides: dict[str, Any] | None = None,
         supervision = Supervision("raw_text", "asked for")
     run = dataclasses.replace(run, supervision=supervision.kind, generate=supervision.kind == "raw_text")
     implied = supervision.stage_defaults()
-    return run, [(stage, stage_config(stage, run, {**implied.get(stage.settings_section, {}),
-                                                   **sections[stage.settings_section]},
-                                      f"{config_path}: {stage.settings_section}"))
-                 for stage in _stages(run)], supervision
+    planned = [(stage, stage_config(stage, run, {**implied.get(stage.settings_section, {}),
+                                                 **sections[stage.settings_section]},
+                                    f"{config_path}: {stage.settings_section}"))
+               for stage in _stages(run)]
+    # settings the data makes impossible or a no-op are refused now, not after the stages before them ran
+    supplied = supervision.supplied(run.data)
+    for stage, cfg in planned:
+        if stage.name in TRAINING_DATA_STAGES:
+            try:
+                cfg.check_against(supplied)
+            except UsageError as exc:
+                raise UsageError(f"{config_path}: {stage.settings_section}: {exc}") from None
+    return run, planned, supervision
 
 
 def _inline_yaml(value: Any) -> str:

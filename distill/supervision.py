@@ -11,7 +11,8 @@ the user has").
 `auto` takes the first that fits, in that order. A data error (a malformed queries file, a mistyped split) is
 never read as "no queries": it stops the run. Each kind sets the stages' defaults, which the YAML sections
 override: `answers` and `queries` mine a pool of 16 per query and train with `--positives
-answer-match+teacher` or `teacher+retriever`.
+answer-match+teacher` or `teacher+retriever`; `queries` also labels with `--target query`, so answers the data
+may hold are not scored.
 """
 from __future__ import annotations
 
@@ -26,6 +27,23 @@ POOL_SIZE = 16
 
 
 @dataclass(frozen=True)
+class SuppliedData:
+    """What the data gives a stage, as far as a setting depends on it: whether the split has qrels, and whether
+    its queries' reference answers are there to be used. A stage's `check_against` refuses settings it makes
+    impossible or a no-op."""
+
+    labelled: bool
+    answers: bool | None  # None: not known at planning time (checks that need to know are left to the stage)
+    where: str = "the data"
+
+    @classmethod
+    def of(cls, rset) -> SuppliedData:
+        """What a loaded `RetrievalSet` gives."""
+        return cls(rset.labelled, any(rset.queries.table["answers"].to_pylist()),
+                   f"split {rset.split!r} of {rset.queries.path.parent}")
+
+
+@dataclass(frozen=True)
 class Supervision:
     kind: str      # qrels | answers | queries | raw_text
     reason: str    # one line: what in the data made it so
@@ -34,9 +52,17 @@ class Supervision:
         """Settings per YAML section that this supervision implies (the sections' own values come on top)."""
         if self.kind == "answers":
             return {"mine": {"pool_size": POOL_SIZE}, "train": {"positives": "answer-match+teacher"}}
-        if self.kind == "queries":
-            return {"mine": {"pool_size": POOL_SIZE}, "train": {"positives": "teacher+retriever"}}
+        if self.kind == "queries":  # answers, where the data has some, are left unused: query likelihood
+            return {"mine": {"pool_size": POOL_SIZE}, "label": {"target": "query"},
+                    "train": {"positives": "teacher+retriever"}}
         return {}
+
+    def supplied(self, data: str) -> SuppliedData:
+        """What this supervision gives the stages that train on its data (raw_text: the generated folder, whose
+        queries have qrels and answers; queries: answers, if any, left unused)."""
+        where = f"supervision {self.kind} of {data}"
+        return {"qrels": SuppliedData(True, None, where), "answers": SuppliedData(False, True, where),
+                "queries": SuppliedData(False, False, where), "raw_text": SuppliedData(True, True, where)}[self.kind]
 
     def describe(self, pool_size: int | None = None) -> str:
         """One line; `pool_size` is the mine stage's (a YAML section may change the default)."""

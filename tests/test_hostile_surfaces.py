@@ -245,7 +245,7 @@ def test_modes_the_data_makes_a_no_op_are_refused_and_an_empty_result_says_why(t
     bare_data, bare_labels = label_free["queries"]
     assert main(_train(tiny_bert_dir, bare_data, bare_labels, tmp_path / "b", "--answer-negatives", "drop")) == 2
     err = capsys.readouterr().err
-    assert "--answer-negatives drop takes answer-holding passages" in err and "has reference answers" in err
+    assert "--answer-negatives drop takes answer-holding passages" in err and "has no reference answers" in err
     assert main(_train(tiny_bert_dir, bare_data, bare_labels, tmp_path / "c", "--min-positive-margin", "100")) == 2
     err = capsys.readouterr().err
     assert "every query was left out (6 positive not confident)" in err and "lower it" in err

@@ -50,7 +50,7 @@ from ..encoding import EncodingSettings
 from ..files import file_digest, write_json_atomic, write_lines_atomic
 from ..index import build_index, corpus_embeddings, embeddings, query_source, search
 from .teacher_settings import TeacherSettings, default_template
-from .executor import ExecutorSettings
+from .record_settings import RecordStageSettings
 from .record_stage import run_record_stage
 from .writer import Shard, is_complete, read_progress
 
@@ -64,7 +64,7 @@ _F = FilterSettings()
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(TeacherSettings, ExecutorSettings):
+class GenerateConfig(TeacherSettings, RecordStageSettings):
     data: str = field(metadata={"help": "BEIR-style folder (only its corpus is read) or an embedded set name"})
     output: Path = field(metadata={"help": "folder to write: corpus, synthetic queries, qrels/train.tsv"})
     language: str = field(default="en", metadata={"help": "language of the default prompts", "choices": ["en", "zh"]})
@@ -81,7 +81,6 @@ class GenerateConfig(TeacherSettings, ExecutorSettings):
         "help": "a sample that wrote a question but no answer gets one from a greedy second pass"})
     max_passages: int | None = field(default=None, metadata={"help": "sample this many passages (default: all)"})
     min_passage_chars: int = field(default=50, metadata={"help": "passages shorter than this get no questions"})
-    seed: int = field(default=0, metadata={"help": "seed of the passage sample and of sampling"})
     filters: list[str] = field(default_factory=lambda: list(FILTERS), metadata={
         "help": f"filters to apply, from {', '.join(FILTERS)} (parse always runs: an unparsed sample has no pair)"})
     min_question_chars: int = field(default=_F.min_question_chars, metadata={"help": "length filter"})
@@ -100,12 +99,21 @@ class GenerateConfig(TeacherSettings, ExecutorSettings):
         "help": "answer-likelihood template for the unsupported filter (default: reward_<language>[_chat])"})
     max_passage_tokens: int = field(default=MAX_PASSAGE_TOKENS, metadata={"help": "passages are cut to this many teacher tokens"})
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
-    shard: str | None = field(default=None, metadata={"help": "i/n: sample only the i-th of n slices of the passages"})
     chunk_size: int = field(default=32, metadata={"help": "passages per fsync'd output chunk and backend call"})
     batch_size: int = field(default=64, metadata={"volatile": True, "help": "retriever: texts per encoder batch"})
-    overwrite: bool = field(default=False, metadata={"volatile": True, "help": "discard earlier output instead of resuming it"})
-    skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
-    show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bar"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [f for f in self.filters if f not in FILTERS]
+        if unknown:
+            raise UsageError(f"--filters: unknown {unknown}; known: {list(FILTERS)}")
+        for name, least in (("questions_per_passage", 1), ("num_few_shot", 0), ("max_new_tokens", 1),
+                            ("round_trip_k", 1), ("max_passage_tokens", 1), ("min_passage_chars", 0)):
+            if getattr(self, name) < least:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
+        if self.max_passages is not None and self.max_passages < 1:
+            raise UsageError(f"--max-passages must be >= 1, got {self.max_passages}")
+        self.sampling()  # temperature >= 0 and 0 < top_p <= 1
 
     def few_shot_examples(self) -> list:
         """The examples each prompt shows (the packaged ones unless --few-shot names a file)."""
@@ -355,14 +363,8 @@ def sampler_for(cfg: GenerateConfig) -> QuestionSampler:
 def run_generate(cfg: GenerateConfig) -> dict:
     shard = Shard.parse(cfg.shard)
     cfg.check_llm()
-    unknown = [f for f in cfg.filters if f not in FILTERS]
-    if unknown:
-        raise UsageError(f"--filters: unknown {unknown}; known: {list(FILTERS)}")
     if "parse" not in cfg.filters:
         cfg = dataclasses.replace(cfg, filters=["parse", *cfg.filters])
-    if cfg.questions_per_passage < 1:
-        raise UsageError("--questions-per-passage must be >= 1")
-    cfg.check_executor(cfg.shard)
     folder = Path(cfg.output)
     folder.mkdir(parents=True, exist_ok=True)
     sampler, problems = build_sampler(cfg)

@@ -41,31 +41,35 @@ from ..files import file_digest
 from ..negatives import query_rng
 from ..negatives.uniform import draw_uniform
 from .teacher_settings import TeacherSettings, default_template
-from .executor import ExecutorSettings
+from ..supervision import SuppliedData
+from .record_settings import RecordStageSettings
 from .record_stage import run_record_stage
 from .writer import Shard
 
 logger = logging.getLogger(__name__)
 
 MISSING_ANSWERS = ("query", "generate", "error")
+TARGETS = ("auto", "answer", "query")
 Unit = tuple[str, "list[str] | None", "list[float] | None"]  # (qid, listed candidates, their retriever scores)
 
 
 @dataclass(kw_only=True)
-class LabelConfig(TeacherSettings, ExecutorSettings):
+class LabelConfig(TeacherSettings, RecordStageSettings):
     data: str = field(metadata={"help": "BEIR-style folder or embedded set name"})
     output: Path = field(metadata={"help": "labels JSON Lines file to write (resumes if partly written)"})
     split: str = field(default="train", metadata={"help": "qrels split whose queries are labelled"})
     candidates: Path | None = field(default=None, metadata={"help": "candidates JSONL from `distill mine`; "
                                                                     "default: positives + --num-random random passages"})
     num_random: int = field(default=7, metadata={"help": "random passages per query when there is no --candidates"})
-    seed: int = field(default=0, metadata={"help": "seed for the random passages"})
-    shard: str | None = field(default=None, metadata={"help": "i/n: label only the i-th of n contiguous slices"})
     language: str = field(default="en", metadata={"help": "language of the default prompts", "choices": ["en", "zh"]})
     prompt: str | None = field(default=None, metadata={
         "help": "answer-likelihood template: packaged name or file (default: reward_<language>[_chat])"})
     query_prompt: str | None = field(default=None, metadata={
         "help": "query-likelihood template for queries without answers (default: query_likelihood_<language>[_chat])"})
+    target: str = field(default="auto", metadata={
+        "help": "what the teacher scores: auto (the reference answers where a query has some, else see "
+                "--missing-answers), answer (answer likelihood, every query needs answers) or query (query "
+                "likelihood log p(q | passage) for every query, answers unused: UPR)", "choices": list(TARGETS)})
     missing_answers: str = field(default="query", metadata={
         "help": "queries without answers: score query likelihood (UPR), have the LLM write an answer from the "
                 "positive passage, or stop with an error", "choices": list(MISSING_ANSWERS)})
@@ -75,9 +79,23 @@ class LabelConfig(TeacherSettings, ExecutorSettings):
     max_answer_tokens: int = field(default=32, metadata={"help": "--missing-answers generate: answer length limit"})
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
     chunk_size: int = field(default=16, metadata={"help": "queries per fsync'd output chunk (and per backend call)"})
-    overwrite: bool = field(default=False, metadata={"volatile": True, "help": "discard an existing output instead of resuming it"})
-    skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
-    show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bar"})
+
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, least in (("num_random", 0), ("max_passage_tokens", 1), ("max_answer_tokens", 1)):
+            if getattr(self, name) < least:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
+
+    def check_against(self, data: SuppliedData) -> None:
+        if self.target == "answer" and data.answers is False:
+            raise UsageError(f"--target answer scores reference answers; {data.where} has none: use --target query")
+        if not data.labelled and not self.candidates:
+            raise UsageError(f"{data.where} has no qrels: give --candidates (the retriever's pool per query, from "
+                             "distill mine) for the teacher to score")
+        if not data.labelled and self.missing_answers == "generate":
+            raise UsageError("--missing-answers generate writes an answer from the query's positive passage; "
+                             f"{data.where} has no qrels: use --missing-answers query (UPR)")
 
 
 class Labeler:
@@ -116,7 +134,10 @@ class Labeler:
     def settings(self) -> dict:
         """What the output depends on; resuming with anything else changed is refused."""
         cfg = self.cfg
-        settings = output_settings(cfg, exclude=("data", "output", "candidates", "shard", "prompt", "query_prompt"))
+        # `target` auto is what every labels file was before the setting existed: left out, their jobs resume
+        exclude = ("data", "output", "candidates", "shard", "prompt", "query_prompt") + (
+            ("target",) if cfg.target == "auto" else ())
+        settings = output_settings(cfg, exclude=exclude)
         settings.update(prompts=self.prompt_names(), shard=str(self.shard), data=self.rset.fingerprint(),
                         candidates=file_digest(cfg.candidates) if cfg.candidates else None)
         return settings
@@ -154,10 +175,15 @@ class Labeler:
             pids, n_pos = self.candidates_of(qid, listed)
             passages = corpus.passages_at(corpus.rows_of(pids), include_title=cfg.include_title)
             question, answers = self.query[qid]
-            target = "answer" if answers else {"query": "query", "generate": "generated_answer"}.get(cfg.missing_answers)
-            if target is None:
-                raise DataError(f"{self.rset.queries.path}: query {qid!r} has no answers "
-                                "(use --missing-answers query or generate)")
+            if cfg.target == "query":
+                target = "query"
+            elif answers:
+                target = "answer"
+            else:
+                target = {"query": "query", "generate": "generated_answer"}.get(cfg.missing_answers)
+            if target is None or (target != "answer" and cfg.target == "answer"):
+                raise DataError(f"{self.rset.queries.path}: query {qid!r} has no answers (--target answer or "
+                                "--missing-answers error); use --missing-answers query or generate")
             jobs.append({"qid": qid, "pids": pids, "n_pos": n_pos, "passages": passages, "question": question,
                          "answers": list(answers), "target": target, "retriever_scores": retriever_scores})
         self._write_missing_answers([j for j in jobs if j["target"] == "generated_answer"])
@@ -201,15 +227,8 @@ class Labeler:
 def build_labeler(cfg: LabelConfig) -> tuple[Labeler, RetrievalSet, int]:
     """The label stage for `cfg` (data read and checked), and how many split queries have no candidates line."""
     shard = Shard.parse(cfg.shard)
-    if cfg.num_random < 0:
-        raise UsageError("--num-random must be >= 0")
     rset = load_retrieval_set(cfg.data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=True)
-    if not rset.labelled and not cfg.candidates:
-        raise UsageError(f"split {cfg.split!r} has no qrels: give --candidates (the retriever's pool per query, from "
-                         "distill mine) for the teacher to score")
-    if not rset.labelled and cfg.missing_answers == "generate":
-        raise UsageError("--missing-answers generate writes an answer from the query's positive passage; split "
-                         f"{cfg.split!r} has no qrels: use --missing-answers query (UPR)")
+    cfg.check_against(SuppliedData.of(rset))
     if cfg.candidates:
         units: list[Unit] = [(r.qid, list(r.pids), None if rset.labelled or r.scores is None else list(r.scores))
                              for r in read_candidates(Path(cfg.candidates), rset)]
@@ -229,7 +248,6 @@ def labeler_for(cfg: LabelConfig) -> Labeler:
 
 def run_label(cfg: LabelConfig) -> dict:
     cfg.check_llm()
-    cfg.check_executor(cfg.shard)
     if not cfg.show_progress:
         from transformers.utils import logging as hf_logging
 

@@ -46,7 +46,8 @@ from ..index import build_index, embeddings, passage_source, query_source, searc
 from ..negatives import STRATEGIES, MiningBatch, Ranked, CandidateWindow, query_rng, teacher_exclusions
 from ..negatives.bm25 import TOKENIZERS, BM25Index
 from .export import EXPORTERS, check_export_output, export_candidates
-from .executor import ExecutorSettings
+from ..supervision import SuppliedData
+from .record_settings import RecordStageSettings
 from .record_stage import run_record_stage
 from .writer import Shard
 
@@ -55,7 +56,7 @@ DEFAULT_POOL_SIZE = 16  # the retriever's top K per query without qrels, for the
 
 
 @dataclass(kw_only=True)
-class MineConfig(EncodingSettings, WindowSettings, ExecutorSettings):
+class MineConfig(EncodingSettings, WindowSettings, RecordStageSettings):
     data: str = field(metadata={"help": "BEIR-style folder (corpus, queries, qrels/<split>.tsv) or an embedded set name"})
     output: Path = field(metadata={"help": "candidates JSON Lines to write"})
     model: str | None = field(default=None, metadata={
@@ -80,16 +81,38 @@ class MineConfig(EncodingSettings, WindowSettings, ExecutorSettings):
     bm25_b: float = field(default=0.75, metadata={"help": "BM25 b"})
     labels: Path | None = field(default=None, metadata={
         "help": "teacher labels (distill label): never use a passage rewarded >= a positive as a negative"})
-    seed: int = field(default=0, metadata={"help": "seed of every random choice (per query)"})
-    shard: str | None = field(default=None, metadata={"help": "i/n: mine only the i-th of n slices of the queries"})
     chunk_size: int = field(default=1024, metadata={"help": "queries per search chunk and fsync'd output chunk"})
-    overwrite: bool = field(default=False, metadata={"volatile": True, "help": "start again instead of resuming"})
-    skip_invalid: bool = field(default=False, metadata={"help": "skip and count invalid records instead of stopping"})
     export: str | None = field(default=None, metadata={"help": "also write a training file in this format",
                                                        "choices": sorted(EXPORTERS)})
     export_output: Path | None = field(default=None, metadata={
         "help": "where --export writes (JSONL for flagembedding, a datasets folder for n-tuple*)"})
-    show_progress: bool = field(default=True, metadata={"volatile": True, "help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_negatives < 1:
+            raise UsageError(f"--num-negatives must be >= 1, got {self.num_negatives}")
+        if self.pool_size is not None and self.pool_size < 1:
+            raise UsageError(f"--pool-size must be >= 1 (the candidates the teacher chooses among), got "
+                             f"{self.pool_size}")
+        if self.export and not self.export_output:
+            raise UsageError("--export needs --export-output")
+        window = self.candidate_window()  # the rank window and the margins are in range
+        pools = STRATEGIES[self.strategy].POOLS
+        if self.model is None and ("dense" in pools or window.filters_scores):
+            raise UsageError(f"--strategy {self.strategy}" + (" with score filters" if "dense" not in pools else "")
+                             + " needs a dense --model")
+
+    def check_against(self, data: SuppliedData) -> None:
+        if data.labelled and self.pool_size is not None:
+            raise UsageError(f"--pool-size is for queries without qrels; {data.where} has qrels: use --num-negatives")
+        window = self.candidate_window()
+        if not data.labelled and (self.strategy in NEEDS_POSITIVES or window.absolute_margin is not None
+                                  or window.relative_margin is not None):
+            raise UsageError(f"{data.where} has no qrels, so no positive to measure from: --strategy {self.strategy} "
+                             "and the margin filters need one; use dense, bm25 or hybrid to take the retriever's top "
+                             "--pool-size")
+        if self.export and not data.labelled:
+            raise UsageError(f"--export writes (query, positive, negatives) rows; {data.where} has no qrels")
 
     def candidate_window(self) -> CandidateWindow:
         return super().candidate_window(absolute_margin=self.absolute_margin, relative_margin=self.relative_margin,
@@ -121,6 +144,7 @@ class Miner:
     unit = "query"
 
     def __init__(self, cfg: MineConfig, rset: RetrievalSet, shard: Shard, encoder=None):
+        cfg.check_against(SuppliedData.of(rset))
         self.cfg, self.rset, self.shard = cfg, rset, shard
         self.num = pool_size(cfg, rset)
         bounds = shard.bounds(len(rset.queries))
@@ -129,7 +153,6 @@ class Miner:
         qids = self.qids = rset.queries.ids[bounds[0]:bounds[1]]
         self.params = cfg.candidate_window()
         self.strategy = STRATEGIES[cfg.strategy]
-        pools = set(self.strategy.POOLS)
         corpus = rset.corpus
         by_id = dict(zip(rset.queries.ids, rset.queries.texts))
         self.texts = [by_id[q] for q in qids]
@@ -148,14 +171,6 @@ class Miner:
 
         self.encoder = encoder
         self.passages = self.queries = self.index = None
-        if encoder is None and ("dense" in pools or self.params.filters_scores):
-            raise UsageError(f"--strategy {cfg.strategy}" + (" with score filters" if "dense" not in pools else "")
-                             + " needs a dense --model")
-        if not rset.labelled and (cfg.strategy in NEEDS_POSITIVES or self.params.absolute_margin is not None
-                                  or self.params.relative_margin is not None):
-            raise UsageError(f"split {rset.split!r} has no qrels, so no positive to measure from: "
-                             f"--strategy {cfg.strategy} and the margin filters need one; use dense, bm25 or hybrid "
-                             "to take the retriever's top --pool-size")
         self.bm25 = self.docs = None
 
     @property
@@ -274,9 +289,6 @@ NEEDS_POSITIVES = ("simans", "same_doc")  # SimANS centres on s(q, d+); same_doc
 def pool_size(cfg: MineConfig, rset: RetrievalSet) -> int:
     """Candidates per query: --num-negatives beyond the positives, or for queries without qrels --pool-size (16)."""
     if rset.labelled:
-        if cfg.pool_size is not None:
-            raise UsageError(f"--pool-size is for queries without qrels; split {rset.split!r} has qrels: use "
-                             "--num-negatives")
         return cfg.num_negatives
     return cfg.pool_size if cfg.pool_size is not None else DEFAULT_POOL_SIZE
 
@@ -304,18 +316,11 @@ def miner_for(cfg: MineConfig) -> Miner:
 
 
 def run_mine(cfg: MineConfig) -> dict:
-    if cfg.num_negatives < 1:
-        raise UsageError("--num-negatives must be >= 1")
-    if cfg.export and not cfg.export_output:
-        raise UsageError("--export needs --export-output")
     if cfg.export:
         check_export_output(cfg.export, cfg.export_output)
-    cfg.check_executor(cfg.shard)
     started = time.perf_counter()
     miner = miner_for(cfg)
     rset = miner.rset
-    if cfg.export and not rset.labelled:
-        raise UsageError(f"--export writes (query, positive, negatives) rows; split {cfg.split!r} has no qrels")
     num, shard = miner.num, miner.shard
     output = Path(cfg.output)
     run = run_record_stage(miner, output, chunk_size=cfg.chunk_size, overwrite=cfg.overwrite,

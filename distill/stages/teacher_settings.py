@@ -79,6 +79,9 @@ class TeacherSettings:
                                                               "volatile": True})
 
     def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)  # the stage's other settings groups check theirs
+        if parent is not None:
+            parent()
         check_backend_settings(self, self.backend)
         self.effective_tensor_parallel_size()  # --tensor-parallel-size and --gpus-per-worker agree
 

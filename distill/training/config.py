@@ -13,6 +13,7 @@ from labelers.errors import UsageError
 from ..encoding import EncodingSettings
 from ..losses import LOSSES, Objective
 from ..negatives.settings import WindowSettings
+from ..supervision import SuppliedData
 from .positives import POSITIVE_MODES
 
 
@@ -155,6 +156,24 @@ class TrainConfig(EncodingSettings, WindowSettings):
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise UsageError(f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}")
+
+    def check_against(self, data: SuppliedData) -> None:
+        """Refuse modes that `data` makes impossible or a silent no-op (a user who asked for one would think it
+        worked)."""
+        if not self.labels:
+            return
+        if self.positives == "qrels" and not data.labelled:
+            raise UsageError(f"--positives qrels: {data.where} has no qrels; choose a mode that picks positives "
+                             "from the pool (auto, teacher, teacher+retriever, answer-match+teacher...)")
+        if self.false_negatives != "keep" and not data.labelled:
+            raise UsageError(f"--false-negatives {self.false_negatives} compares the mined negatives with the qrels "
+                             f"positive; {data.where} has no qrels (keep is the only choice)")
+        if data.answers is False and self.positives == "answer-match":
+            raise UsageError(f"--positives answer-match matches reference answers; {data.where} has none (or uses "
+                             "none): use teacher, teacher+retriever or auto")
+        if data.answers is False and self.answer_negatives != "keep":
+            raise UsageError(f"--answer-negatives {self.answer_negatives} takes answer-holding passages out of the "
+                             f"negatives; {data.where} has no reference answers (or uses none)")
 
     def objective(self) -> Objective:
         return Objective.parse(self.loss)

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from labelers.errors import UsageError
-
 from ..data import DataError, Queries, RetrievalSet, load_corpus_of, load_retrieval_set
 from ..data.tables import QUERY_FIELDS
 from ..data.progress import verified_progress
 from ..data.records import read_candidates, read_labels
+from ..supervision import SuppliedData
 from .examples import (ExampleSet, PositiveChoice, examples_from_candidates, examples_from_labels,
                        examples_from_passages, examples_from_qrels)
 
@@ -63,7 +62,7 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
             for files in (cfg.labels, cfg.candidates):
                 if files:
                     check_made_from(Path(files[task]), rset, data)
-            check_applies(cfg, rset, data)
+            cfg.check_against(SuppliedData.of(rset))
         if passages_only:
             found = examples_from_passages(rset, task, cfg.include_title)
         elif cfg.labels:
@@ -89,16 +88,6 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
         raise DataError(f"no training examples in {cfg.data} (split {cfg.split!r})"
                         + (f": every query was left out ({why}){hint}" if why else ""))
     return rsets, examples, skipped
-
-
-def check_applies(cfg, rset: RetrievalSet, data: str) -> None:
-    """Refuse a setting that the data makes a silent no-op: a user who asked for it would think it worked."""
-    if cfg.labels and cfg.false_negatives != "keep" and not rset.labelled:
-        raise UsageError(f"--false-negatives {cfg.false_negatives} compares the mined negatives with the qrels "
-                         f"positive; split {rset.split!r} of {data} has no qrels (keep is the only choice)")
-    if cfg.labels and cfg.answer_negatives != "keep" and not any(rset.queries.table["answers"].to_pylist()):
-        raise UsageError(f"--answer-negatives {cfg.answer_negatives} takes answer-holding passages out of the "
-                         f"negatives; no query of split {rset.split!r} of {data} has reference answers")
 
 
 def no_queries(path) -> Queries:
