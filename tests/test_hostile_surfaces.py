@@ -249,3 +249,46 @@ def test_modes_the_data_makes_a_no_op_are_refused_and_an_empty_result_says_why(t
     assert main(_train(tiny_bert_dir, bare_data, bare_labels, tmp_path / "c", "--min-positive-margin", "100")) == 2
     err = capsys.readouterr().err
     assert "every query was left out (6 positive not confident)" in err and "lower it" in err
+
+
+# ----- 8: empty pools are refused where they are read; an empty chunk is no crash -------------------------------
+
+def test_an_empty_pool_is_refused_by_file_line_and_field_and_an_empty_call_scores_nothing(tiny_llama_dir, label_free,
+                                                                                          tmp_path, capsys):
+    from labelers.backends import create_backend
+
+    data, _ = label_free["answers"]
+    pool = tmp_path / "pool.jsonl"
+    qids = [q["_id"] for q in read_jsonl(data / "queries.jsonl")]
+    write_jsonl(pool, [{"qid": qids[0], "pids": ["p-nope"][:0]}])
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(data), "--candidates", str(pool), "--output",
+                 str(tmp_path / "labels.jsonl"), "--device", "cpu", "--no-show-progress"]) == 2
+    assert f'{pool}:1: field "pids": is empty, and the query has no qrels positive' in capsys.readouterr().err
+    backend = create_backend("hf", model=str(tiny_llama_dir), device="cpu", dtype="float32")
+    assert backend.score([], []) == [] and backend.generate([], 4) == []
+
+
+# ----- 10: `supervision: queries` reaches the label stage: answers the data holds are not scored -----------------
+
+def test_supervision_queries_labels_query_likelihood_even_where_the_data_has_answers(tiny_llama_dir, label_free,
+                                                                                       tmp_path):
+    import yaml
+
+    from distill.pipeline import plan
+
+    data, _ = label_free["answers"]
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "data": str(data), "model": "m",
+                                      "llm": "l", "supervision": "queries"}))
+    _, planned, supervision = plan(config)
+    assert supervision.kind == "queries"
+    assert {stage.name: cfg for stage, cfg in planned}["label"].target == "query"
+    # what that setting does: the very rewards of the same queries without their answers
+    pool = tmp_path / "pool.jsonl"
+    shutil.copy(label_free["answers"][1].parent / "pool.jsonl", pool)
+    out = tmp_path / "labels.jsonl"
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(data), "--candidates", str(pool), "--output",
+                 str(out), "--device", "cpu", "--dtype", "float32", "--no-show-progress", "--target", "query"]) == 0
+    with_answers, without = read_jsonl(out), read_jsonl(label_free["queries"][1])
+    assert {r["target"] for r in with_answers} == {"query"}
+    assert [r["rewards"] for r in with_answers] == [r["rewards"] for r in without]

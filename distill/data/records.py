@@ -176,6 +176,9 @@ def read_candidates(path: Path, rset: RetrievalSet) -> list[CandidateRecord]:
             raise _problem(path, record.line, "qid", f"{record.qid!r} is not a query of split {rset.split!r}")
         if record.qid in seen:
             raise _problem(path, record.line, "qid", f"{record.qid!r} repeats line {seen[record.qid]}")
+        if not record.pids and not rset.positives(record.qid):
+            raise _problem(path, record.line, "pids", "is empty, and the query has no qrels positive: the teacher "
+                           "has nothing to score (mine with --pool-size >= 1)")
         rows = rset.corpus.rows_of(list(record.pids))
         if (rows < 0).any():
             raise _problem(path, record.line, "pids",

@@ -90,6 +90,8 @@ class BackendError(RuntimeError):
 
 
 def check_pairs(prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> None:
+    """Pairs a backend can score: as many prompts as continuations, none empty (an empty call is fine: no
+    scores)."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     for i, (p, c) in enumerate(zip(prompts, continuations)):

@@ -206,6 +206,8 @@ class HFBackend:
         of `distill generate` scores them). The trunk runs once, then each pair's branch (the rest of its
         prompt, then its continuation) attends to the trunk and to itself alone."""
         check_pairs(prompts, continuations)
+        if not prompts:  # an empty chunk: nothing to score (not an index error deep in a batch)
+            return []
         groups = (prompt_trunks(prompts, shared_prefix_length(prompts)) if self.cfg.pack_continuations
                   and self._custom_masks and len(prompts) > 1 else [])
         rows, trunks = [g for _, g in groups], [t for t, _ in groups]
@@ -287,6 +289,8 @@ class HFBackend:
         Each prompt's keys and values are kept until the next call (`hf_cache.PromptCache`, up to
         `prompt_cache_bytes`): a call whose prompts extend them (the answer pass after sampling) runs only
         the new tokens."""
+        if not prompts:
+            return []
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 

@@ -145,6 +145,8 @@ class OpenAIBackend:
 
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Score]:
         check_pairs(prompts, continuations)
+        if not prompts:  # an empty chunk: nothing to score (not an index error deep in a batch)
+            return []
         sequences = [list(p) + list(c) for p, c in zip(prompts, continuations)]
         choices = self._completions(sequences, echo=True, logprobs=0, max_tokens=0, temperature=0.0)
         scores = []
@@ -159,6 +161,8 @@ class OpenAIBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = GREEDY) -> list[list[str]]:
+        if not prompts:
+            return []
         options = dict(max_tokens=max_new_tokens, temperature=sampling.temperature)
         if sampling.stop:
             options.update(stop=list(sampling.stop))

@@ -82,6 +82,8 @@ class VLLMBackend:
 
     def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[Score]:
         check_pairs(prompts, continuations)
+        if not prompts:  # an empty chunk: nothing to score (not an index error deep in a batch)
+            return []
         params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         sequences = [list(p) + list(c) for p, c in zip(prompts, continuations)]
         outputs = self._run(sequences, params)
@@ -99,6 +101,8 @@ class VLLMBackend:
                  sampling: Sampling = GREEDY) -> list[list[str]]:
         """Prompt i is sampled with its own seed (`Sampling.prompt_seed`): repeatable whatever else is in
         the batch."""
+        if not prompts:
+            return []
         params = [self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=sampling.temperature,
                                            top_p=sampling.top_p, n=sampling.n, stop=list(sampling.stop),
                                            seed=None if sampling.greedy else sampling.prompt_seed(i))
