@@ -21,7 +21,11 @@ from .files import write_json_atomic
 
 class DataHashes:
     """Content hashes of data sets, remembered per file (path, size, mtime) in `cache` so that an
-    unchanged file is hashed once; a copied or touched file with the same bytes hashes the same."""
+    unchanged file is hashed once; a copied or touched file with the same bytes hashes the same.
+
+    By design, an edit that keeps a file's size and whose modification time is then set back (`touch -d`,
+    `cp --preserve`, some sync tools) is not noticed: the remembered hash is trusted. To force every file to be
+    hashed again, delete `OUTPUT_DIR/data_hashes.json` (the run then rehashes, and reruns what changed)."""
 
     def __init__(self, cache: Path):
         self.cache = cache

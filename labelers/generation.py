@@ -34,20 +34,34 @@ class FewShotExample:
 
 
 def load_few_shot(path: str | Path) -> list[FewShotExample]:
-    """Few-shot examples from JSON Lines `{"passage", "question", "answer"}`; errors name file, line and field."""
+    """Few-shot examples from JSON Lines `{"passage", "question", "answer"}` (UTF-8); errors name file, line and
+    field. A file without one example is an error: a run asked for few-shot prompts would go on zero-shot."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            for key in ("passage", "question", "answer"):
-                if not isinstance(record.get(key), str) or not record[key].strip():
-                    raise UsageError(f"{path}:{line_no}: field {key!r}: missing or empty")
-            examples.append(FewShotExample(record["passage"], record["question"], record["answer"]))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = Path(path).read_bytes()[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line_no}: not UTF-8 (byte {exc.object[exc.start]:#04x}); save the file as "
+                         "UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}:{line_no}: a line must be a JSON object {{\"passage\", \"question\", "
+                             f"\"answer\"}}, not a JSON {type(record).__name__}")
+        for key in ("passage", "question", "answer"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise UsageError(f'{path}:{line_no}: field "{key}": missing or empty')
+        examples.append(FewShotExample(record["passage"], record["question"], record["answer"]))
+    if not examples:
+        raise UsageError(f"{path}: holds no few-shot example (one JSON object per line); to generate without "
+                         "examples, set --num-few-shot 0 instead")
     return examples
 
 

@@ -292,3 +292,19 @@ def test_supervision_queries_labels_query_likelihood_even_where_the_data_has_ans
     with_answers, without = read_jsonl(out), read_jsonl(label_free["queries"][1])
     assert {r["target"] for r in with_answers} == {"query"}
     assert [r["rewards"] for r in with_answers] == [r["rewards"] for r in without]
+
+
+# ----- 15: a bad few-shot file is refused by file and line, before any passage is read --------------------------
+
+@pytest.mark.parametrize("content, message", [
+    ('["a list", "not an object"]\n'.encode(), ":1: a line must be a JSON object"),
+    ('{"passage": "Caf\u00e9 de Flore", "question": "Where?", "answer": "Paris"}\n'.encode("latin-1"), ":1: not UTF-8"),
+    (b"\n\n", ": holds no few-shot example"),
+    (b'{"passage": "p", "question": "q"}\n', ':1: field "answer": missing or empty')])
+def test_a_bad_few_shot_file_is_refused_naming_file_and_line(tiny_llama_dir, tmp_path, capsys, content, message):
+    few_shot = tmp_path / "examples.jsonl"
+    few_shot.write_bytes(content)
+    out = tmp_path / "generated"
+    assert main(["generate", "--llm", str(tiny_llama_dir), "--data", "squad-mini", "--output", str(out),
+                 "--few-shot", str(few_shot), "--device", "cpu", "--no-show-progress", "--max-passages", "2"]) == 2
+    assert f"{few_shot}{message}" in capsys.readouterr().err and not out.exists()

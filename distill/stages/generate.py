@@ -114,9 +114,13 @@ class GenerateConfig(TeacherSettings, RecordStageSettings):
         if self.max_passages is not None and self.max_passages < 1:
             raise UsageError(f"--max-passages must be >= 1, got {self.max_passages}")
         self.sampling()  # temperature >= 0 and 0 < top_p <= 1
+        if self.few_shot is not None and self.num_few_shot:
+            load_few_shot(self.few_shot)  # a bad examples file stops the run now, not after the passages are read
 
     def few_shot_examples(self) -> list:
         """The examples each prompt shows (the packaged ones unless --few-shot names a file)."""
+        if not self.num_few_shot:
+            return []
         return load_few_shot(self.few_shot or packaged_examples(self.language))[:self.num_few_shot]
 
     def filter_settings(self, few_shot: list) -> FilterSettings:

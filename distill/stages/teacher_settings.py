@@ -31,7 +31,10 @@ class TeacherSettings:
     device: str | None = field(default=None, metadata={
         "help": "hf backend: torch device", "backends": ("hf",), "volatile": True})
     dtype: str | None = field(default=None, metadata={
-        "help": "hf/vllm backends: float32|bfloat16|float16 (default: bf16 on GPUs that have it, fp32 on CPU)",
+        "help": "hf/vllm backends: float32|bfloat16|float16 (default: bf16 where the device computes it natively: "
+                "recent GPUs, and CPUs with AVX512-BF16 or AMX; fp16 on older GPUs; else fp32). bf16 rewards move "
+                "with the batch shape (by up to 0.2 nats/token with --chunk-size): set float32 for labels that "
+                "must not depend on it",
         "backends": ("hf", "vllm")})
     token_budget: int | None = field(default=None, metadata={
         "help": "hf backend: padded tokens per forward pass (default: 2048 to score on a CPU, else 8192)",
