@@ -130,7 +130,7 @@ def test_labels_from_data_without_qrels_never_make_a_qrels_positive_a_negative(t
     write_jsonl(bare, rows)
     assert main([*train, "--labels", str(bare)]) == 2  # auto: the data has qrels that the lines lack
     err = capsys.readouterr().err
-    assert f"{bare}:1: field 'n_positives'" in err and "has qrels" in err
+    assert f"{bare}:1: field \"n_positives\"" in err and "has qrels" in err
     cfg = config_from_mapping(TrainConfig, {"model": str(tiny_bert_dir), "data": [str(gold)], "labels": [str(bare)],
                                             "positives": "teacher", "output": str(tmp_path / "m2")}, "test")
     rsets, examples, _ = load_training_examples(cfg)
@@ -308,3 +308,30 @@ def test_a_bad_few_shot_file_is_refused_naming_file_and_line(tiny_llama_dir, tmp
     assert main(["generate", "--llm", str(tiny_llama_dir), "--data", "squad-mini", "--output", str(out),
                  "--few-shot", str(few_shot), "--device", "cpu", "--no-show-progress", "--max-passages", "2"]) == 2
     assert f"{few_shot}{message}" in capsys.readouterr().err and not out.exists()
+
+
+# ----- issue 44: a bug keeps its traceback; only our own checks read as bad input --------------------------------
+
+def test_a_bug_shows_its_traceback_and_exit_1_not_bad_input(tiny_bert_dir, tmp_path):
+    """A numpy call that raises ValueError deep in evaluation (as a real bug would) must not read as a user error."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy\n"
+        "import distill.metrics\n"
+        "def broken(*a, **k):\n"
+        "    raise ValueError('operands could not be broadcast together')\n"
+        "distill.metrics.np = type('np', (), {**{k: getattr(numpy, k) for k in dir(numpy) if not k.startswith('__')},"
+        " 'mean': staticmethod(broken)})\n"
+        "from distill.cli import run_and_exit\n"
+        "run_and_exit(sys.argv[1:])\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script, "eval", "--model", str(tiny_bert_dir), "--data",
+                           "squad-mini", "--no-cache", "--no-show-progress"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr and "in broken" in done.stderr
+    assert "operands could not be broadcast together" in done.stderr
+    assert not done.stderr.startswith("error:")

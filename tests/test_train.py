@@ -232,7 +232,7 @@ def test_bad_labels_line_names_file_line_and_field(tiny_bert_dir, squad_mini_tra
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, records)
     assert main(["train", *train_flags(tiny_bert_dir, bad), "--output", str(tmp_path / "o")]) == 2
-    assert f"{bad}:4: field 'pids'" in capsys.readouterr().err
+    assert f"{bad}:4: field \"pids\"" in capsys.readouterr().err
 
 
 def test_drop_disputed_leaves_out_queries_the_teacher_does_not_confirm(tiny_bert_dir, squad_mini_train_labels,

@@ -102,12 +102,12 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
             continue
         if (rows < 0).any():
             bad = record.pids[int(np.argmax(rows < 0))]
-            raise DataError(f"{path}:{line_no}: field 'pids': unknown passage id {bad!r}")
+            raise DataError(f"{path}:{line_no}: field \"pids\": unknown passage id {bad!r}")
         rewards = np.asarray(record.rewards, dtype=np.float64)
         answers = answers_of.get(qid) or []
         qrels_rows = _positive_rows(rset, qid)
         if record.n_positives == 0 and len(qrels_rows) and choice.positives == "auto":
-            raise DataError(f"{path}:{line_no}: field 'n_positives': query {qid!r} has qrels in --data's split "
+            raise DataError(f"{path}:{line_no}: field \"n_positives\": query {qid!r} has qrels in --data's split "
                             f"{rset.split!r}, but its labels line lists no positive: the labels were made from data "
                             "without these qrels; label this split again (or name a --positives mode)")
         mode = choice.mode_for(record.n_positives > 0, bool(answers), record.retriever_scores is not None)
@@ -173,7 +173,7 @@ def _qrels_examples(record: LabelRecord, rows: np.ndarray, rewards: np.ndarray, 
     the teacher's false negatives kept, dropped or made positives of extra examples (RLHN-style relabelling)."""
     n_pos = record.n_positives
     if n_pos < 1:
-        raise DataError(f"{path}:{record.line}: field 'n_positives': the line has no positive (for queries without "
+        raise DataError(f"{path}:{record.line}: field \"n_positives\": the line has no positive (for queries without "
                         "qrels choose one: --positives teacher, teacher+retriever, answer-match...)")
     chosen = int(np.argmax(rewards[:n_pos])) if positive_choice == "teacher" else 0
     qrels_rows = _positive_rows(rset, record.qid)
