@@ -12,6 +12,7 @@ training log (`train_log.jsonl`) each have their record and reader here too.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from collections.abc import Iterator
@@ -35,12 +36,29 @@ class LabelRecord:
     pids: tuple[str, ...]
     rewards: tuple[float, ...]     # log-likelihood per candidate (mean or sum over tokens), aligned with pids
     n_positives: int               # the first n_positives pids are the query's labelled positives
-    line: int                      # 1-based line in the labels file
+    line: int = 0                  # 1-based line in the labels file (0: not read from one)
     n_tokens: tuple[int, ...] | None = None
     target: str | None = None      # "answer" | "generated_answer" | "query"
     model: str | None = None
     prompt: str | None = None
     retriever_scores: tuple[float, ...] | None = None  # queries without qrels: the pool's retriever scores
+    answer_index: tuple[int, ...] | None = None        # target "answer": the reference answer of each maximum
+    answer: str | None = None                          # target "generated_answer": the teacher's own answer
+    normalization: str | None = None                   # "mean" | "sum" over the continuation's tokens
+
+    def to_json(self) -> dict:
+        """The labels line, as `distill label` writes it (keys in this order; optional ones only when set)."""
+        out = {"qid": self.qid, "pids": list(self.pids), "rewards": list(self.rewards),
+               "n_tokens": None if self.n_tokens is None else list(self.n_tokens), "n_positives": self.n_positives,
+               "target": self.target}
+        if self.answer_index is not None:
+            out["answer_index"] = list(self.answer_index)
+        if self.answer is not None:
+            out["answer"] = self.answer
+        if self.retriever_scores is not None:
+            out["retriever_scores"] = list(self.retriever_scores)
+        out.update(model=self.model, prompt=self.prompt, normalization=self.normalization)
+        return out
 
 
 def _problem(path: Path, line: int, field: str, message: str) -> DataError:
@@ -72,21 +90,41 @@ def _label_record(path: Path, line: int, raw: dict) -> LabelRecord:
                                  or not all(isinstance(n, int) and not isinstance(n, bool) for n in n_tokens)):
         raise _problem(path, line, "n_tokens", f"must be a list of {len(pids)} integers")
     text = {}
-    for name in ("target", "model", "prompt"):
+    for name in ("target", "model", "prompt", "answer", "normalization"):
         value = raw.get(name)
         if value is not None and not isinstance(value, str):
             raise _problem(path, line, name, f"must be a string, got {value!r}")
         text[name] = value
     retriever_scores = _numbers(path, line, raw, "retriever_scores", len(pids))
+    answer_index = raw.get("answer_index")
+    if answer_index is not None and (not isinstance(answer_index, list) or len(answer_index) != len(pids) or not all(
+            isinstance(a, int) and not isinstance(a, bool) for a in answer_index)):
+        raise _problem(path, line, "answer_index", f"must be a list of {len(pids)} integers")
     return LabelRecord(qid, tuple(pids), tuple(float(r) for r in rewards), n_positives, line,
-                       None if n_tokens is None else tuple(n_tokens), **text, retriever_scores=retriever_scores)
+                       None if n_tokens is None else tuple(n_tokens), **text, retriever_scores=retriever_scores,
+                       answer_index=None if answer_index is None else tuple(answer_index))
 
 
 def read_labels(path: Path) -> list[LabelRecord]:
-    """Every line of a labels file as a checked `LabelRecord`; the first bad line is a `DataError`."""
+    """Every line of a labels file as a checked `LabelRecord`; the first bad line is a `DataError`.
+
+    A process parses and checks a file once (training reads the labels, its model card names their teacher,
+    `distill run` runs both): the records of the last files read are kept under the hash of their bytes, which
+    is far cheaper to compute than the records (and, unlike a modification time, sees every edit)."""
+    from ..files import file_digest
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such labels file")
+    return list(_read_labels(path.resolve(), file_digest(path)))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_labels(path: Path, digest: str) -> tuple[LabelRecord, ...]:
+    return tuple(_checked_labels(path))
+
+
+def _checked_labels(path: Path) -> list[LabelRecord]:
     records, seen = [], {}
     for line, raw in iter_jsonl(path):
         if isinstance(raw, Problem):
@@ -105,13 +143,23 @@ class CandidateRecord:
 
     qid: str
     pids: tuple[str, ...]
-    line: int
+    line: int = 0                                     # 1-based line in the file (0: not read from one)
     scores: tuple[float, ...] | None = None           # s(q, d) per candidate (dense or BM25, see score_kind)
     score_kind: str | None = None                     # "dense" | "bm25" | None
     source: str | None = None                         # the strategy that chose them
     positives: tuple[str, ...] | None = None          # the query's positives when mined
     positive_scores: tuple[float, ...] | None = None  # s(q, d+) per positive (dense only)
     sources: tuple[str, ...] | None = None            # hybrid: the pool each candidate came from
+
+    def to_json(self) -> dict:
+        """The candidates line, as `distill mine` writes it."""
+        out = {"qid": self.qid, "pids": list(self.pids), "scores": None if self.scores is None else list(self.scores),
+               "score_kind": self.score_kind, "source": self.source}
+        if self.sources is not None:
+            out["sources"] = list(self.sources)
+        out["positives"] = None if self.positives is None else list(self.positives)
+        out["positive_scores"] = None if self.positive_scores is None else list(self.positive_scores)
+        return out
 
 
 def _numbers(path: Path, line: int, raw: dict, name: str, length: int) -> tuple[float, ...] | None:
@@ -206,7 +254,7 @@ class GenerationRecord:
 
     pid: str
     samples: tuple[GeneratedSample, ...]
-    line: int
+    line: int = 0                  # 1-based line in the file (0: not read from one)
 
     def to_json(self) -> dict:
         return {"pid": self.pid, "samples": [

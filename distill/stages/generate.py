@@ -215,14 +215,12 @@ class QuestionSampler:
             for i, (reward,) in zip(alive, score_groups(self.backend, self.support, groups, "mean")):
                 pairs[i].support = reward.value
             reasons, _ = apply_filters(pairs, ["unsupported"], self.filter_config, reasons)
-        ids = self.corpus.ids_at(rows)
-        records = [{"pid": pid, "samples": []} for pid in ids]
+        samples: list[list[GeneratedSample]] = [[] for _ in rows]
         for g, pair, reason in zip(generations, pairs, reasons):
-            records[g.passage_index]["samples"].append(
-                {"question": g.question, "answer": g.answer,
-                 "support": None if pair.support is None else round(pair.support, 6), "rejected": reason,
-                 "raw": g.raw, **({"completed": True} if g.completed else {})})
-        return records
+            samples[g.passage_index].append(GeneratedSample(
+                g.question, g.answer, None if pair.support is None else round(pair.support, 6), reason, g.raw,
+                g.completed))
+        return [GenerationRecord(pid, tuple(s)).to_json() for pid, s in zip(self.corpus.ids_at(rows), samples)]
 
 
 def final_settings(cfg: GenerateConfig, passage_settings: dict) -> dict:

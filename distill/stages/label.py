@@ -36,7 +36,7 @@ from labelers.errors import UsageError
 
 from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
-from ..data.records import read_candidates, read_labels
+from ..data.records import LabelRecord, read_candidates, read_labels
 from ..files import file_digest
 from ..negatives import query_rng
 from ..negatives.uniform import draw_uniform
@@ -196,17 +196,15 @@ class Labeler:
             groups = [RewardGroup(jobs[i]["question"], jobs[i]["answers"], jobs[i]["passages"]) for i in chosen]
             for i, rewards in zip(chosen, score_groups(self._backend(), inputs, groups, cfg.normalization)):
                 job = jobs[i]
-                record = {"qid": job["qid"], "pids": job["pids"], "rewards": [r.value for r in rewards],
-                          "n_tokens": [r.score.n_tokens for r in rewards], "n_positives": job["n_pos"],
-                          "target": target}
-                if target == "answer":
-                    record["answer_index"] = [r.answer_index for r in rewards]
-                elif target == "generated_answer":
-                    record["answer"] = job["answers"][0]
-                if job["retriever_scores"] is not None:  # queries without qrels: the pool's retriever scores,
-                    record["retriever_scores"] = job["retriever_scores"]  # which training fuses with the rewards
-                record.update(model=cfg.llm, prompt=inputs.template.name, normalization=cfg.normalization)
-                records[i] = record
+                record = LabelRecord(
+                    job["qid"], tuple(job["pids"]), tuple(r.value for r in rewards), job["n_pos"],
+                    n_tokens=tuple(r.score.n_tokens for r in rewards), target=target, model=cfg.llm,
+                    prompt=inputs.template.name, normalization=cfg.normalization,
+                    # queries without qrels: the pool's retriever scores, which training fuses with the rewards
+                    retriever_scores=None if job["retriever_scores"] is None else tuple(job["retriever_scores"]),
+                    answer_index=tuple(r.answer_index for r in rewards) if target == "answer" else None,
+                    answer=job["answers"][0] if target == "generated_answer" else None)
+                records[i] = record.to_json()
                 self.labels += len(rewards)
         self.tokens = self.answer_inputs.tokens_built + self.query_inputs.tokens_built
         return records  # type: ignore[return-value]

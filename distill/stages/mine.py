@@ -38,7 +38,7 @@ from labelers.errors import UsageError
 
 from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
-from ..data.records import iter_candidates, read_labels
+from ..data.records import CandidateRecord, iter_candidates, read_labels
 from ..encoding import EncodingSettings
 from ..negatives.settings import WindowSettings
 from ..files import file_digest
@@ -271,15 +271,14 @@ class Miner:
         kind = "dense" if self.encoder is not None else ("bm25" if self.cfg.strategy == "bm25" else None)
         records = []
         for b, c in enumerate(chosen):
-            record = {"qid": batch.qids[b], "pids": ids(c.rows) if len(c.rows) else [],
-                      "scores": None if c.scores is None else [round(float(s), 6) for s in c.scores],
-                      "score_kind": kind if c.scores is not None else None, "source": self.cfg.strategy}
-            if self.cfg.strategy == "hybrid":
-                record["sources"] = c.sources
-            record["positives"] = self.positive_ids[start + b]
-            record["positive_scores"] = (None if self.encoder is None or not self.rset.labelled else
-                                         [round(float(s), 6) for s in batch.score_rows(b, self.positive_rows[start + b])])
-            records.append(record)
+            positive_scores = (None if self.encoder is None or not self.rset.labelled else
+                               tuple(round(float(s), 6) for s in batch.score_rows(b, self.positive_rows[start + b])))
+            records.append(CandidateRecord(
+                batch.qids[b], tuple(ids(c.rows)) if len(c.rows) else (),
+                scores=None if c.scores is None else tuple(round(float(s), 6) for s in c.scores),
+                score_kind=kind if c.scores is not None else None, source=self.cfg.strategy,
+                sources=tuple(c.sources) if self.cfg.strategy == "hybrid" else None,
+                positives=tuple(self.positive_ids[start + b]), positive_scores=positive_scores).to_json())
         return records
 
 
