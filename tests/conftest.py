@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,43 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest-xdist (`-n auto` in py
 
 SQUAD_MINI = Path(__file__).resolve().parents[1] / "distill" / "resources" / "squad_mini"
 
+# The kill -9 tests pause for random times; a failure is replayed with the seed its run printed:
+#   DISTILL_KILL_SEED=<seed> python -m pytest tests/test_mine.py::test_kill_9_then_rerun_gives_the_same_bytes
+# Drawn once per session when unset: the first process to load this file (xdist's controller) sets it,
+# and the workers it starts inherit it. Each test draws from its own random.Random(seed + node id), so
+# which tests run, and in what order or on which worker, does not change a test's pauses.
+os.environ.setdefault("DISTILL_KILL_SEED", str(random.SystemRandom().randrange(1 << 32)))
+try:
+    KILL_SEED = int(os.environ["DISTILL_KILL_SEED"])
+except ValueError:
+    raise pytest.UsageError(f"DISTILL_KILL_SEED={os.environ['DISTILL_KILL_SEED']!r}: give an integer") from None
+_kill_pauses = random.Random()  # reseeded for each test by the autouse fixture below
+
+
+def pytest_report_header(config) -> str:
+    return f"kill -9 pauses: DISTILL_KILL_SEED={KILL_SEED} (set it to replay them)"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    # -q (make test) prints no header: a run with failures ends with the seed instead
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"kill -9 pauses were drawn from DISTILL_KILL_SEED={KILL_SEED}; "
+                                    "set it to replay a failing test's pauses")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_kill_pauses(request):
+    """This test's pauses: `_kill_pauses` for the kill helpers, and the global `random` for tests that draw
+    their own (test_run.py), both from DISTILL_KILL_SEED and the test's node id."""
+    seed = f"{KILL_SEED}:{request.node.nodeid}"
+    _kill_pauses.seed(seed)
+    random.seed(seed)
+    yield
+
+
+def _replay_hint() -> str:
+    return f"DISTILL_KILL_SEED={KILL_SEED} replays this test's pauses"
+
 
 def units_done(output: Path) -> int:
     """Units a resumable stage has on disk, from its progress file (0 before the first chunk)."""
@@ -30,15 +68,17 @@ def units_done(output: Path) -> int:
 
 def kill_9_once(process, progressed, max_pause: float) -> bool:
     """Wait until `progressed()` says the job wrote something new (or it ended, or 300 s passed), then SIGKILL it
-    at a random moment up to `max_pause` seconds later; True when it was still running and was killed."""
-    import random
+    at a random moment up to `max_pause` seconds later (drawn from DISTILL_KILL_SEED, printed so that a failing
+    test shows it); True when it was still running and was killed."""
     import signal
     import time
 
     deadline = time.time() + 300
     while not progressed() and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    time.sleep(random.uniform(0.0, max_pause))
+    pause = _kill_pauses.uniform(0.0, max_pause)
+    print(f"kill -9 after {pause:.4f} s ({_replay_hint()})")
+    time.sleep(pause)
     if process.poll() is not None:
         return False
     process.send_signal(signal.SIGKILL)
@@ -54,10 +94,10 @@ def kill_9_twice_then_finish(start, output: Path, max_pause: float) -> None:
         process = start()
         before = units_done(output)
         kills += kill_9_once(process, lambda: units_done(output) > before, max_pause)
-    assert kills >= 1, "the job finished before it could be killed; make it longer"
-    assert not json.loads(Path(str(output) + ".progress.json").read_text())["complete"]
+    assert kills >= 1, f"the job finished before it could be killed; make it longer ({_replay_hint()})"
+    assert not json.loads(Path(str(output) + ".progress.json").read_text())["complete"], _replay_hint()
     process = start()
-    assert process.wait(timeout=600) == 0, process.stderr.read()
+    assert process.wait(timeout=600) == 0, f"{_replay_hint()}\n{process.stderr.read()}"
 
 
 def kill_9_after_new_checkpoints(commands: list[list[str]], state: Path, max_pause: float, env: dict) -> int:

@@ -160,6 +160,7 @@ def test_non_utf8_names_file_and_line(small_beir):
         load_retrieval_set(small_beir, "test")
 
 
+@pytest.mark.slow
 def test_cli_exits_2_with_one_line_and_no_traceback(small_beir, tiny_bert_dir):
     _break(small_beir, "corpus.jsonl", _empty_text)
     result = run_cli("eval", "--model", str(tiny_bert_dir), "--data", str(small_beir), "--no-cache")
@@ -169,6 +170,7 @@ def test_cli_exits_2_with_one_line_and_no_traceback(small_beir, tiny_bert_dir):
     assert lines == [f"error: {small_beir / 'corpus.jsonl'}:3: field \"text\": is empty"]
 
 
+@pytest.mark.slow
 def test_skip_invalid_counts_and_still_runs(small_beir, tiny_bert_dir, tmp_path):
     corpus = small_beir / "corpus.jsonl"
     lines = corpus.read_text(encoding="utf-8").splitlines()

@@ -11,6 +11,7 @@ from distill.data import load_retrieval_set
 from distill.metrics import DEFAULT_CUTOFFS
 
 
+@pytest.mark.slow
 def test_minilm_eval_matches_sentence_transformers(minilm_dir, tmp_path, capsys):
     from sentence_transformers import SentenceTransformer
 

@@ -57,6 +57,7 @@ def test_sampling_stops_where_the_full_completion_would_be_cut(tiny_llama_dir):
     assert len(stopped[0][0]) <= 4 and stopped[2][1] != full[2][1]
 
 
+@pytest.mark.slow
 def test_a_question_without_its_answer_gets_one_from_a_greedy_pass(smollm2_dir):
     """SmolLM2 often stops after the question; the second pass asks for the answer and the real model
     finds it in the passage (made-up facts, so it cannot know them otherwise)."""
@@ -132,6 +133,7 @@ def test_duplicate_filter_keeps_the_first_of_equal_questions():
     assert verdicts("duplicate", [GOOD, again, other, again]) == [None, "duplicate", None, "duplicate"]
 
 
+@pytest.mark.slow
 def test_unsupported_filter_uses_the_teachers_answer_likelihood(smollm2_dir):
     """Real SmolLM2 scores: the passage's own answer is kept, an answer the passage does not hold is removed."""
     from labelers.backends import create_backend
@@ -170,6 +172,7 @@ def generate_args(llm: Path, output: Path, retriever: Path, *extra: str) -> list
             "--device", "cpu", "--retriever", str(retriever), "--no-show-progress", *extra]
 
 
+@pytest.mark.slow
 def test_generate_writes_a_folder_the_next_stages_read(smollm2_dir, minilm_dir, tmp_path, capsys):
     """Real SmolLM2 samples for 4 passages; the folder is a training set (`distill run`'s raw-text test trains on one)."""
     from distill.data import load_retrieval_set
@@ -207,6 +210,7 @@ def _generate_process(llm: Path, out: Path, retriever: Path, *extra: str) -> sub
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_generate_killed_twice_then_rerun_is_byte_identical(tiny_llama_dir, tiny_bert_dir, tmp_path):
     reference = tmp_path / "reference"
     process = _generate_process(tiny_llama_dir, reference, tiny_bert_dir)
@@ -219,6 +223,7 @@ def test_generate_killed_twice_then_rerun_is_byte_identical(tiny_llama_dir, tiny
     assert json.loads((killed / "generate_summary.json").read_text())["generated"] == 80
 
 
+@pytest.mark.slow
 def test_shards_then_an_unsharded_run_finish_the_folder_without_sampling_again(tiny_llama_dir, tiny_bert_dir,
                                                                                 tmp_path, capsys):
     out = tmp_path / "sharded"

@@ -60,6 +60,7 @@ def test_overwrite_never_empties_a_folder_that_is_not_a_run(tiny_bert_dir, squad
     assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_overwrite_checks_inputs_first_and_removes_only_what_the_run_wrote(tiny_bert_dir, squad_mini_train_labels,
                                                                            tmp_path, capsys):
     out = tmp_path / "run"
@@ -263,6 +264,7 @@ def _label_openai(tiny_llama_dir: Path, out: Path, *extra: str) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_as_a_terminal_job)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_openai_backend_at_once_and_giving_up_is_one_line(tiny_llama_dir, tmp_path):
     out = tmp_path / "labels.jsonl"
     process = _label_openai(tiny_llama_dir, out)

@@ -58,6 +58,7 @@ def test_labels_follow_the_contract_and_equal_direct_scores(tiny_llama_dir, smal
         assert reward == pytest.approx(each[best].logprob_mean, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_random_candidates_depend_on_the_seed_only(tiny_llama_dir, small_beir, tmp_path):
     runs = {}
     for name, extra in {"a": ["--seed", "3"], "b": ["--seed", "3", "--chunk-size", "2"], "c": ["--seed", "4"]}.items():
@@ -118,6 +119,7 @@ def test_candidates_file_is_used_and_checked(tiny_llama_dir, small_beir, tmp_pat
         assert f'candidates.jsonl:2: field "{field}"' in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_queries_without_answers(tiny_llama_dir, small_beir, tmp_path, capsys):
     queries = read_jsonl(small_beir / "queries.jsonl")
     for q in queries[::2]:
@@ -146,6 +148,7 @@ def _label_process(llm: Path, output: Path, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_same_bytes(tiny_llama_dir, tmp_path):
     reference = tmp_path / "reference.jsonl"
     process = _label_process(tiny_llama_dir, reference)

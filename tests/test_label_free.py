@@ -63,6 +63,7 @@ def query_log(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_pools_labels_and_chosen_positives_for_queries_without_qrels(tiny_bert_dir, tiny_llama_dir, query_log,
                                                                      tmp_path, capsys):
     candidates, labels = tmp_path / "cand.jsonl", tmp_path / "labels.jsonl"
@@ -201,6 +202,7 @@ def test_run_chooses_the_supervision_from_the_data_and_says_so(query_log, tmp_pa
         choose_supervision(str(passages_only), "train", "qrels")
 
 
+@pytest.mark.slow
 def test_a_run_on_questions_without_qrels_goes_end_to_end(tiny_bert_dir, tiny_llama_dir, query_log, tmp_path, capsys):
     import yaml
 

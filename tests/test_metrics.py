@@ -95,6 +95,7 @@ def test_randomization_p_value_equals_full_enumeration_of_sign_flips():
     assert same.p_value == 1.0 and same.mean_difference == same.low == same.high == 0.0
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_matches_the_normal_theory_width_on_many_queries():
     from distill.metrics import compare_paired
 

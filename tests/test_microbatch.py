@@ -75,6 +75,7 @@ def one_step(model, labels, tmp_path, name: str, **settings) -> tuple[list[torch
 
 @pytest.mark.parametrize("loss", ["infonce", "rank_filter"])
 @pytest.mark.parametrize("grad_cache", [None, 5])
+@pytest.mark.slow
 def test_sorted_micro_batches_move_the_weights_as_the_unsorted_step(tiny_bert_no_dropout, squad_mini_train_labels,
                                                                     tmp_path, loss, grad_cache):
     from distill.model import BiEncoder

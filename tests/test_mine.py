@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import kill_9_twice_then_finish, read_jsonl, write_jsonl
 from distill.cli import main
@@ -22,6 +23,7 @@ def mine_args(model: Path | None, output: Path, cache: Path, *extra: str) -> lis
             "--output", str(output), "--cache-dir", str(cache), "--no-show-progress", *extra]
 
 
+@pytest.mark.slow
 def test_candidates_contract(tiny_bert_dir, tmp_path):
     out = tmp_path / "cand.jsonl"
     assert main(mine_args(tiny_bert_dir, out, tmp_path / "cache", "--num-negatives", "6")) == 0
@@ -73,6 +75,7 @@ def _mine_process(model: Path, output: Path, cache: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_same_bytes(tiny_bert_dir, tmp_path):
     cache = tmp_path / "cache"
     reference = tmp_path / "reference.jsonl"
@@ -135,6 +138,7 @@ def test_bad_input_is_one_line_exit_2(tiny_bert_dir, tmp_path, capsys):
     assert len(err) == 1 and f'{labels}:2: field "pids"' in err[0]
 
 
+@pytest.mark.slow
 def test_same_negatives_as_sentence_transformers(minilm_dir, tmp_path):
     """Same model, data and settings (top, rank window, margin): >= 99% of ST's chosen ids chosen here."""
     from datasets import Dataset

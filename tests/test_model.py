@@ -41,6 +41,7 @@ def test_saved_tiny_model_loads_in_sentence_transformers(tiny_bert_dir, tmp_path
     assert _cosine_rows(encoder.encode(TEXTS[:5], kind="query"), theirs_q).min() >= 0.9999
 
 
+@pytest.mark.slow
 def test_saved_minilm_gives_sentence_transformers_embeddings(minilm_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 

@@ -85,6 +85,7 @@ def test_passages_of_step_cover_each_epoch_once_and_follow_from_the_step():
     assert np.array_equal(passages_of_step(7, 50, 8, 3), passages_of_step(7, 50, 8, 3))
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_same_bytes(tiny_bert_dir, corpus_only, tmp_path):
     common = flags(tiny_bert_dir, corpus_only, "mlm", "--max-steps", "60", "--save-steps", "3", "--logging-steps",
                    "3", "--seed", "1")

@@ -18,6 +18,7 @@ from distill.cli import main
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed") if not os.environ.get("CI") else \
     __import__("ray")
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a real Ray cluster, minutes a test; make test-fast leaves it out
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,7 @@ def _ledger(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*.json"))}
 
 
+@pytest.mark.slow
 def test_killed_run_finishes_redoing_no_completed_stage(tiny_bert_dir, tiny_llama_dir, tmp_path):
     # the uninterrupted reference runs as the killed ones do (same threads, same env), beside them
     whole = tmp_path / "whole"
@@ -119,6 +120,7 @@ def test_killed_run_finishes_redoing_no_completed_stage(tiny_bert_dir, tiny_llam
     assert json.loads((out / "model" / "training_summary.json").read_text())["steps"] == 10
 
 
+@pytest.mark.slow
 def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm2_dir, minilm_dir, tmp_path):
     """Passages only (squad-mini's corpus): generate with the real SmolLM2, train on the synthetic folder,
     evaluate on squad-mini's real test questions."""

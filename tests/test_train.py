@@ -109,6 +109,7 @@ def run_step(tmp_path: Path, name: str, processes: int, flags: list[str]) -> dic
 
 
 @pytest.mark.parametrize("loss", ["rank_filter:1.0,infonce:0.2", "kl"])
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tiny_bert_no_dropout, squad_mini_train_labels, tmp_path, loss):
     flags = train_flags(tiny_bert_no_dropout, squad_mini_train_labels, "--loss", loss)
     one = run_step(tmp_path, "one", 1, flags)
@@ -128,6 +129,7 @@ def test_two_gloo_processes_equal_one_process(tiny_bert_no_dropout, squad_mini_t
         torch.testing.assert_close(c, a, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_reaches_the_same_metrics(tiny_bert_dir, squad_mini_train_labels, tmp_path):
     flags = train_flags(tiny_bert_dir, squad_mini_train_labels, "--max-steps", "60", "--save-steps", "5",
                         "--eval-split", "test", "--eval-steps", "20", "--logging-steps", "5", "--seed", "1")
@@ -153,6 +155,7 @@ def test_kill_9_then_resume_reaches_the_same_metrics(tiny_bert_dir, squad_mini_t
     np.testing.assert_allclose([r["loss"] for r in log if r["kind"] == "train"], want_losses, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_trained_folder_loads_in_sentence_transformers_with_card_log_and_plot(tiny_bert_dir, squad_mini_train_labels,
                                                                              tmp_path, capsys):
     from sentence_transformers import SentenceTransformer

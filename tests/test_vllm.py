@@ -28,6 +28,7 @@ from distill.stages.writer import progress_path
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("DISTILL_VLLM_PYTHON")
+pytestmark = pytest.mark.slow  # a real vLLM server process per module, minutes; make test-fast leaves it out
 
 
 @pytest.fixture(scope="module")
