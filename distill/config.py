@@ -140,7 +140,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             if "choices" in f.metadata:
                 options["choices"] = f.metadata["choices"]
             options["metavar"] = f.metadata.get("metavar", f.name.upper())
-        if has_default:
+        if has_default and "(default:" not in options["help"]:  # a help that explains its default keeps it
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             options["help"] += f" (default: {default})"
         parser.add_argument(flag, **options)
