@@ -75,11 +75,6 @@ class Supervision:
         return f"supervision: {self.kind} ({self.reason}): {how}"
 
 
-def mined_pool_size(stages) -> int | None:
-    """The planned mine stage's pool size, from `pipeline.plan`'s (stage, config) pairs (None without one)."""
-    return next((getattr(cfg, "pool_size", None) for stage, cfg in stages if stage.name == "mine"), None)
-
-
 def choose_supervision(data: str, split: str, asked: str = "auto") -> Supervision:
     """The supervision `data`'s `split` gives (or checks that `asked` is possible there)."""
     if asked not in SUPERVISIONS:

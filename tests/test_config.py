@@ -87,7 +87,7 @@ def test_dry_run_says_where_every_setting_came_from(tmp_path, capsys):
 
 
 def test_distill_run_gives_its_executor_to_the_record_stages(tmp_path):
-    from distill.pipeline import plan
+    from distill.run_plan import plan
     from distill.supervision import Supervision
 
     config = tmp_path / "run.yaml"

@@ -247,7 +247,7 @@ def _summary(generated: int, copied: int) -> dict:
 
 def test_a_teacher_that_mostly_copies_is_named_when_the_summary_prints(tmp_path, caplog, capsys):
     """scifact's 444 copies in 1,200 samples (stop 37) warrant a hint; squad's 253 in 2,400 do not."""
-    from distill.stages.generate import print_summary
+    from distill.stages.generated_folder import print_summary
     from labelers.filters import COPIED_WARNING_SHARE, copied_warning
 
     warning = copied_warning({"copied": 444}, 1200)

@@ -147,7 +147,7 @@ def test_a_model_folder_changed_in_place_reruns_the_stages_that_load_it(tmp_path
                                                                           tiny_bert_no_dropout):
     import yaml
 
-    from distill.pipeline import plan
+    from distill.run_plan import plan
     from distill.run_ledger import DataHashes, stage_record, why_changed
 
     student, teacher = tmp_path / "student", tmp_path / "teacher"
@@ -274,7 +274,7 @@ def test_supervision_queries_labels_query_likelihood_even_where_the_data_has_ans
                                                                                        tmp_path):
     import yaml
 
-    from distill.pipeline import plan
+    from distill.run_plan import plan
 
     data, _ = label_free["answers"]
     config = tmp_path / "run.yaml"

@@ -227,7 +227,7 @@ def test_the_demo_trains_from_answers_on_the_embedded_set_and_never_reads_its_wi
     """examples/demo.yaml (make demo) is the label-free case: squad-qa's train split has answers and no qrels,
     its test split has qrels, and the withheld train qrels beside them are read by no command."""
     from distill.data import load_retrieval_set
-    from distill.pipeline import plan
+    from distill.run_plan import plan
     from distill.supervision import choose_supervision
 
     demo = Path(__file__).resolve().parents[1] / "examples" / "demo.yaml"

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SQUAD_MINI, read_jsonl, write_jsonl
 from distill.cli import main
-from distill.pipeline import load_run, parse_overrides
+from distill.run_config import load_run, parse_overrides
 
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 
@@ -159,7 +159,7 @@ def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm
                          ids=lambda p: p.stem)
 def test_example_configs_name_only_real_settings(example):
     """Every example builds a valid config for each of its stages (what `distill run --dry-run` prints)."""
-    from distill.pipeline import plan
+    from distill.run_plan import plan
 
     from distill.supervision import Supervision
 
@@ -198,7 +198,7 @@ def test_data_hash_follows_the_bytes_not_the_file_times(tmp_path):
 
 
 def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert_dir, tiny_llama_dir):
-    from distill.pipeline import plan
+    from distill.run_plan import plan
     from distill.run_ledger import DataHashes, stage_record, why_changed
 
     train_data, eval_data = _copy_set(SQUAD_MINI, tmp_path / "train"), _copy_set(SQUAD_MINI, tmp_path / "eval")

@@ -1,0 +1,212 @@
+"""What a `distill run` will do, as data: the stage graph (`Stage`: which command, the settings the run gives
+it, the data it reads, the earlier stages whose output it reads), each stage's full config (the run's values,
+then what the supervision implies, then its YAML section), every setting checked against what the data gives
+before any stage runs, and the dry-run printout of all of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labelers.errors import UsageError
+
+from .config import config_from_mapping, load_yaml_mapping
+from .evaluate import EvalConfig
+from .evaluate import run as run_eval
+from .run_config import SECTIONS, RunSettings, load_run
+from .stages.executor import ExecutorSettings
+from .stages.generate import GenerateConfig, run_generate
+from .stages.generated_folder import SUMMARY as GENERATE_SUMMARY
+from .stages.label import LabelConfig, run_label
+from .stages.mine import MineConfig, run_mine
+from .stages.writer import is_complete
+from .supervision import Supervision, choose_supervision
+from .training.command import DONE as TRAIN_DONE
+from .training.command import run_train
+from .training.config import TrainConfig
+from .training.pretrain import DONE as PRETRAIN_DONE
+from .training.pretrain import PretrainConfig, run_pretrain
+
+TRAINING_DATA_STAGES = ("mine", "label", "train")  # the stages that read the training queries (checked against them)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A stage command the pipeline can run: its settings class, its runner, and how it says its output is whole."""
+
+    config_cls: type
+    runner: Callable[[Any], Any]
+    done: Callable[[Path], bool]   # given the stage's `output`
+
+
+COMMANDS: dict[str, Command] = {
+    "generate": Command(GenerateConfig, run_generate, lambda out: (out / GENERATE_SUMMARY).is_file()),
+    "eval": Command(EvalConfig, run_eval, Path.is_file),
+    "pretrain": Command(PretrainConfig, run_pretrain, lambda out: (out / PRETRAIN_DONE).is_file()),
+    "mine": Command(MineConfig, run_mine, is_complete),
+    "label": Command(LabelConfig, run_label, is_complete),
+    "train": Command(TrainConfig, run_train, lambda out: (out / TRAIN_DONE).is_file()),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the run, as data: which command, the settings the run gives it (its YAML section comes on top),
+    the data sets it reads, its output, and the earlier stages whose output it reads."""
+
+    name: str
+    command: str                      # key of COMMANDS
+    values: dict                      # settings from the run's top level, before the section's
+    reads: tuple[str, ...] = ()       # data sets (not other stages' output)
+    after: tuple[str, ...] = ()
+    section: str | None = None        # the YAML section of its settings (default: the command's name)
+
+    @property
+    def settings_section(self) -> str:
+        return self.section or self.command
+
+    @property
+    def output(self) -> Path:
+        return Path(self.values["output"])
+
+    @property
+    def cmd(self) -> Command:
+        return COMMANDS[self.command]
+
+
+def _stages(run: RunSettings) -> list[Stage]:
+    out = run.output_dir
+    # where generate, mine and label run (`executor: ray`, `workers: 8`, ...), a top-level setting of the run
+    executor = {f.name: getattr(run, f.name) for f in dataclasses.fields(ExecutorSettings)}
+    teacher = dict(llm=run.llm, backend=run.backend, language=run.language, seed=run.seed, **executor)
+    eval_data = run.eval_data or run.data
+    # the training stages read the user's data, or the generated folder (then they depend on generate)
+    train_data = str(out / "generated") if run.generate else run.data
+    trains_on = () if run.generate else (run.data,)
+    # with `pretrain` / `simcse`, the student adapted to the corpus first is what every later stage starts from
+    stages, student, adapted = [], run.model, ()
+    if run.pretrain:
+        stages.append(Stage("pretrain", "pretrain", dict(model=student, data=run.data, seed=run.seed,
+                                                         output=out / "pretrain"), reads=(run.data,)))
+        student, adapted = str(out / "pretrain"), ("pretrain",)
+    if run.simcse:
+        stages.append(Stage("simcse", "train", dict(model=student, data=[run.data], loss="simcse", seed=run.seed,
+                                                    output=out / "simcse"), reads=(run.data,), after=adapted,
+                            section="simcse"))
+        student, adapted = str(out / "simcse"), adapted + ("simcse",)
+    generated = ("generate",) if run.generate else ()
+    stages += [Stage("generate", "generate", dict(**teacher, data=run.data, output=out / "generated",
+                                                  retriever=student), reads=(run.data,), after=adapted)
+               ] if run.generate else []
+    return stages + [
+        Stage("eval_before", "eval", dict(model=run.model, data=eval_data, split=run.eval_split,
+                                          output=out / "eval" / "before.json", run_file=out / "eval" / "before.trec"),
+              reads=(eval_data,)),
+        Stage("mine", "mine", dict(model=student, data=train_data, split=run.split, seed=run.seed,
+                                   output=out / "candidates.jsonl", **executor), reads=trains_on,
+              after=adapted + generated),
+        Stage("label", "label", dict(**teacher, data=train_data, split=run.split, candidates=out / "candidates.jsonl",
+                                     output=out / "labels.jsonl"), reads=trains_on, after=generated + ("mine",)),
+        Stage("train", "train", dict(model=student, data=[train_data], labels=[out / "labels.jsonl"],
+                                     split=run.split, seed=run.seed, output=out / "model"),
+              reads=trains_on, after=adapted + generated + ("label",)),
+        Stage("eval_after", "eval", dict(model=str(out / "model"), data=eval_data, split=run.eval_split,
+                                         output=out / "eval" / "after.json", run_file=out / "eval" / "after.trec",
+                                         baseline_run=out / "eval" / "before.trec", seed=run.seed),
+              reads=(eval_data,), after=("train", "eval_before")),
+    ]
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def stage_config(stage: Stage, run: RunSettings, section: dict, where: str):
+    values = dict(stage.values)
+    known = {f.name for f in dataclasses.fields(stage.cmd.config_cls)}
+    if "show_progress" in known:
+        values["show_progress"] = run.show_progress
+    values.update(section)
+    return config_from_mapping(stage.cmd.config_cls, values, where)
+
+
+def plan(config_path: Path, overrides: dict[str, Any] | None = None,
+         supervision: Supervision | None = None) -> tuple[RunSettings, list[tuple[Stage, Any]], Supervision]:
+    """The run's settings, each stage with its full config (defaults filled in) in order, and the supervision.
+    `supervision` decides it without looking at the data (tests, configs whose data is not there yet)."""
+    run, sections = load_run(config_path, overrides or {})
+    asked = "raw_text" if run.generate else run.supervision
+    if supervision is None:
+        supervision = choose_supervision(run.data, run.split, asked)
+    elif run.generate:
+        supervision = Supervision("raw_text", "asked for")
+    run = dataclasses.replace(run, supervision=supervision.kind, generate=supervision.kind == "raw_text")
+    implied = supervision.stage_defaults()
+    planned = [(stage, stage_config(stage, run, {**implied.get(stage.settings_section, {}),
+                                                 **sections[stage.settings_section]},
+                                    f"{config_path}: {stage.settings_section}"))
+               for stage in _stages(run)]
+    # settings the data makes impossible or a no-op are refused now, not after the stages before them ran
+    supplied = supervision.supplied(run.data)
+    for stage, cfg in planned:
+        if stage.name in TRAINING_DATA_STAGES:
+            try:
+                cfg.check_against(supplied)
+            except UsageError as exc:
+                raise UsageError(f"{config_path}: {stage.settings_section}: {exc}") from None
+    return run, planned, supervision
+
+
+def mined_pool_size(planned: list[tuple[Stage, Any]]) -> int | None:
+    """The planned mine stage's pool size (None without a mine stage); a YAML section may change the default."""
+    return next((getattr(cfg, "pool_size", None) for stage, cfg in planned if stage.name == "mine"), None)
+
+
+def _inline_yaml(value: Any) -> str:
+    """One value as inline YAML that reads back to the same value (3e-05 is a string to YAML 1.1; 3.0e-05 is not)."""
+    import yaml
+
+    text = yaml.safe_dump(jsonable(value), default_flow_style=True, allow_unicode=True, width=1 << 30).strip()
+    return text[:-3].strip() if text.endswith("\n...") or text.endswith("...") else text
+
+
+def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> None:
+    """What `distill run` would do: the stages in order with what each reads and writes, then every setting of
+    the run and of each stage, defaults included, each with where it came from (flag, yaml, run or default)."""
+    overrides = overrides or {}
+    run, stages, supervision = plan(config_path, overrides)
+    implied = supervision.stage_defaults()
+    raw = {str(k).replace("-", "_"): v for k, v in load_yaml_mapping(config_path).items()}
+    given = {name: {str(k).replace("-", "_") for k in (raw.get(name) or {})} if isinstance(raw.get(name), dict)
+             else set() for name in SECTIONS}
+
+    def source(section: str | None, name: str, from_run: dict) -> str:
+        if (f"{section}.{name}" if section else name) in overrides:
+            return "flag"
+        if (name in given.get(section, set())) if section else (name in raw):
+            return "yaml"
+        if section and name in implied.get(section, {}):
+            return "supervision"
+        return "run" if name in from_run else "default"
+
+    print(f"# {supervision.describe(mined_pool_size(stages))}")
+    print("plan:")
+    for stage, cfg in stages:
+        reads = [*stage.reads, *(f"<{name}>" for name in stage.after)]
+        print(f"  {stage.name} ({stage.command}): {', '.join(reads) or '-'} -> {cfg.output}")
+    print(f"  report: eval/before.json, eval/after.json -> {run.output_dir / 'report.png'}")
+    print("run:")
+    for f in dataclasses.fields(run):
+        print(f"  {f.name}: {_inline_yaml(getattr(run, f.name))}  # {source(None, f.name, {})}")
+    for stage, cfg in stages:
+        print(f"{stage.name}:")
+        for f in dataclasses.fields(cfg):
+            value = _inline_yaml(getattr(cfg, f.name))
+            print(f"  {f.name}: {value}  # "
+                  f"{source(stage.settings_section, f.name, {**stage.values, 'show_progress': 1})}")
+
+
