@@ -49,43 +49,50 @@ def connect(address: str | None) -> None:
     ray = import_ray()
     if ray.is_initialized():  # a caller (a test, a library user, an earlier stage of `distill run`) connected
         return
-    cluster = None
-    if address:
-        target, source = address, "--ray-address"
-    elif os.environ.get("RAY_ADDRESS"):
-        target, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
-    elif (found := started_cluster()) is not None:
-        # address=None: Ray reads the same file, and turns token authentication on as for any cluster it finds
-        target, source = None, f"`ray start`, at {found}"
+    if address or os.environ.get("RAY_ADDRESS"):
+        target = address or os.environ["RAY_ADDRESS"]
+        _check_answers(target, "--ray-address" if address else "RAY_ADDRESS")
+    elif started_cluster() is not None:
+        target = None  # Ray reads the same file, and turns token authentication on as for any cluster it finds
     else:
         cluster = PrivateCluster()
-        target, source = cluster.address, "this job's own cluster"
+        target = cluster.address
         atexit.register(_shut_down, cluster)
         print(f"ray: no cluster to join (no --ray-address, RAY_ADDRESS or `ray start` on this machine): started one "
               f"for this job alone at {target}; it stops when the job ends", flush=True)
+    ray.init(address=target, log_to_driver=False, logging_level="ERROR")
+
+
+def _check_answers(address: str, source: str) -> None:
+    """An address where nothing listens is one line at once, not minutes of Ray's retries and a traceback."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit() and not _listening(host, int(port)):  # not "auto" or another form Ray resolves
+        raise UsageError(f"no Ray cluster answers at {address} (from {source}): start one there (`ray start "
+                         "--head`), or give the address of one that runs")
+
+
+def _listening(host: str, port: int) -> bool:
     try:
-        ray.init(address=target, log_to_driver=False, logging_level="ERROR")
-    except ConnectionError as exc:
-        if cluster is not None:
-            raise
-        raise UsageError(f"no Ray cluster answers at {target or found} (from {source}): "
-                         f"{str(exc).strip().splitlines()[0]}") from None
+        with socket.create_connection((host.strip("[]"), port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def started_cluster() -> str | None:
     """The address `ray start` wrote on this machine, when a cluster still answers there."""
-    from ray._common.utils import get_ray_address_file
+    try:
+        from ray._common.utils import get_ray_address_file
+    except ImportError:  # Ray before 2.47
+        from ray._private.utils import get_ray_address_file
 
     try:
         address = Path(get_ray_address_file(None)).read_text().strip()
     except OSError:
         return None
     host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
-            return address
-    except (OSError, ValueError):  # the cluster was killed without `ray stop`: the file outlived it
-        return None
+    # a cluster killed without `ray stop` leaves the file behind: it is not one to join
+    return address if port.isdigit() and _listening(host, int(port)) else None
 
 
 def _shut_down(cluster: PrivateCluster) -> None:
