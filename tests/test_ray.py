@@ -242,27 +242,26 @@ def _alive(processes: list[psutil.Process]) -> list[str]:
     return found
 
 
-def test_two_jobs_on_one_machine_neither_joins_nor_outlives_the_other(tiny_llama_dir, small_beir, tmp_path):
+def test_two_jobs_on_one_machine_neither_joins_nor_outlives_the_other(tiny_llama_dir, tmp_path):
     """No cluster given: each driver starts its own (on today's code the second joined the first's, and died
     after 'Failed to connect to GCS' when the first ended). A third driver on the first's output is refused up
     front, naming the first; after kill -9 of the first, nothing it started is left running."""
     import torch
 
+    second_data = _first_test_queries(tmp_path / "short", 60)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         reference = tmp_path / "local.jsonl"
-        assert main(label_args(tiny_llama_dir, small_beir, reference)) == 0
+        assert main(label_args(tiny_llama_dir, second_data, reference)) == 0
     finally:
         torch.set_num_threads(threads)
     no_ray_start = {"RAY_TMPDIR": str(tmp_path / "ray-tmp")}  # no `ray start` cluster of this machine to join
     (tmp_path / "ray-tmp").mkdir()
     first_out, second_out = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     first_args = label_args(tiny_llama_dir, _first_test_queries(tmp_path / "long", 200), first_out, "--executor",
-                            "ray", "--workers", "1", "--num-random", "31")  # long enough to be killed
+                            "ray", "--workers", "1", "--num-random", "63")  # long enough to be killed
     first = _distill(first_args, **no_ray_start)
-    second = _distill(label_args(tiny_llama_dir, small_beir, second_out, "--executor", "ray", "--workers", "1"),
-                      **no_ray_start)
     _wait_for(lambda: _lock_holder(first_out) == first.pid, first, "lock", timeout_s=120)
     same_output = _distill(first_args, **no_ray_start)
     printed, err = same_output.communicate(timeout=300)
@@ -271,9 +270,11 @@ def test_two_jobs_on_one_machine_neither_joins_nor_outlives_the_other(tiny_llama
                         rf"{first.pid} on {re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\d "
                         r"\d\d:\d\d:\d\d [+-]\d{4}\): wait for it to end, or stop it and rerun this command to "
                         r"resume its work", err.strip().splitlines()[-1]), err
+    second = _distill(label_args(tiny_llama_dir, second_data, second_out, "--executor", "ray", "--workers", "1"),
+                      **no_ray_start)
     for driver, out in ((first, first_out), (second, second_out)):
         _wait_for(lambda: any(p["units_done"] for p in _parts_progress(out).values()), driver, "chunk")
-    assert first.poll() is None, "the first job ended before it could be killed; make it longer"
+    assert first.poll() is None and second.poll() is None, "a job ended before the first was killed: make it longer"
     started_by_first = _processes_below(first.pid)
     assert any(p.name() == "raylet" for p in started_by_first), [p.name() for p in started_by_first]
     first.send_signal(signal.SIGKILL)
