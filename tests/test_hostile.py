@@ -213,7 +213,8 @@ def test_damaged_or_edited_progress_files_are_refused(tmp_path, capsys):
         import hashlib
 
         return data, {**progress, "units_done": units, "bytes": len(data), "complete": False,
-                      "last_chunk": {"start": start, "sha256": hashlib.sha256(data[start:]).hexdigest()}}
+                      "last_chunk": {"start": start, "sha256": hashlib.sha256(data[start:]).hexdigest()},
+                      "content_sha256": hashlib.sha256(data).hexdigest()}
 
     data, good = partial(100)
     cases = {

@@ -12,7 +12,12 @@ at any moment and rerun produces the very bytes an uninterrupted run does
 The progress file also holds the job's settings; rerunning with different
 settings is refused rather than mixing two jobs' records in one file. It is
 trusted only once `data.progress.verified_progress` shows it still describes
-the output (line count, size and the last chunk's sha256).
+the output (line count, size and the last chunk's sha256). It also records
+`content_sha256`, the digest of all the bytes written so far (kept as a
+running hash, so it costs no extra read while writing): a resume re-reads the
+kept bytes and refuses them when an earlier chunk was changed, even to bytes
+of the same length, and the Ray executor checks each part by it before
+joining the parts.
 
 Sharding (`--shard i/n`) gives shard i the i-th of n contiguous slices of the
 units, so concatenating the n outputs in order yields every record once, in
@@ -38,8 +43,8 @@ from ..data.progress import (EMPTY_SHA256, FORMAT_VERSION, ProgressMismatch, can
                              progress_path, read_progress, verified_progress)
 from ..files import write_json_atomic
 
-__all__ = ["JobSummary", "ProgressMismatch", "Shard", "encode_records", "is_complete", "progress_path",
-           "read_progress", "verified_progress", "write_resumable"]
+__all__ = ["JobSummary", "ProgressMismatch", "Shard", "check_content", "encode_records", "is_complete",
+           "progress_path", "read_progress", "verified_progress", "write_resumable"]
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,26 @@ def encode_records(records: Sequence[dict | str]) -> bytes:
                    for r in records).encode("utf-8")
 
 
+def check_content(output: Path, progress: dict) -> hashlib._Hash:
+    """The running sha256 of the first `progress["bytes"]` bytes of `output`, once it equals the recorded
+    `content_sha256` (a progress file written before that field existed is trusted as before). The last
+    chunk's digest, which `verified_progress` checks, cannot see an earlier chunk changed to bytes of the same
+    length; this can, at the cost of reading the kept bytes once."""
+    digest, left = hashlib.sha256(), progress["bytes"]
+    if left:
+        with open(output, "rb") as f:
+            while left > 0 and (block := f.read(min(left, 1 << 20))):
+                digest.update(block)
+                left -= len(block)
+    recorded = progress.get("content_sha256")
+    if recorded is not None and digest.hexdigest() != recorded:
+        raise ProgressMismatch(output, f"the first {progress['bytes']} bytes of {output.name} are not the ones "
+                                       "written (a record was changed after it was written)")
+    return digest
+
+
 def _resume_point(output: Path, settings: dict, n_units: int, overwrite: bool) -> tuple[int, int, dict | None]:
-    """(units done, bytes kept, last chunk) for this job; the caller cuts a partial trailing chunk off."""
+    """(units done, bytes kept, progress) for this job; the caller cuts a partial trailing chunk off."""
     if overwrite:
         return 0, 0, None
     progress = verified_progress(output)
@@ -100,7 +123,7 @@ def _resume_point(output: Path, settings: dict, n_units: int, overwrite: bool) -
         changed = sorted(k for k in set(old) | set(canonical(settings)) if old.get(k) != canonical(settings).get(k))
         raise UsageError(f"{output} was started with other settings ({', '.join(changed) or 'unit count'} differ); "
                          "rerun with the same settings to resume, or pass --overwrite to start again")
-    return progress["units_done"], progress["bytes"], progress.get("last_chunk")
+    return progress["units_done"], progress["bytes"], progress
 
 
 def write_resumable(output: Path, n_units: int, process: Callable[[int, int], list[dict]], *, settings: dict[str, Any],
@@ -117,12 +140,14 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
         raise UsageError("chunk_size must be at least 1")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done, kept, last_chunk = _resume_point(output, settings, n_units, overwrite)
+    done, kept, progress = _resume_point(output, settings, n_units, overwrite)
+    content = check_content(output, progress) if progress else hashlib.sha256()
     started, written = time.perf_counter(), 0
     state = {"version": FORMAT_VERSION, "settings": canonical(settings), "units": n_units, "chunk_size": chunk_size}
     if done == 0:  # before the output exists: a kill in between leaves a job that resumes, not an orphan file
         write_json_atomic(progress_path(output), {**state, "units_done": 0, "bytes": 0, "complete": n_units == 0,
-                                                  "last_chunk": {"start": 0, "sha256": EMPTY_SHA256}})
+                                                  "last_chunk": {"start": 0, "sha256": EMPTY_SHA256},
+                                                  "content_sha256": EMPTY_SHA256})
     bar = tqdm(total=n_units, initial=done, desc=desc, unit=unit, dynamic_ncols=True, disable=not show_progress)
     with bar, open(output, "r+b" if output.exists() and not overwrite else "wb") as f:
         f.truncate(kept)
@@ -140,9 +165,11 @@ def write_resumable(output: Path, n_units: int, process: Callable[[int, int], li
             f.flush()
             os.fsync(f.fileno())
             kept = f.tell()
+            content.update(data)
             last_chunk = {"start": chunk_start, "sha256": hashlib.sha256(data).hexdigest()}
             write_json_atomic(progress_path(output), {**state, "units_done": stop, "bytes": kept,
-                                                      "complete": stop == n_units, "last_chunk": last_chunk})
+                                                      "complete": stop == n_units, "last_chunk": last_chunk,
+                                                      "content_sha256": content.hexdigest()})
             written += len(records)
             bar.update(stop - start)
             if postfix is not None and show_progress:
