@@ -335,3 +335,34 @@ def test_a_bug_shows_its_traceback_and_exit_1_not_bad_input(tiny_bert_dir, tmp_p
     assert "Traceback (most recent call last)" in done.stderr and "in broken" in done.stderr
     assert "operands could not be broadcast together" in done.stderr
     assert not done.stderr.startswith("error:")
+
+
+# ----- 5 (local): one writer per output also without Ray ---------------------------------------------------------
+
+def test_a_second_local_job_on_the_same_output_is_refused_naming_the_first(tiny_bert_dir, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "labels.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # the first job: a real `distill mine` over the whole squad-mini train split, in chunks of 1 query
+    first = subprocess.Popen([sys.executable, "-m", "distill", "mine", "--model", str(tiny_bert_dir), "--data",
+                              "squad-mini", "--output", str(out), "--chunk-size", "1", "--no-cache",
+                              "--no-show-progress"], env=env, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "labels.jsonl.lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text()) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        assert main(["mine", "--model", str(tiny_bert_dir), "--data", "squad-mini", "--output", str(out),
+                     "--chunk-size", "1", "--no-cache", "--no-show-progress"]) == 2
+        assert f"is being written by another distill job (pid {first.pid}" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    # killed: the kernel freed its lock, and the rerun finishes what it started
+    assert main(["mine", "--model", str(tiny_bert_dir), "--data", "squad-mini", "--output", str(out),
+                 "--chunk-size", "1", "--no-cache", "--no-show-progress"]) == 0
+    assert len(read_jsonl(out)) == 240 and not lock.exists()

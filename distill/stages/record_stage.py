@@ -8,7 +8,8 @@ embeddings). `run_record_stage` is everything around it, written once:
 
     already complete with these settings?  -> say so, do nothing
     start()                                -> load models before the output is touched
-    write_resumable(process)               -> chunks, fsync, progress file, resume, progress bar
+    write_resumable(process)               -> chunks, fsync, progress file, resume, progress bar, under
+                                              `<output>.lock` (one writer per output, freed if it dies)
     close()                                -> always, also after an error or Ctrl-C
 
 so a stage supplies only its work, its settings and its summary line. The same
@@ -24,6 +25,7 @@ from typing import Protocol
 from labelers.errors import UsageError
 
 from .executor import ExecutorSettings, run_on_ray
+from .output_lock import OutputLock
 from .writer import JobSummary, is_complete, write_resumable
 
 
@@ -81,10 +83,11 @@ def run_record_stage(stage: RecordStage, output: Path, *, chunk_size: int, overw
         return StageRun(run_on_ray(stage, factory, output, settings, chunk_size=chunk_size, overwrite=overwrite,
                                    show_progress=show_progress, executor=executor), False)
     try:
-        stage.start()
-        job = write_resumable(output, stage.n_units, stage.process, settings=settings, chunk_size=chunk_size,
-                              overwrite=overwrite, show_progress=show_progress, desc=stage.desc, unit=stage.unit,
-                              postfix=stage.postfix)
+        with OutputLock(output):  # a second local job on the same output is refused, as a second Ray driver is
+            stage.start()
+            job = write_resumable(output, stage.n_units, stage.process, settings=settings, chunk_size=chunk_size,
+                                  overwrite=overwrite, show_progress=show_progress, desc=stage.desc, unit=stage.unit,
+                                  postfix=stage.postfix)
     finally:
         stage.close()
     return StageRun(job, False)
