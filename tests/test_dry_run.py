@@ -3,13 +3,12 @@ a probe found each of these passing the dry run and failing only after earlier s
 on real data. The run folder is not even created."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from conftest import read_jsonl, write_jsonl
 from distill.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
