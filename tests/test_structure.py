@@ -47,3 +47,13 @@ def test_query_path_lists_the_files_a_command_runs_code_in(tiny_bert_dir, small_
     assert "run" in called[ROOT / "distill" / "evaluate.py"]
     printed = query_path.report(called)
     assert "distill.data: " in printed and printed.endswith(f"{len(called)} files, " + printed.split(", ")[-1])
+
+
+def test_the_readme_names_the_files_of_one_querys_life_and_counts_them_right():
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Life of one query"):readme.index("## Layout")]
+    named = set(re.findall(r"`((?:distill|labelers)/[\w/]+\.py)`", section))
+    count = int(re.search(r"the (\d+) files named below", section).group(1))
+    assert count == len(named) and all((ROOT / n).is_file() for n in named), sorted(named)
