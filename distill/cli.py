@@ -3,7 +3,9 @@
 Expected problems print one line on stderr, no traceback: bad input files and
 settings (`UsageError`, `DataError`) and files or models that are not there or
 cannot be written exit with status 2; an LLM server refusing a request, or a
-job that went wrong (a diverging loss), exit with status 1. Anything else is a
+job that went wrong (a diverging loss), exit with status 1; a teacher that does
+not beat the retriever (`distill check-teacher`, and `distill run` before it
+labels) exits with status 3. Anything else is a
 bug, ours or a library's: it keeps its traceback (exit 1), so it can be
 reported.
 """
@@ -20,13 +22,13 @@ from labelers.errors import UsageError
 
 from . import evaluate
 from . import cache, pipeline
-from .stages import generate, label, mine
+from .stages import check_teacher, generate, label, mine
 from .training import pretrain
 from .training import command as train
 from .training.step import NonFiniteLoss
 
 # Each sub-command module offers add_parser(subparsers); add new stages here.
-COMMANDS = [generate, mine, label, pretrain, train, evaluate, pipeline, cache]
+COMMANDS = [generate, mine, check_teacher, label, pretrain, train, evaluate, pipeline, cache]
 EXIT_BAD_INPUT = 2
 EXIT_BACKEND_REFUSED = 1
 EXIT_FAILED = 1  # the job itself went wrong (a diverging loss): the message says what is kept
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:  # our own checks (DataError among them): the message says what to fix
         print(f"error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except check_teacher.WeakTeacher as exc:  # the teacher would not pay its labelling: stop before it runs
+        print(f"error: {exc}", file=sys.stderr)
+        return check_teacher.EXIT_WEAK_TEACHER
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from .errors import DataError, Problem, ProblemLog
 from .retrieval import (EMBEDDED_SETS, Corpus, Queries, RetrievalSet, data_digest, data_files, format_passage,
-                        has_table, load_corpus, load_corpus_of, load_queries, load_retrieval_set, resolve_data_dir)
+                        has_table, load_corpus, load_corpus_of, load_qrels_for, load_queries, load_retrieval_set,
+                        resolve_data_dir)
 
 __all__ = ["Corpus", "Queries", "RetrievalSet", "DataError", "Problem", "ProblemLog", "EMBEDDED_SETS", "has_table",
-           "data_files", "data_digest", "load_corpus", "load_corpus_of", "load_queries", "load_retrieval_set",
+           "data_files", "data_digest", "load_corpus", "load_corpus_of", "load_qrels_for", "load_queries", "load_retrieval_set",
            "resolve_data_dir", "format_passage"]

@@ -321,6 +321,12 @@ def _load_qrels(path: Path, queries: Queries, corpus: Corpus, log: ProblemLog) -
     return {qid: docs for qid, docs in qrels.items() if any(s > 0 for s in docs.values())}
 
 
+def load_qrels_for(path: Path, rset: RetrievalSet, skip_invalid: bool = False) -> dict[str, dict[str, int]]:
+    """A qrels file (query-id, corpus-id, score; TSV, JSON Lines or Parquet) checked against `rset`'s queries and
+    corpus, e.g. a few labelled queries given to calibrate against (`--calibration-qrels`)."""
+    return _load_qrels(Path(path), rset.queries, rset.corpus, ProblemLog(skip_invalid=skip_invalid))
+
+
 def _qrels_from_positives(queries: Queries, corpus: Corpus, log: ProblemLog) -> dict[str, dict[str, int]]:
     known = set(corpus.table["id"].to_pylist())
     qrels: dict[str, dict[str, int]] = {}

@@ -1,0 +1,79 @@
+"""`distill check-teacher` (issue 46): the share of known positives the teacher and the retriever put first, equal
+to a hand count; a teacher that does not beat the retriever stops with exit 3 and one clear line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from distill.cli import main
+from distill.stages.check_teacher import Share, check_figures, first_is_known
+
+
+def test_the_figures_equal_a_hand_count():
+    # four pools; the known positive is marked; teacher and retriever scores per passage
+    known = [np.array([1, 0, 0], bool), np.array([0, 1, 0], bool), np.array([0, 0, 1], bool), np.array([1, 1, 0], bool)]
+    teacher = [np.array([-1.0, -2.0, -3.0]),  # right
+               np.array([-1.0, -2.0, -3.0]),  # wrong
+               np.array([-3.0, -2.0, -1.0]),  # right
+               np.array([-2.0, -2.0, -2.0])]  # a tie is no win
+    retriever = [np.array([0.2, 0.5, 0.1]), np.array([0.1, 0.9, 0.2]), np.array([0.3, 0.2, 0.1]),
+                 np.array([0.9, 0.1, 0.2])]  # wrong, right, wrong, right
+    figures = check_figures(teacher, retriever, known)
+    assert (figures.teacher.hits, figures.teacher.total) == (2, 4)
+    assert (figures.retriever.hits, figures.retriever.total) == (2, 4)
+    assert (figures.teacher_only, figures.retriever_only) == (2, 2) and figures.mcnemar_p == 1.0
+    assert not figures.teacher_beats_retriever  # equal is not better
+    assert first_is_known(np.array([5.0, 1.0]), np.array([True, False]))
+    low, high = Share(41, 50).interval()  # Wilson: 0.82 with n = 50 -> about [0.69, 0.90]
+    assert round(low, 2) == 0.69 and round(high, 2) == 0.90
+
+
+def _slice(folder: Path, n: int) -> Path:
+    header, *rows = (SQUAD_MINI / "qrels" / "train.tsv").read_text().splitlines()
+    qids = list(dict.fromkeys(r.split("\t")[0] for r in rows))[:n]
+    (folder / "qrels").mkdir(parents=True)
+    shutil.copy(SQUAD_MINI / "corpus.jsonl", folder / "corpus.jsonl")
+    write_jsonl(folder / "queries.jsonl", [q for q in read_jsonl(SQUAD_MINI / "queries.jsonl") if q["_id"] in qids])
+    (folder / "qrels" / "train.tsv").write_text("\n".join([header, *(r for r in rows if r.split("\t")[0] in qids)]))
+    return folder
+
+
+def test_check_teacher_counts_what_its_labels_say_and_stops_a_weak_teacher(tiny_llama_dir, minilm_dir, tmp_path,
+                                                                             capsys):
+    data = _slice(tmp_path / "data", 30)
+    pool = tmp_path / "pool.jsonl"
+    assert main(["mine", "--model", str(minilm_dir), "--data", str(data), "--output", str(pool), "--num-negatives",
+                 "3", "--no-cache", "--no-show-progress"]) == 0
+    out = tmp_path / "check.jsonl"
+    args = ["check-teacher", "--llm", str(tiny_llama_dir), "--data", str(data), "--candidates", str(pool),
+            "--output", str(out), "--num-queries", "12", "--device", "cpu", "--dtype", "float32",
+            "--no-show-progress"]
+    capsys.readouterr()
+    # a random 2-layer Llama against the real MiniLM: it cannot beat it
+    assert main(args) == 3
+    captured = capsys.readouterr()
+    assert "does not beat the retriever" in captured.err and "--allow-weak-teacher" in captured.err
+    assert captured.err.count("\n") == 1
+    # the counts are the labels' own: recount them by hand from the files
+    labels, mined = read_jsonl(out), {r["qid"]: r for r in read_jsonl(pool)}
+    assert len(labels) == 12
+    teacher = retriever = 0
+    for line in labels:
+        positives = set(line["pids"][:line["n_positives"]])
+        rewards = dict(zip(line["pids"], line["rewards"]))
+        teacher += max(rewards[p] for p in positives) > max(r for p, r in rewards.items() if p not in positives)
+        scores = dict(zip(mined[line["qid"]]["pids"], mined[line["qid"]]["scores"]))
+        scores.update(zip(mined[line["qid"]]["positives"], mined[line["qid"]]["positive_scores"]))
+        retriever += max(scores[p] for p in positives) > max(s for p, s in scores.items() if p not in positives)
+    summary = json.loads(Path(str(out) + ".check.json").read_text())
+    assert summary["teacher_first"].startswith(f"{teacher} of 12") and summary["retriever_first"].startswith(
+        f"{retriever} of 12") and teacher < retriever
+    assert f"teacher puts it first:   {teacher} of 12" in captured.out
+    # allowed: exit 0, and the scored labels are reused as they are (nothing scored again)
+    assert main([*args, "--allow-weak-teacher"]) == 0
+    assert read_jsonl(out) == labels and "already complete" in capsys.readouterr().out
