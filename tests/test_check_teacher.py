@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import SQUAD_MINI, read_jsonl, write_jsonl
 from distill.cli import main
