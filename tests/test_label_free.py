@@ -246,3 +246,38 @@ def test_the_demo_trains_from_answers_on_the_embedded_set_and_never_reads_its_wi
     assert "top 8" in supervision.describe(8)
     assert main(["run", str(demo), "--dry-run"]) == 0
     assert "retriever's top 8" in capsys.readouterr().out
+
+
+def test_the_fitted_fusion_is_the_hand_computed_best_and_never_below_its_best_signal_on_its_evidence():
+    import numpy as np
+
+    from distill.training.positives import FusionRule, fit_fusion, hits_known_first
+
+    # three pools of three passages; the known positive is passage 0 each time
+    known = [np.array([True, False, False])] * 3
+    pools = [  # the teacher is right on pools 0 and 1, the retriever on pool 2 only
+        {"teacher": np.array([-1.0, -3.0, -2.0]), "retriever": np.array([0.1, 0.9, 0.5])},
+        {"teacher": np.array([-1.0, -1.5, -4.0]), "retriever": np.array([0.2, 0.3, 0.8])},
+        {"teacher": np.array([-2.0, -1.0, -3.0]), "retriever": np.array([0.9, 0.2, 0.1])}]
+    # by hand, z-scores within each pool: the equal sum ties pools 0 and 1 (z(teacher) = -z(retriever) there) and
+    # gets pool 2 ([1.40, 0.66, -2.07]); teacher + 0.5 x retriever gets pools 0 and 1 and misses pool 2
+    # ([0.70, 0.94, -1.65]); all three would need a retriever weight in (0.62, 1), which the grid does not hold
+    equal = FusionRule((("teacher", 1.0), ("retriever", 1.0)))
+    assert [hits_known_first(equal.score(p), k) for p, k in zip(pools, known)] == [False, False, True]
+    half = FusionRule((("teacher", 1.0), ("retriever", 0.5)))
+    assert [hits_known_first(half.score(p), k) for p, k in zip(pools, known)] == [True, True, False]
+    # the teacher alone also gets 2 of 3: the tie goes to the rule with more signals
+    rule = fit_fusion(pools, known, "3 answer-matched queries")
+    assert rule.accuracy == 2 / 3 and dict(rule.weights) == {"teacher": 1.0, "retriever": 0.5} and not rule.rrf
+    assert rule.describe() == ("teacher + 0.5 x retriever, fitted on 3 answer-matched queries (known positive "
+                               "first for 67% of them)")
+    # on any evidence the fit is never below its best single signal
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pools = [{"teacher": rng.normal(size=5), "retriever": rng.normal(size=5), "relevance": rng.normal(size=5)}
+                 for _ in range(12)]
+        known = [np.eye(5, dtype=bool)[rng.integers(5)] for _ in pools]
+        fitted = fit_fusion(pools, known, "x")
+        for name in ("teacher", "retriever", "relevance"):
+            alone = np.mean([hits_known_first(p[name], k) for p, k in zip(pools, known)])
+            assert fitted.accuracy >= alone
