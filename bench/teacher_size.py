@@ -120,7 +120,6 @@ def main() -> None:
                 *(["--signals", *args.signals] if args.signals else []))
         label_s = time.perf_counter() - started
         pools = signal_pools(labels, free, gold, use_answers)
-        known = [g for _, _, g, _ in pools]
         sample = check_sample([q for q, *_ in pools], args.check_queries, args.seed)
         chosen = [p for p in pools if p[0] in sample]
         check = check_figures([s["teacher"] for _, s, _, _ in chosen], [s["retriever"] for _, s, _, _ in chosen],
