@@ -2,12 +2,14 @@
 
 `OUTDIR/checkpoint/` holds
 
-    model.safetensors   the backbone's weights (safetensors: no pickle at all)
+    model.safetensors   the trained module's weights (the backbone; under `distill pretrain` with its MLM
+                        head or TSDAE decoder): safetensors, no pickle at all
     optimizer.pt        AdamW, scheduler and grad-scaler state: tensors and numbers only, read back with
                         `torch.load(weights_only=True)`, whose unpickler refuses any other object
     rng.safetensors     torch's CPU (and CUDA) generator states, as uint8 tensors
-    state.json          counters, best/before metrics, the epoch plan, every example's pool, the
-                        re-mining tracker
+    state.json          {"state": counters and data position, ...}: for `distill train` also the
+                        best/before metrics, the epoch plan, every example's pool, the re-mining tracker
+                        (`loop.Loop` writes it, the trainer says what goes in)
 
 A checkpoint folder from an untrusted place can therefore at worst fail to
 load; it cannot run code (an older `checkpoint.pt`, a full pickle, is refused).

@@ -27,24 +27,19 @@ when it would not fit), and the folder must be new or one of our runs
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-from labelers.errors import UsageError
 
 from ..config import add_command, output_settings
 from ..data import data_digest
 from ..data.records import read_labels, read_train_log
 from ..evaluate import format_table
 from ..files import file_digest, write_text_atomic
-from . import checkpoint
 from .config import TrainConfig
-from .distributed import Distributed, barrier, close_distributed, init_distributed
+from .distributed import Distributed, close_distributed, init_distributed
 from .report import model_card, plot_training
-from .run_folder import RunFolder, differences
+from .run_folder import RunFolder, end_run, finished_summary, resume_point
 from .trainer import LOG, Trainer
 
 DONE = "training_summary.json"
@@ -61,44 +56,6 @@ def run_settings(cfg: TrainConfig) -> dict:
     return settings
 
 
-def _changed(recorded: dict, settings: dict) -> str:
-    flat = lambda d: {**{k: v for k, v in d.items() if k != "inputs"},  # noqa: E731
-                      **{f"{k} (content)": v for k, v in (d.get("inputs") or {}).items()}}
-    return ", ".join(differences(flat(recorded), flat(settings)))
-
-
-def finished_summary(cfg: TrainConfig, folder: RunFolder, settings: dict) -> dict | None:
-    """The summary of a finished run of these settings in the folder; None when there is none (or --overwrite).
-    A finished run of other settings is refused, as a changed resume is."""
-    done = folder.path / DONE
-    if cfg.overwrite or folder.state not in ("ours", "legacy") or not done.is_file():
-        return None
-    if folder.settings is not None and folder.settings != settings:
-        raise UsageError(f"{folder.path} holds a finished run with other settings ({_changed(folder.settings, settings)});"
-                         " --overwrite to train again there, or give another --output")
-    return json.loads(done.read_text(encoding="utf-8"))
-
-
-def check_resumable(cfg: TrainConfig, folder: RunFolder, settings: dict) -> Path | None:
-    """The checkpoint folder to resume from (None: start at step 0); refuses to mix runs."""
-    out = folder.path
-    if cfg.overwrite or folder.state == "new":
-        return None
-    has_run = any((out / n).exists() for n in (checkpoint.FOLDER, checkpoint.FOLDER + ".old", checkpoint.LEGACY_FILE,
-                                                LOG))
-    if not has_run:
-        return None
-    if not cfg.resume:
-        raise UsageError(f"{out} holds a previous training run: --resume to continue it, --overwrite to start again")
-    if folder.state == "legacy" or (out / checkpoint.LEGACY_FILE).exists():
-        raise UsageError(f"{out / checkpoint.LEGACY_FILE}: an older distill's checkpoint (a pickle, which could run "
-                         "code when loaded) cannot be resumed; --overwrite to start again")
-    if folder.settings != settings:
-        raise UsageError(f"{out} was started with other settings ({_changed(folder.settings or {}, settings)}); "
-                         "rerun with the same settings to resume, or --overwrite to start again")
-    return checkpoint.current_folder(out)
-
-
 def run_train(cfg: TrainConfig) -> dict:
     ctx = init_distributed(cfg.device)
     try:
@@ -112,24 +69,14 @@ def _run_train(cfg: TrainConfig, ctx: Distributed) -> dict:
     folder = RunFolder(out)
     folder.check_usable()  # a folder of someone else's files is never trained into, nor emptied
     settings = run_settings(cfg)
-    summary = finished_summary(cfg, folder, settings)
+    summary = finished_summary(folder, DONE, settings, cfg.overwrite)
     if summary is not None:
         print(f"{out}: training already complete (step {summary['steps']}); nothing to do")
         return summary
-    resume_from = check_resumable(cfg, folder, settings)
+    resume_from = resume_point(folder, settings, LOG, cfg.resume, cfg.overwrite)
     started = time.perf_counter()
     trainer = Trainer(cfg, ctx, folder)  # reads and checks every input: nothing is removed before this
-    if ctx.is_main:
-        if cfg.overwrite:
-            removed = folder.remove_run()
-            if removed:
-                print(f"--overwrite: removed the previous run's {len(removed)} entries from {out}")
-        if resume_from is None:
-            (out / LOG).unlink(missing_ok=True)
-        folder.claim(settings)
-    barrier(ctx)
-    if resume_from is not None:
-        trainer.load_checkpoint(resume_from)
+    trainer.begin(settings, resume_from)
     if ctx.is_main:
         teacher_note = f", teacher labels {[str(p) for p in cfg.labels]}" if cfg.labels else ""
         print(f"{len(trainer.examples)} examples ({', '.join(f'{v} {k}' for k, v in trainer.skipped.items() if v) or 'none skipped'})"
@@ -155,15 +102,13 @@ def _run_train(cfg: TrainConfig, ctx: Distributed) -> dict:
         if cfg.labels:
             first = next(iter(read_labels(cfg.labels[0])), None)
             teacher = first.model if first else None
-        folder.wrote("README.md", "training.png", DONE)
+        folder.wrote("README.md", "training.png")
         write_text_atomic(out / "README.md", model_card(
             base_model=cfg.model, data=list(cfg.data), labels=[str(p) for p in (cfg.labels or cfg.candidates or [])],
             teacher=teacher, objective=str(trainer.objective), settings=asdict(cfg), before=trainer.state.before,
             after=after, eval_split=cfg.eval_split))
         plot_training(read_train_log(out / LOG), out / "training.png", cfg.eval_metric)
-        write_text_atomic(out / DONE, json.dumps(summary, indent=2) + "\n")
-        for name in (checkpoint.FOLDER, checkpoint.FOLDER + ".old", checkpoint.FOLDER + ".tmp"):
-            shutil.rmtree(out / name, ignore_errors=True)
+        end_run(folder, DONE, summary)
         if trainer.state.before and after:
             print(format_table({"base": trainer.state.before, "trained": after}))
         speed = summary["throughput"]

@@ -80,6 +80,24 @@ def sum_gradients(parameters, ctx: Distributed) -> None:
         offset += g.numel()
 
 
+def sum_over_ranks(value: torch.Tensor, ctx: Distributed) -> torch.Tensor:
+    """The sum of every rank's `value` (a detached copy; the value itself in a single process)."""
+    if not ctx.enabled:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def same_on_every_rank(value: int, ctx: Distributed, device: torch.device) -> bool:
+    """Whether every rank holds the same integer (one all-reduce of its maximum and minimum)."""
+    if not ctx.enabled:
+        return True
+    bounds = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    return int(bounds[0]) == -int(bounds[1])
+
+
 def broadcast_object(obj, ctx: Distributed):
     """Rank 0's Python object on every rank."""
     if not ctx.enabled:

@@ -15,9 +15,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def make_optimizer(encoder, cfg) -> torch.optim.Optimizer:
+def make_optimizer(module: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over `module`'s trainable parameters (the student's backbone; under `distill pretrain`, the backbone
+    with its MLM head or TSDAE decoder): decay on weight matrices, none on biases and norms."""
     decay, no_decay = [], []
-    for name, parameter in encoder.backbone.named_parameters():
+    for name, parameter in module.named_parameters():  # a tied tensor once (named_parameters drops repeats)
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
     # the fused kernel updates every tensor in one pass: ~4.5x faster than the per-tensor loop on a CPU, which

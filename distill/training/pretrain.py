@@ -2,9 +2,12 @@
 any query exists (step 1 of the raw-text recipe: pretrain → SimCSE → generated pairs).
 
 `--objective mlm` (masked language modelling) or `tsdae` (denoising auto-encoder), both in
-`training.pretrain_objectives`. Each step takes `--train-batch-size` passages of the corpus in a seeded
-order (epoch e's order is a permutation drawn from (seed, e), so any step's passages follow from its
-number), and AdamW with warm-up and linear decay updates the student's backbone. The output is the student
+`training.pretrain_objectives`. Each batch is `--train-batch-size` passages of the corpus in a seeded
+order (epoch e's order is a permutation drawn from (seed, e), so batch b's passages follow from b), split
+over the processes under `torchrun`; an MLM batch whose draw masks no token (short passages) is skipped and
+counted in the summary. The steps run in the loop `distill train` runs in (`training.loop`): AdamW with
+warm-up and decay over the backbone and the objective's head, gradient accumulation, mixed precision on
+GPUs, a NaN or infinite loss stopping the run with its last checkpoint kept (exit 1). The output is the student
 with its own pooling and normalisation, a sentence-transformers folder that every later stage takes as
 `--model`. `OUTDIR/checkpoint/` (the training checkpoint's format: safetensors and plain tensors, nothing
 that runs code) is written every `--save-steps`; `--resume` continues from it, to the same bytes as an
@@ -14,11 +17,9 @@ run wrote).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,13 @@ from labelers.errors import UsageError
 
 from ..config import add_command, output_settings
 from ..data import data_digest, load_corpus_of
-from ..files import write_text_atomic
-from . import checkpoint
+from .distributed import Distributed, close_distributed, init_distributed, same_on_every_rank, sum_over_ranks
+from .loop import Loop
+from .optim import autocast_dtype
 from .pretrain_objectives import OBJECTIVES
-from .run_folder import RunFolder, differences
-from .optim import make_scheduler, rng_state, set_rng_state
+from .run_folder import RunFolder, end_run, finished_summary, resume_point
+
+logger = logging.getLogger(__name__)
 
 DONE = "pretrain_summary.json"
 LOG = "pretrain_log.jsonl"
@@ -53,7 +56,8 @@ class PretrainConfig:
     max_length: int | None = field(default=None, metadata={
         "help": "tokens per passage (default: the student's passage length)"})
     include_title: bool = field(default=True, metadata={"help": "passages as 'title text'"})
-    train_batch_size: int = field(default=16, metadata={"help": "passages per step"})
+    train_batch_size: int = field(default=16, metadata={"help": "passages per batch over all devices"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     epochs: int = field(default=1, metadata={"help": "passes over the corpus"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW peak learning rate"})
@@ -62,6 +66,8 @@ class PretrainConfig:
     scheduler: str = field(default="linear", metadata={"help": "decay after warm-up",
                                                        "choices": ["linear", "cosine", "constant"]})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    precision: str = field(default="auto", metadata={"help": "auto: bf16 (else fp16) autocast on GPUs, fp32 on CPUs",
+                                                     "choices": ["auto", "fp32", "bf16", "fp16"]})
     save_steps: int = field(default=100, metadata={"help": "write the resumable checkpoint every N steps"})
     logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
     seed: int = field(default=0, metadata={"help": "seed of passage order, masks, deletions and dropout"})
@@ -80,7 +86,9 @@ class PretrainConfig:
         for name in ("mlm_probability", "deletion_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(self, name)}")
-        for name in ("train_batch_size", "epochs", "save_steps", "logging_steps"):
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UsageError(f"--precision {self.precision!r}: choose from auto, fp32, bf16, fp16")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "epochs", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, least in (("max_steps", 1), ("max_length", 2)):
@@ -90,130 +98,155 @@ class PretrainConfig:
             raise UsageError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
 
-def passages_of_step(step: int, n_passages: int, batch_size: int, seed: int) -> np.ndarray:
-    """The corpus rows step `step` trains on: epoch e = step // per_epoch takes a permutation drawn from
-    (seed, e) and cuts it into batches (the last partial one left out)."""
+def passages_of_batch(batch: int, n_passages: int, batch_size: int, seed: int) -> np.ndarray:
+    """The corpus rows of batch `batch` (counted from the run's start, skipped ones included): epoch
+    e = batch // per_epoch takes a permutation drawn from (seed, e) and cuts it into batches (the last partial
+    one left out)."""
     per_epoch = n_passages // batch_size
-    epoch, position = divmod(step, per_epoch)
+    epoch, position = divmod(batch, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n_passages)
     return order[position * batch_size:(position + 1) * batch_size]
-
-
-def _optimizer(module: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay, seen = [], [], set()
-    for name, parameter in module.named_parameters():  # shared (tied) tensors once
-        if parameter.requires_grad and id(parameter) not in seen:
-            seen.add(id(parameter))
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, fused=fused or None)
 
 
 def _settings(cfg: PretrainConfig) -> dict:
     return {**output_settings(cfg), "inputs": {"data": data_digest(cfg.data)}}
 
 
-def _resume_point(cfg: PretrainConfig, folder: RunFolder, settings: dict) -> Path | None:
-    """The checkpoint to continue from (None: step 0); a folder with another run's settings is refused."""
-    out = folder.path
-    if cfg.overwrite or folder.state == "new":
-        return None
-    if folder.settings is not None and folder.settings != settings:
-        changed = ", ".join(differences(folder.settings, settings))
-        raise UsageError(f"{out} holds a pretraining run with other settings ({changed}); --overwrite to start "
-                         "again there, or give another --output")
-    saved = checkpoint.current_folder(out)
-    if saved is not None and not cfg.resume:
-        raise UsageError(f"{out} holds an unfinished pretraining run: --resume to continue it, --overwrite to "
-                         "start again")
-    return saved
+@dataclass
+class PretrainState:
+    """Where a pretraining run is; the checkpoint saves it."""
+
+    step: int = 0        # optimizer steps done
+    batch: int = 0       # batches of the passage order drawn, skipped ones included: the next is `batch`
+    skipped: int = 0     # batches whose draw left the loss nothing to predict (an MLM draw that masked nothing)
+    log_bytes: int = 0   # pretrain_log.jsonl is cut back to this on resume
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict) -> PretrainState:
+        return cls(**payload)
+
+
+MAX_SKIPPED_IN_A_ROW = 100
+
+
+class Pretrainer(Loop):
+    """The corpus's passages in their seeded order under the `--objective`; `Loop` steps it."""
+
+    log_name, progress_name = LOG, "pretrain"
+    stop_advice = "Lower --learning-rate (or raise --warmup-ratio)"
+
+    def __init__(self, cfg: PretrainConfig, ctx: Distributed, folder: RunFolder):
+        from ..model import BiEncoder
+
+        if cfg.train_batch_size % ctx.world_size:
+            raise UsageError(f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
+                             f"{ctx.world_size} processes")
+        self.cfg, self.ctx = cfg, ctx
+        self.corpus, _ = load_corpus_of(cfg.data)
+        device = cfg.device or (f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
+        encoder = BiEncoder.load(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device)
+        self.max_length = cfg.max_length or encoder.max_length("passage")
+        self.local_batch = cfg.train_batch_size // ctx.world_size
+        per_epoch = len(self.corpus) // cfg.train_batch_size
+        if per_epoch < cfg.gradient_accumulation_steps:
+            raise UsageError(f"{cfg.data}: {len(self.corpus)} passages make {per_epoch} batches of "
+                             f"{cfg.train_batch_size}, fewer than one step of --gradient-accumulation-steps "
+                             f"{cfg.gradient_accumulation_steps}")
+        torch.manual_seed(cfg.seed)
+        self.objective = OBJECTIVES[cfg.objective](encoder, self.max_length, cfg).to(encoder.device)
+        super().__init__(cfg, ctx, folder, encoder=encoder, module=self.objective,
+                         total_steps=cfg.max_steps or per_epoch * cfg.epochs // cfg.gradient_accumulation_steps,
+                         amp=autocast_dtype(cfg.precision, encoder.device))
+        self.state = PretrainState()
+        self.logged = 0  # losses already in a log line
+
+    def draw_next(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The next batch with something to predict (its draws over the whole global batch) and how many tokens
+        it predicts; a batch with none is skipped and counted."""
+        cfg, state = self.cfg, self.state
+        for _ in range(MAX_SKIPPED_IN_A_ROW):
+            rows = passages_of_batch(state.batch, len(self.corpus), cfg.train_batch_size, cfg.seed)
+            state.batch += 1
+            drawn = self.objective.draw(self.corpus.passages_at(rows, cfg.include_title))
+            predicted = self.objective.predicted(drawn)
+            if not same_on_every_rank(predicted, self.ctx, self.device):
+                raise RuntimeError(f"batch {state.batch - 1}: the processes drew different masks or deletions "
+                                   "(their random states parted)")
+            if predicted:
+                return drawn, predicted
+            state.skipped += 1
+            logger.info("batch %d: %s; skipped", state.batch - 1, self.objective.skip_reason)
+        raise UsageError(f"{cfg.data}: {MAX_SKIPPED_IN_A_ROW} batches in a row left --objective {cfg.objective} "
+                         f"nothing to predict ({self.objective.skip_reason}): the passages are too short for "
+                         "--mlm-probability; raise it or --train-batch-size")
+
+    # ----- the loop's hooks -----------------------------------------------------------------------------------
+    def backward_next(self) -> tuple[float, dict[str, float]]:
+        drawn, predicted = self.draw_next()
+        first = self.ctx.rank * self.local_batch
+        mine = {key: value[first:first + self.local_batch] for key, value in drawn.items()}
+        with self.autocast():
+            share = self.objective(mine, predicted)  # this rank's share of the global batch's mean
+        value = float(sum_over_ranks(share.detach(), self.ctx))
+        parts = {self.cfg.objective: value}
+        self.check_finite(value, parts)
+        self.scaled_backward(share)
+        return value, parts
+
+    def log_record(self, losses: list[float], terms: dict[str, float]) -> dict:
+        record = {"step": self.state.step, "loss": float(np.mean(losses[self.logged:])),
+                  "lr": self.scheduler.get_last_lr()[0]}  # the mean since the last line
+        self.logged = len(losses)
+        return record
+
+    def restore(self, saved: dict, folder: Path) -> None:
+        self.state = PretrainState.from_json(saved["state"])
+
+    def train(self) -> None:
+        self.objective.train()
+        self.run_steps()
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    from tqdm.auto import tqdm
+    ctx = init_distributed(cfg.device)
+    try:
+        return _run_pretrain(cfg, ctx)
+    finally:
+        close_distributed(ctx)
 
-    from ..model import BiEncoder
 
+def _run_pretrain(cfg: PretrainConfig, ctx: Distributed) -> dict:
     out = Path(cfg.output)
     folder = RunFolder(out, kind=KIND, legacy_markers=())
     folder.check_usable()
     settings = _settings(cfg)
-    resume_from = _resume_point(cfg, folder, settings)
-    if not cfg.overwrite and (out / DONE).is_file() and folder.state == "ours":
-        summary = json.loads((out / DONE).read_text(encoding="utf-8"))
+    summary = finished_summary(folder, DONE, settings, cfg.overwrite)
+    if summary is not None:
         print(f"{out}: pretraining already complete ({summary['steps']} steps); nothing to do")
         return summary
+    resume_from = resume_point(folder, settings, LOG, cfg.resume, cfg.overwrite)
     started = time.perf_counter()
-    corpus, _ = load_corpus_of(cfg.data)
-    encoder = BiEncoder.load(cfg.model, trust_remote_code=cfg.trust_remote_code, device=cfg.device)
-    max_length = cfg.max_length or encoder.max_length("passage")
-    per_epoch = len(corpus) // cfg.train_batch_size
-    if per_epoch < 1:
-        raise UsageError(f"{cfg.data}: {len(corpus)} passages make no batch of {cfg.train_batch_size}")
-    total = cfg.max_steps or per_epoch * cfg.epochs
-    torch.manual_seed(cfg.seed)
-    module = OBJECTIVES[cfg.objective](encoder, max_length, cfg).to(encoder.device)
-    optimizer = _optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total)
-    step, log_bytes = 0, 0
-    if cfg.overwrite:
-        removed = folder.remove_run()
-        if removed:
-            print(f"--overwrite: removed the previous run's {len(removed)} entries from {out}")
-    if resume_from is not None:
-        saved_optimizer, rng, state = checkpoint.load(resume_from, module, encoder.device)
-        optimizer.load_state_dict(saved_optimizer["optimizer"])
-        scheduler.load_state_dict(saved_optimizer["scheduler"])
-        set_rng_state(rng)
-        step, log_bytes = state["step"], state["log_bytes"]
-    folder.claim(settings)
-    folder.wrote(LOG)
-    with open(out / LOG, "ab") as f:  # what a killed run logged after its checkpoint goes
-        f.truncate(log_bytes)
-    print(f"{len(corpus)} passages, objective {cfg.objective}, batch {cfg.train_batch_size}, {total} steps, "
-          f"max {max_length} tokens" + (f"; resumed at step {step}" if step else ""))
-    module.train()
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not cfg.show_progress)
-    losses: list[float] = []
-    while step < total:
-        rows = passages_of_step(step, len(corpus), cfg.train_batch_size, cfg.seed)
-        loss = module(corpus.passages_at(rows, cfg.include_title))
-        if not torch.isfinite(loss):
-            raise UsageError(f"step {step + 1}: the loss is {float(loss)}; lower --learning-rate")
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        if step % cfg.logging_steps == 0 or step == total:
-            with open(out / LOG, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "loss": float(np.mean(losses)),
-                                    "lr": scheduler.get_last_lr()[0]}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                log_bytes = f.tell()
-            losses = []
-        if step % cfg.save_steps == 0 and step < total:
-            folder.wrote(checkpoint.FOLDER, checkpoint.FOLDER + ".tmp", checkpoint.FOLDER + ".old")
-            checkpoint.save(out, model=module, optimizer_state={"optimizer": optimizer.state_dict(),
-                                                                 "scheduler": scheduler.state_dict()},
-                            rng=rng_state(), state={"step": step, "log_bytes": log_bytes})
-    bar.close()
-    encoder.eval()
-    folder.save_model(encoder)
-    summary = {"steps": step, "passages": len(corpus), "objective": cfg.objective, "max_length": max_length,
-               "seconds": round(time.perf_counter() - started, 1)}
-    folder.wrote(DONE)
-    write_text_atomic(out / DONE, json.dumps(summary, indent=2) + "\n")
-    for name in (checkpoint.FOLDER, checkpoint.FOLDER + ".old", checkpoint.FOLDER + ".tmp"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    print(f"pretrained {step} steps ({cfg.objective}) in {summary['seconds']} s -> {out}")
+    trainer = Pretrainer(cfg, ctx, folder)  # reads the corpus and the student: nothing is removed before this
+    trainer.begin(settings, resume_from)
+    if ctx.is_main:
+        print(f"{len(trainer.corpus)} passages, objective {cfg.objective}, batch {cfg.train_batch_size}"
+              + (f" x {ctx.world_size} processes" if ctx.world_size > 1 else "")
+              + f", {trainer.total_steps} steps, max {trainer.max_length} tokens"
+              + (f"; resumed at step {trainer.state.step}" if trainer.state.step else ""))
+    trainer.train()
+    trainer.encoder.eval()
+    trainer.save_model()
+    summary = {"steps": trainer.state.step, "passages": len(trainer.corpus), "objective": cfg.objective,
+               "max_length": trainer.max_length, "skipped": {trainer.objective.skip_reason: trainer.state.skipped},
+               "processes": ctx.world_size, "seconds": round(time.perf_counter() - started, 1)}
+    if ctx.is_main:
+        end_run(folder, DONE, summary)
+        print(f"pretrained {summary['steps']} steps ({cfg.objective}) in {summary['seconds']} s -> {out}"
+              + (f"; {trainer.state.skipped} {trainer.objective.skip_reason} skipped" if trainer.state.skipped
+                 else ""))
     return summary
 
 

@@ -1,6 +1,14 @@
-"""Continued pretraining objectives for the student's transformer, one class each, one interface:
-`module(texts) -> loss`, with the student's own backbone trained in place (so the pooling and normalisation
-it is saved with are the student's).
+"""Continued pretraining objectives for the student's transformer, one class each, one interface, with the
+student's own backbone trained in place (so the pooling and normalisation it is saved with are the student's):
+
+    batch = objective.draw(texts)           the step's random draws (masks, deleted words) for the global batch,
+                                            as tensors of one row per passage
+    n = objective.predicted(batch)          how many tokens the loss predicts (0: nothing to learn from)
+    loss = objective(rows_of(batch), n)     Σ over those rows' predicted tokens of -log p, divided by n
+
+Every rank draws the whole global batch (the same draws: they share the generator's state and consume it
+alike, the rows keeping the global batch's padded width) and computes the loss of its own rows over the global
+count, so the ranks' losses sum to the global batch's mean and their summed gradients are its gradient.
 
 - `mlm`: masked language modelling (Devlin et al. 2019) with transformers' masked-LM head and collator: 15% of
   the tokens are chosen and the loss is the cross-entropy of predicting them. With a fast tokenizer whole words
@@ -24,10 +32,22 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from labelers.errors import UsageError
 
 from ..model import POOLINGS, BiEncoder
+
+
+IGNORED = -100  # a label the loss skips (transformers' convention)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_predicted: int) -> torch.Tensor:
+    """ℓ = -(1/N) Σ_{(i,t): y_it ≠ -100} log softmax(z_it)[y_it], with N = `n_predicted`: the mean over a batch's
+    predicted tokens when N counts this batch's, a rank's share of the global mean when it counts the global
+    batch's. Logits [rows, length, vocab] (in float32 whatever the autocast), labels [rows, length]."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORED,
+                           reduction="sum") / n_predicted
 
 
 def _tokenized(encoder: BiEncoder, texts: list[str], max_length: int, **extra) -> dict:
@@ -36,7 +56,10 @@ def _tokenized(encoder: BiEncoder, texts: list[str], max_length: int, **extra) -
 
 
 class MaskedLM(torch.nn.Module):
-    """The backbone under transformers' masked-LM head for its architecture (`AutoModelForMaskedLM`)."""
+    """The backbone under transformers' masked-LM head for its architecture (`AutoModelForMaskedLM`). On short
+    passages a draw can mask nothing: `predicted` is then 0 and the pretraining loop skips the batch."""
+
+    skip_reason = "batches with no masked token"
 
     def __init__(self, encoder: BiEncoder, max_length: int, settings) -> None:
         from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
@@ -55,15 +78,24 @@ class MaskedLM(torch.nn.Module):
         self.collator = DataCollatorForLanguageModeling(encoder.tokenizer, mlm_probability=settings.mlm_probability,
                                                         whole_word_mask=self.whole_words, **replace)
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
+    def draw(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The texts tokenized and masked: input_ids (with [MASK]s), attention_mask, labels (-100 where unmasked)."""
         # padded here, so the collator's rows are of one length (it cannot pad the word offsets it masks by)
         tokens = self.encoder.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
                                         return_special_tokens_mask=True, return_offsets_mapping=self.whole_words,
                                         return_attention_mask=True, return_token_type_ids=False)
         rows = [{key: tokens[key][i] for key in tokens} for i in range(len(texts))]
-        batch = {k: v.to(self.encoder.device) for k, v in self.collator(rows).items()}
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+        batch = self.collator(rows)
+        return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+
+    @staticmethod
+    def predicted(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORED).sum())
+
+    def forward(self, batch: dict[str, torch.Tensor], n_predicted: int) -> torch.Tensor:
+        batch = {k: v.to(self.encoder.device) for k, v in batch.items()}
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_cross_entropy(logits, batch["labels"], n_predicted)
 
 
 def _share_weights(decoder: torch.nn.Module, encoder: torch.nn.Module, keep: str = "crossattention") -> int:
@@ -82,6 +114,8 @@ def _share_weights(decoder: torch.nn.Module, encoder: torch.nn.Module, keep: str
 
 class DenoisingAutoEncoder(torch.nn.Module):
     """TSDAE: delete words, pool the rest into s, decode the whole passage from s alone."""
+
+    skip_reason = "batches with no token to decode"  # never: every passage keeps a word and its [SEP]
 
     def __init__(self, encoder: BiEncoder, max_length: int, settings) -> None:
         from transformers import AutoModelForCausalLM
@@ -115,16 +149,28 @@ class DenoisingAutoEncoder(torch.nn.Module):
                              (w is not None and bool(keep[w]))])
         return kept_ids
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
+    def draw(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The noisy passages (source) and the whole ones (target), padded; labels: the target, -100 on padding."""
         tokens = _tokenized(self.encoder, texts, self.max_length)
-        source = self.encoder.padded(self.noisy(tokens, len(texts)))
+        source_ids, source_mask = self.encoder.padded(self.noisy(tokens, len(texts)))
         target_ids, target_mask = self.encoder.padded(tokens["input_ids"])
-        hidden = self.encoder.backbone(input_ids=source[0], attention_mask=source[1]).last_hidden_state
-        sentence = POOLINGS[self.encoder.config.pooling](hidden, source[1])  # s, before any normalisation
-        labels = target_ids.masked_fill(target_mask == 0, -100)
-        return self.decoder(input_ids=target_ids, attention_mask=target_mask,
-                            encoder_hidden_states=sentence[:, None, :],
-                            encoder_attention_mask=torch.ones_like(target_mask[:, :1]), labels=labels).loss
+        return {"source_ids": source_ids, "source_mask": source_mask, "target_ids": target_ids,
+                "target_mask": target_mask, "labels": target_ids.masked_fill(target_mask == 0, IGNORED)}
+
+    @staticmethod
+    def predicted(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORED).sum())  # each token after the first is predicted
+
+    def forward(self, batch: dict[str, torch.Tensor], n_predicted: int) -> torch.Tensor:
+        hidden = self.encoder.backbone(input_ids=batch["source_ids"], attention_mask=batch["source_mask"])
+        sentence = POOLINGS[self.encoder.config.pooling](hidden.last_hidden_state, batch["source_mask"])  # s
+        target_mask = batch["target_mask"]
+        logits = self.decoder(input_ids=batch["target_ids"], attention_mask=target_mask,
+                              encoder_hidden_states=sentence[:, None, :],
+                              encoder_attention_mask=torch.ones_like(target_mask[:, :1])).logits
+        # position t predicts token t + 1 (the last predicts nothing), as transformers' causal-LM loss shifts
+        following = F.pad(batch["labels"], (0, 1), value=IGNORED)[:, 1:]
+        return token_cross_entropy(logits, following, n_predicted)
 
 
 # name -> class(encoder, max_length, settings with mlm_probability / deletion_ratio)

@@ -19,7 +19,6 @@ held at a time.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +31,8 @@ from .optim import rng_state, set_rng_state
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; training stops before the bad step changes the weights."""
+    """The loss became NaN or infinite; training stops before the bad step changes the weights (`loop.Loop`
+    raises it, for `distill train` and `distill pretrain` alike; the CLI exits 1)."""
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,6 @@ def batch_loss(objective: Objective, queries: torch.Tensor, keys: torch.Tensor, 
     total, parts = objective(inputs)
     negative = (inputs.group_scores()[:, 1:].detach() * scoring.temperature).mean(dim=1) if n > 1 else None
     return StepLoss(total, parts, negative)
-
-
-def check_finite(loss: StepLoss, describe_stop: Callable[[float, dict], str]) -> None:
-    """NonFiniteLoss (with `describe_stop(value, parts)` as its message) when the loss is NaN or infinite."""
-    value = float(loss.total.detach())
-    if not math.isfinite(value):
-        raise NonFiniteLoss(describe_stop(value, loss.parts))
 
 
 def forward_backward(embed: Callable[[np.ndarray], torch.Tensor], chunks: list[np.ndarray], n_queries: int,

@@ -1,19 +1,17 @@
-"""The training loop: examples in, a trained student out.
+"""`distill train`'s trainer: examples in, a trained student out (its steps run in the loop it shares with
+`distill pretrain`: `loop.Loop`).
 
 Setup reads every input (examples from labels, candidates or qrels; the student; the dev split), measures
 whether a step fits in memory (`memory`: GradCache goes on when not), and plans the first epoch
 (`batches`). Each optimizer step then takes `--gradient-accumulation-steps` batches of the plan; for each,
 `backward` embeds its queries and keys, scores them and runs the loss backward (`step`); the gradients are
-summed over ranks and applied by fused AdamW with the warm-up schedule. Around the steps: the loss log
-(`train_log.jsonl`), dev evaluations that keep the best model in `best/`, ANCE/Conan re-mining of the pools
-(`remine`), and a checkpoint every `--save-steps` (`checkpoint`) from which `--resume` continues with the
-same data order and random state.
+summed over ranks and applied by fused AdamW with the warm-up schedule (`loop`). Around the steps: the loss
+log (`train_log.jsonl`), dev evaluations that keep the best model in `best/`, ANCE/Conan re-mining of the pools
+(`remine`), and a checkpoint every `--save-steps` (`checkpoint`: the loop's, plus the epoch plan, the pools and
+the re-mining tracker) from which `--resume` continues with the same data order and random state.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import time
 from pathlib import Path
 
@@ -24,27 +22,29 @@ from labelers.errors import UsageError
 
 from ..data import DataError, load_retrieval_set
 from ..evaluate import evaluate
-from . import checkpoint
 from .batches import EpochPlan, Group, false_negative_mask, plan_epoch
-from .checkpoint import TrainState
+from .checkpoint import TrainState, plan_from_json, plan_to_json
 from .config import TrainConfig
-from .distributed import Distributed, barrier, broadcast_object, sum_gradients
+from .distributed import Distributed, broadcast_object
+from .inputs import load_training_examples
+from .loop import Loop
 from .memory import plan_for_run
 from .microbatch import PaddingCount, default_token_budget, kind_chunks, sorted_chunks
+from .optim import autocast_dtype
 from .remine import RemineSettings, ScoreTracker, due, remine
 from .run_folder import RunFolder
-from .inputs import load_training_examples
-from .optim import autocast_dtype, make_optimizer, make_scheduler, rng_state, set_rng_state
-from .step import Scoring, StepLoss, batch_loss, check_finite, forward_backward
+from .step import Scoring, StepLoss, batch_loss, forward_backward
 
 LOG = "train_log.jsonl"
 
 
-class Trainer:
+class Trainer(Loop):
+    log_name, progress_name = LOG, "train"
+    stop_advice = "Lower --learning-rate, raise --temperature, or check the labels' rewards"
+
     def __init__(self, cfg: TrainConfig, ctx: Distributed, folder: RunFolder | None = None):
         self.cfg, self.ctx = cfg, ctx
-        self.out = Path(cfg.output)
-        self.folder = folder if folder is not None else RunFolder(self.out)
+        folder = folder if folder is not None else RunFolder(Path(cfg.output))
         if cfg.train_batch_size % ctx.world_size:
             raise UsageError(f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
                              f"{ctx.world_size} processes")
@@ -69,9 +69,6 @@ class Trainer:
         if self.token_budget and self.grad_cache_chunk:  # a GradCache chunk's memory: so many texts at the longest
             self.token_budget = min(self.token_budget, self.grad_cache_chunk * self.memory.longest_tokens)
         self.tokens = PaddingCount()  # this process's forwards since it started (a resumed run counts anew)
-        self.step_seconds = 0.0       # ... and the time its steps took (forward, backward, optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
-        self.optimizer = make_optimizer(self.encoder, cfg)
         self.group_size = 1 + cfg.num_negatives
         self.scoring = Scoring(cfg.temperature, cfg.teacher_temperature, cfg.student_temperature, self.group_size)
         self.plan = self.new_plan(0)
@@ -79,8 +76,8 @@ class Trainer:
         if per_epoch < 1:
             raise UsageError(f"{len(self.examples)} examples make no full batch of {cfg.train_batch_size} under "
                              f"--batch-dedup {cfg.batch_dedup} (topically clustered data: try --batch-dedup none)")
-        self.total_steps = cfg.max_steps or per_epoch * cfg.epochs
-        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
+        super().__init__(cfg, ctx, folder, encoder=self.encoder, module=self.encoder.backbone,
+                         total_steps=cfg.max_steps or per_epoch * cfg.epochs, amp=self.amp)
         self.remine_settings = RemineSettings(
             strategy=cfg.remine_strategy, pool_size=cfg.remine_pool_size or max(cfg.num_negatives, 1),
             params=cfg.candidate_window(),
@@ -108,9 +105,7 @@ class Trainer:
 
     # ----- one batch -----------------------------------------------------------------------------------------
     def embed(self, token_ids: list[np.ndarray]) -> torch.Tensor:
-        autocast = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
-                    else contextlib.nullcontext())
-        with autocast:
+        with self.autocast():
             return self.encoder(*self.encoder.padded(token_ids)).float()
 
     def backward(self, groups: list[Group]) -> StepLoss:
@@ -127,31 +122,46 @@ class Trainer:
         if self.objective.needs_rewards:
             rewards = torch.tensor(np.stack([g.rewards for g in groups]), dtype=torch.float32, device=self.device)
         masked = torch.from_numpy(false_negative_mask(self.examples, groups)).to(self.device)
-        scale = 1.0 / self.cfg.gradient_accumulation_steps
         return forward_backward(
             lambda rows: self.embed([ids[r] for r in rows]), chunks, len(queries),
             loss_of=lambda q, k: batch_loss(self.objective, q, k, rewards, masked, self.scoring, self.ctx),
-            backward=lambda total: self.scaler.scale(total * scale).backward(), grad_cache=bool(self.grad_cache_chunk),
-            before_backward=lambda loss: check_finite(loss, self.describe_stop))
+            backward=self.scaled_backward, grad_cache=bool(self.grad_cache_chunk),
+            before_backward=lambda loss: self.check_finite(float(loss.total.detach()), loss.parts))
 
-    def describe_stop(self, value: float, parts: dict) -> str:
-        saved = checkpoint.current_folder(self.out)
-        kept = (f"the checkpoint of step {json.loads((saved / checkpoint.STATE).read_text())['state']['step']} "
-                f"in {saved} is kept (--resume continues from it)") if saved else "no checkpoint was written yet"
-        terms = ", ".join(f"{k} {v:.4g}" for k, v in parts.items())
-        return (f"step {self.state.step + 1}: the loss is {value} ({terms}); training stopped before this step "
-                f"changed the model; {kept}. Lower --learning-rate, raise --temperature, or check the labels' rewards")
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        # the backbone's own order, as distill train always summed and clipped them (another order would change
+        # the last bits of a clipped step's norm, and so a run's bytes)
+        return [p for p in self.encoder.backbone.parameters() if p.requires_grad]
 
-    def optimizer_step(self) -> None:
-        parameters = [p for p in self.encoder.backbone.parameters() if p.requires_grad]
-        sum_gradients(parameters, self.ctx)
-        self.scaler.unscale_(self.optimizer)
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    # ----- the loop's hooks -----------------------------------------------------------------------------------
+    def before_step(self) -> None:
+        accumulate = self.cfg.gradient_accumulation_steps
+        while self.state.batch >= len(self.plan.batches) - len(self.plan.batches) % accumulate:
+            self.next_epoch()
+
+    def backward_next(self) -> tuple[float, dict[str, float]]:
+        groups = self.plan.batches[self.state.batch]
+        loss = self.backward(groups)
+        if loss.negative_scores is not None:
+            for g, s in zip(groups, loss.negative_scores.tolist()):
+                self.tracker.observe(g.example, s)
+        self.state.batch += 1
+        self.window_samples += len(groups)
+        return float(loss.total.detach()), loss.parts
+
+    def log_record(self, losses: list[float], terms: dict[str, float]) -> dict:
+        cfg, elapsed = self.cfg, time.perf_counter() - self.window_started
+        record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
+                  "loss": float(np.mean(losses[-cfg.gradient_accumulation_steps * cfg.logging_steps:])),
+                  "terms": terms, "lr": self.scheduler.get_last_lr()[0],
+                  "samples_per_s": round(self.window_samples / max(elapsed, 1e-9), 2),
+                  "tokens_per_s": round((self.tokens.real - self.window_tokens) / max(elapsed, 1e-9), 1)}
+        self.start_window()
+        return record
+
+    def start_window(self) -> None:
+        """The speeds of the next log line count from here."""
+        self.window_started, self.window_samples, self.window_tokens = time.perf_counter(), 0, self.tokens.real
 
     # ----- evaluation, logging, checkpoints ------------------------------------------------------------------
     def evaluate(self) -> dict | None:
@@ -164,34 +174,13 @@ class Trainer:
         self.encoder.train()
         return broadcast_object(metrics, self.ctx)  # every rank takes the same best-checkpoint decision
 
-    def log(self, record: dict) -> None:
-        if not self.ctx.is_main:
-            return
-        self.folder.wrote(LOG)
-        with open(self.out / LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            self.state.log_bytes = f.tell()
+    def checkpoint_extra(self) -> dict:
+        return {"plan": plan_to_json(self.plan),
+                "pools": [[e.pool.tolist(), None if e.pool_rewards is None else e.pool_rewards.tolist()]
+                          for e in self.examples], "tracker": self.tracker.state()}
 
-    def save_checkpoint(self) -> None:
-        if self.ctx.is_main:
-            self.folder.wrote(checkpoint.FOLDER, checkpoint.FOLDER + ".tmp", checkpoint.FOLDER + ".old")
-            state = {"state": self.state.to_json(), "plan": checkpoint.plan_to_json(self.plan),
-                     "pools": [[e.pool.tolist(), None if e.pool_rewards is None else e.pool_rewards.tolist()]
-                               for e in self.examples], "tracker": self.tracker.state()}
-            optimizer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                         "scaler": self.scaler.state_dict()}
-            checkpoint.save(self.out, model=self.encoder.backbone, optimizer_state=optimizer, rng=rng_state(),
-                            state=state)
-        barrier(self.ctx)
-
-    def load_checkpoint(self, folder: Path) -> None:
-        optimizer, rng, saved = checkpoint.load(folder, self.encoder.backbone, self.device)
-        self.optimizer.load_state_dict(optimizer["optimizer"])
-        self.scheduler.load_state_dict(optimizer["scheduler"])
-        self.scaler.load_state_dict(optimizer["scaler"])
-        self.state, self.plan = TrainState.from_json(saved["state"]), checkpoint.plan_from_json(saved["plan"])
+    def restore(self, saved: dict, folder: Path) -> None:
+        self.state, self.plan = TrainState.from_json(saved["state"]), plan_from_json(saved["plan"])
         if len(saved["pools"]) != len(self.examples):
             raise DataError(f"{folder}: holds {len(saved['pools'])} examples' pools, this run has "
                             f"{len(self.examples)}; --overwrite to start again")
@@ -199,16 +188,6 @@ class Trainer:
             example.pool = np.asarray(pool, dtype=np.int64)
             example.pool_rewards = None if rewards is None else np.asarray(rewards, dtype=np.float64)
         self.tracker = ScoreTracker.from_state(saved["tracker"])
-        set_rng_state({k: (v.cpu() if torch.is_tensor(v) else [t.cpu() for t in v]) for k, v in rng.items()})
-        if self.ctx.is_main and (self.out / LOG).exists():
-            with open(self.out / LOG, "r+b") as f:  # drop what was logged after the checkpoint
-                f.truncate(self.state.log_bytes)
-
-    def save_model(self, name: str | None = None) -> None:
-        """The student into the run folder (None) or a sub-folder of it (`best`)."""
-        if self.ctx.is_main:
-            self.folder.save_model(self.encoder, name)
-        barrier(self.ctx)
 
     # ----- re-mining ------------------------------------------------------------------------------------------
     def remine(self, chosen: list[int], reason: str) -> None:
@@ -229,53 +208,17 @@ class Trainer:
         self.log({"kind": "remine", "step": self.state.step, "reason": reason, "examples": len(chosen),
                   "changed": changed, "seconds": round(time.perf_counter() - started, 2)})
 
-    # ----- the loop -------------------------------------------------------------------------------------------
+    # ----- the run -------------------------------------------------------------------------------------------
     def train(self) -> dict | None:
-        """Steps until `total_steps` (epochs roll over), then the last evaluation; returns its metrics."""
-        from tqdm.auto import tqdm
-
-        cfg, state, accumulate = self.cfg, self.state, self.cfg.gradient_accumulation_steps
+        """The evaluation before (at step 0), the steps until `total_steps` (epochs roll over), then the last
+        evaluation; returns its metrics."""
+        state = self.state
         if state.step == 0 and state.before is None and self.eval_rset is not None:
             state.before = self.evaluate()
             self.log({"kind": "eval", "step": 0, "metrics": state.before})
         self.encoder.train()
-        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (cfg.show_progress and self.ctx.is_main))
-        window_started, window_samples, window_tokens = time.perf_counter(), 0, self.tokens.real
-        losses: list[float] = []
-        while state.step < self.total_steps:
-            if state.batch >= len(self.plan.batches) - len(self.plan.batches) % accumulate:
-                self.next_epoch()
-                continue
-            terms: dict[str, float] = {}
-            step_started = time.perf_counter()
-            for _ in range(accumulate):
-                groups = self.plan.batches[state.batch]
-                loss = self.backward(groups)
-                losses.append(float(loss.total.detach()))
-                for name, value in loss.parts.items():
-                    terms[name] = terms.get(name, 0.0) + value / accumulate
-                if loss.negative_scores is not None:
-                    for g, s in zip(groups, loss.negative_scores.tolist()):
-                        self.tracker.observe(g.example, s)
-                state.batch += 1
-                window_samples += len(groups)
-            self.optimizer_step()
-            self.step_seconds += time.perf_counter() - step_started
-            state.step += 1
-            bar.update(1)
-            if state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
-                elapsed = time.perf_counter() - window_started
-                record = {"kind": "train", "step": state.step, "epoch": state.epoch,
-                          "loss": float(np.mean(losses[-accumulate * cfg.logging_steps:])), "terms": terms,
-                          "lr": self.scheduler.get_last_lr()[0],
-                          "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
-                          "tokens_per_s": round((self.tokens.real - window_tokens) / max(elapsed, 1e-9), 1)}
-                self.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
-                window_started, window_samples, window_tokens = time.perf_counter(), 0, self.tokens.real
-            self.after_step()
-        bar.close()
+        self.start_window()
+        self.run_steps()
         return self.eval_and_keep_best()
 
     def throughput(self) -> dict:
@@ -294,7 +237,7 @@ class Trainer:
                              f"--gradient-accumulation-steps {self.cfg.gradient_accumulation_steps}")
 
     def after_step(self) -> None:
-        """What runs between steps: dev evaluation, re-mining, the checkpoint (never after the last step)."""
+        """What runs between steps, before the loop's checkpoint: dev evaluation, re-mining."""
         cfg, step = self.cfg, self.state.step
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
             self.eval_and_keep_best()
@@ -303,8 +246,6 @@ class Trainer:
         if cfg.dynamic_remine and due(step, cfg.dynamic_remine_steps, self.total_steps):
             self.remine(self.tracker.stale(self.remine_settings.factor, self.remine_settings.max_abs_score),
                         "dynamic")
-        if step % cfg.save_steps == 0 and step < self.total_steps:
-            self.save_checkpoint()
 
     def eval_and_keep_best(self) -> dict | None:
         metrics = self.evaluate()
