@@ -142,8 +142,8 @@ def plan(config_path: Path, overrides: dict[str, Any] | None = None,
     asked = "raw_text" if run.generate else run.supervision
     if supervision is None:
         supervision = choose_supervision(run.data, run.split, asked)
-    elif run.generate:
-        supervision = Supervision("raw_text", "asked for")
+    elif asked != "auto":  # the config names its supervision: that one, still without looking at the data
+        supervision = Supervision(asked, "asked for")
     run = dataclasses.replace(run, supervision=supervision.kind, generate=supervision.kind == "raw_text")
     implied = supervision.stage_defaults()
     planned = [(stage, stage_config(stage, run, {**implied.get(stage.settings_section, {}),

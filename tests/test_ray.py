@@ -79,7 +79,7 @@ def test_a_data_error_only_a_worker_meets_is_one_line_exit_2(cluster, tiny_llama
                            "--executor", "ray", "--workers", "1"))
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err == f"error: {queries}: query {qid!r} has no answers (use --missing-answers query or generate)\n"
+    assert err == f"error: {queries}: query {qid!r} has no answers (--target answer or --missing-answers error); use --missing-answers query or generate\n"
 
 
 def test_a_bug_in_a_worker_keeps_its_own_type_and_the_workers_traceback(cluster, tmp_path):
