@@ -79,12 +79,12 @@ class LabelConfig(TeacherSettings, RecordStageSettings):
                 "relevance_<language>[_chat])"})
     target: str = field(default="auto", metadata={
         "help": "what the teacher scores: auto (the reference answers where a query has some, else see "
-                "--missing-answers), answer (answer likelihood, every query needs answers) or query (query "
+                "--missing-answers), answer (answer likelihood, every query needs answers), query (query "
                 "likelihood log p(q | passage) for every query, answers unused: UPR) or relevance (log p(Yes) - log p(No) "
                 "after asking whether the passage answers the query, Gecko; answers unused)", "choices": list(TARGETS)})
     signals: list[str] = field(default_factory=list, metadata={
         "help": f"further signals scored in the same pass and written as a named map beside the rewards, from "
-                f"{', '.join(SIGNALS)} (answer needs answers on every query; default: none)", "metavar": "SIGNAL"})
+                f"{', '.join(SIGNALS)}; answer needs answers on every query (default: none)", "metavar": "SIGNAL"})
     missing_answers: str = field(default="query", metadata={
         "help": "queries without answers: score query likelihood (UPR), have the LLM write an answer from the "
                 "positive passage, or stop with an error", "choices": list(MISSING_ANSWERS)})
