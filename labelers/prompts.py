@@ -6,14 +6,17 @@ setting lines (`## key: value`):
 - `chat`: true to wrap the filled prompt in the tokenizer's chat template as
   the user turn (the continuation is then the assistant's reply);
 - `continuation`: `answer` (answer-likelihood reward), `question` (query
-  likelihood, UPR) or `pair` (the LLM writes a question and its answer:
-  query generation);
+  likelihood, UPR), `relevance` (relevance classification, Gecko: the
+  reward is log p(yes_label) - log p(no_label) after the prompt) or `pair`
+  (the LLM writes a question and its answer: query generation);
 - `separator`: JSON string put between prompt and continuation, e.g. `" "`;
 - `question_label`, `answer_label` (pair templates): JSON strings that start
   the generated question (the prompt ends with it) and the answer, e.g.
-  `"Question:"` and `"Answer:"`.
+  `"Question:"` and `"Answer:"`;
+- `yes_label`, `no_label` (relevance templates): JSON strings, the two
+  continuations compared, e.g. `"Yes"` and `"No"` (the default).
 
-The rest is the body, with `{passage}`; answer templates also hold
+The rest is the body, with `{passage}`; answer and relevance templates also hold
 `{question}`, pair templates `{examples}` (the few-shot block).
 """
 from __future__ import annotations
@@ -23,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from .errors import UsageError
 
-SETTINGS = {"chat", "continuation", "separator", "question_label", "answer_label"}
-CONTINUATIONS = ("answer", "question", "pair")
+SETTINGS = {"chat", "continuation", "separator", "question_label", "answer_label", "yes_label", "no_label"}
+CONTINUATIONS = ("answer", "question", "relevance", "pair")
+NEEDS_QUESTION = ("answer", "relevance")  # continuations whose body shows the question
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,12 @@ class PromptTemplate:
     name: str
     body: str
     chat: bool
-    continuation: str  # "answer" | "question" | "pair"
+    continuation: str  # "answer" | "question" | "relevance" | "pair"
     separator: str
     question_label: str = "Question:"
     answer_label: str = "Answer:"
+    yes_label: str = "Yes"
+    no_label: str = "No"
 
     def fill(self, passage: str, question: str = "", examples: str = "") -> str:
         # replace, not str.format: passages may hold braces; the passage goes in last so its text is never read
@@ -68,15 +74,21 @@ def parse_template(text: str, name: str) -> PromptTemplate:
     continuation = settings.get("continuation", "answer")
     if continuation not in CONTINUATIONS:
         raise UsageError(f"{name}: continuation must be one of {CONTINUATIONS}, got {continuation!r}")
-    if "{passage}" not in body or (continuation == "answer" and "{question}" not in body):
-        raise UsageError(f"{name}: the body must contain {{passage}}" + (" and {question}" if continuation == "answer" else ""))
+    if "{passage}" not in body or (continuation in NEEDS_QUESTION and "{question}" not in body):
+        raise UsageError(f"{name}: the body must contain {{passage}}"
+                         + (" and {question}" if continuation in NEEDS_QUESTION else ""))
     chat = settings.get("chat", "false").lower()
     if chat not in ("true", "false"):
         raise UsageError(f"{name}: setting 'chat': must be true or false, got {settings['chat']!r}")
-    return PromptTemplate(name=name, body=body, chat=chat == "true", continuation=continuation,
-                          separator=_json_string(name, "separator", settings.get("separator", '""')),
-                          **{k: _json_string(name, k, settings[k]) for k in ("question_label", "answer_label")
-                             if k in settings})
+    labels = ("question_label", "answer_label", "yes_label", "no_label")
+    template = PromptTemplate(name=name, body=body, chat=chat == "true", continuation=continuation,
+                              separator=_json_string(name, "separator", settings.get("separator", '""')),
+                              **{k: _json_string(name, k, settings[k]) for k in labels if k in settings})
+    if continuation == "relevance" and (not (template.yes_label and template.no_label)
+                                        or template.yes_label == template.no_label):
+        raise UsageError(f"{name}: a relevance template compares two different, non-empty continuations; "
+                         f"yes_label {template.yes_label!r} and no_label {template.no_label!r} are not")
+    return template
 
 
 def _json_string(name: str, key: str, value: str) -> str:

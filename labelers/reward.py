@@ -1,4 +1,4 @@
-"""The teacher's reward: how likely the LLM finds the reference answer given a passage.
+"""The teacher's reward: how likely the LLM finds the reference answer (or the query, or "Yes") given a passage.
 
 For query q with reference answer O = (o_1..o_m) and candidate passage C
 (LLM-Embedder, Zhang et al. 2023; bge):
@@ -7,7 +7,13 @@ For query q with reference answer O = (o_1..o_m) and candidate passage C
     mean     = log r(C) / m                              (the original code's score)
 
 Without a reference answer, query likelihood (UPR, Sachan et al. 2022) scores
-log p(q | prompt(C)) instead. `RewardInputs.build` makes the token ids: the
+log p(q | prompt(C)) instead. Relevance classification (Gecko, Lee et al. 2024)
+asks whether C answers q (or supports or refutes a claim) and needs no answer:
+
+    r(C) = log p("Yes" | prompt(C, q)) - log p("No" | prompt(C, q))   (sums, nats)
+
+the two continuations share their prompt (the hf backend runs it once).
+`RewardInputs.build` makes the token ids: the
 continuation's tokens are exactly those of tokenize(prompt + separator +
 continuation) after the prompt's own tokens; when BPE merges across that
 boundary, the continuation is tokenised on its own instead (and counted).
@@ -71,10 +77,25 @@ class RewardInputs:
         return as_user_turn(self.tokenizer, self.template, self.template.fill(self.truncate_passage(passage), question))
 
     def build(self, question: str, passage: str, answer: str | None = None) -> tuple[list[int], list[int]]:
+        if self.template.continuation not in ("answer", "question"):
+            raise UsageError(f"template {self.template.name} scores {self.template.continuation}; "
+                             "build_relevance makes its pairs")
         continuation = answer if self.template.continuation == "answer" else question
         if not continuation:
             raise UsageError(f"template {self.template.name} scores the {self.template.continuation}, which is empty")
+        return self._pair(self.prompt_text(question, passage), continuation)
+
+    def build_relevance(self, question: str, passage: str) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, yes_label's ids, no_label's ids): both continuations follow the one prompt."""
+        if self.template.continuation != "relevance":
+            raise UsageError(f"template {self.template.name} scores the {self.template.continuation}, not relevance")
         prompt = self.prompt_text(question, passage)
+        prompt_ids, yes_ids = self._pair(prompt, self.template.yes_label)
+        _, no_ids = self._pair(prompt, self.template.no_label)
+        self.tokens_built -= len(prompt_ids)  # the prompt is shown once
+        return prompt_ids, yes_ids, no_ids
+
+    def _pair(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
         special = not self.template.chat  # a chat template writes its own BOS
         prompt_ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
         full_ids = self.tokenizer(prompt + self.template.separator + continuation, add_special_tokens=special)["input_ids"]
@@ -101,8 +122,9 @@ class Reward:
     """A passage's reward: the best normalised score over the reference answers, and which answer gave it."""
 
     value: float
-    score: Score
-    answer_index: int | None  # None for query likelihood
+    score: Score              # relevance: the yes_label's
+    answer_index: int | None  # None for query likelihood and relevance
+    no_score: Score | None = None  # relevance: the no_label's (value = score.logprob_sum - no_score.logprob_sum)
 
 
 def score_groups(backend: Backend, inputs: RewardInputs, groups: Sequence[RewardGroup],
@@ -111,11 +133,15 @@ def score_groups(backend: Backend, inputs: RewardInputs, groups: Sequence[Reward
 
     With several reference answers each is scored and the maximum kept (by
     the normalised value). With a query-likelihood template the question
-    itself is the continuation and the answers are ignored.
+    itself is the continuation and the answers are ignored. With a relevance
+    template the value is the difference of the two log-prob sums (never
+    normalised: they are the log-probabilities of two words), answers ignored.
     """
     if normalization not in NORMALIZATIONS:
         raise UsageError(f"normalization {normalization!r} is not known; choose one of {sorted(NORMALIZATIONS)}")
     normalise = NORMALIZATIONS[normalization]
+    if inputs.template.continuation == "relevance":
+        return _relevance(backend, inputs, groups)
     pairs, owners = [], []  # owners[k] = (group, passage, answer index)
     for g, group in enumerate(groups):
         targets: list[str | None] = list(group.answers) if inputs.template.continuation == "answer" else [None]
@@ -133,3 +159,22 @@ def score_groups(backend: Backend, inputs: RewardInputs, groups: Sequence[Reward
         if current is None or value > current.value:
             best[g][p] = Reward(value, score, a)
     return best  # type: ignore[return-value]
+
+
+def _relevance(backend: Backend, inputs: RewardInputs, groups: Sequence[RewardGroup]) -> list[list[Reward]]:
+    """log p(yes_label) - log p(no_label) per passage; each passage's two pairs sent side by side."""
+    prompts, continuations = [], []
+    for group in groups:
+        for passage in group.passages:
+            prompt, yes, no = inputs.build_relevance(group.question, passage)
+            prompts += [prompt, prompt]
+            continuations += [yes, no]
+    scores = iter(backend.score(prompts, continuations))
+    out = []
+    for group in groups:
+        rewards = []
+        for _ in group.passages:
+            yes, no = next(scores), next(scores)
+            rewards.append(Reward(yes.logprob_sum - no.logprob_sum, yes, None, no))
+        out.append(rewards)
+    return out

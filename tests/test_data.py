@@ -3,6 +3,7 @@ bad input stops `distill eval` with status 2 and one line naming file, line and
 field; --skip-invalid skips and counts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -187,3 +188,42 @@ def test_skip_invalid_counts_and_still_runs(small_beir, tiny_bert_dir, tmp_path)
     report = json.loads(out.read_text())
     assert report["skipped_records"] == 3
     assert report["num_passages"] == len(lines) - 3
+
+
+def _labels_line(**extra) -> dict:
+    return {"qid": "q1", "pids": ["p1", "p2", "p3"], "rewards": [-1.5, -2.0, -3.25], "n_tokens": [2, 2, 2],
+            "n_positives": 1, "target": "relevance", "model": "m", "prompt": "relevance_en", "normalization": "mean",
+            **extra}
+
+
+def test_a_label_record_with_several_signals_round_trips(tmp_path):
+    from distill.data.records import LabelRecord, read_labels
+
+    with_signals = LabelRecord("q1", ("p1", "p2", "p3"), (0.5, -1.0, 2.0), 1, n_tokens=(1, 1, 1), target="relevance",
+                               model="m", prompt="relevance_en", normalization="mean",
+                               signals={"relevance": (0.5, -1.0, 2.0), "query": (-3.0, -4.5, -2.25)})
+    without = LabelRecord("q2", ("p2",), (-1.0,), 0, n_tokens=(3,), target="query", model="m",
+                          prompt="query_likelihood_en", normalization="mean")
+    path = tmp_path / "labels.jsonl"
+    write_jsonl(path, [with_signals.to_json(), without.to_json()])
+    back = read_labels(path)
+    assert back == [dataclasses.replace(with_signals, line=1), dataclasses.replace(without, line=2)]
+    assert "signals" not in without.to_json()  # labels files without signals keep their bytes
+    assert list(with_signals.to_json()["signals"]) == ["relevance", "query"]
+
+
+@pytest.mark.parametrize("signals, field, message", [
+    ({"relevance": [0.5, float("nan"), 1.0]}, "signals.relevance", "finite numbers"),
+    ({"query": [0.5, 1.0]}, "signals.query", "list of 3 finite numbers (one per pid)"),
+    ({"query": [0.5, True, 1.0]}, "signals.query", "finite numbers"),
+    ([0.5, 1.0, 2.0], "signals", "object of named signals"),
+    ({}, "signals", "object of named signals"),
+])
+def test_a_bad_signals_value_is_refused_with_file_line_and_field(tmp_path, signals, field, message):
+    from distill.data.records import read_labels
+
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps(_labels_line(qid="q0")) + "\n" + json.dumps(_labels_line(signals=signals)) + "\n")
+    with pytest.raises(DataError) as caught:
+        read_labels(path)
+    assert str(caught.value).startswith(f'{path}:2: field "{field}": ') and message in str(caught.value)

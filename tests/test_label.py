@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from conftest import kill_9_twice_then_finish, read_jsonl, write_jsonl
 from distill.cli import main
 from distill.data import load_retrieval_set
+from distill.data.records import read_labels
 from labelers.backends.hf import HFBackend, HFBackendConfig
 from labelers.prompts import load_template
 from labelers.reward import RewardInputs
@@ -155,4 +156,54 @@ def test_kill_9_then_rerun_gives_the_same_bytes(tiny_llama_dir, tmp_path):
     assert process.wait(timeout=600) == 0, process.stderr.read()
     killed = tmp_path / "killed.jsonl"
     kill_9_twice_then_finish(lambda: _label_process(tiny_llama_dir, killed), killed, max_pause=0.5)
+    assert killed.read_bytes() == reference.read_bytes()
+
+
+def test_relevance_target_with_signals_scores_each_signal_in_one_pass(tiny_llama_dir, small_beir, tmp_path, capsys):
+    """`--target relevance` needs no answers; `--signals` adds named signals aligned with pids: the relevance one
+    is the rewards themselves, the query one equals a `--target query` run's rewards."""
+    queries = read_jsonl(small_beir / "queries.jsonl")
+    for q in queries[::2]:
+        q.pop("answers")
+    write_jsonl(small_beir / "queries.jsonl", queries)
+    out, upr = tmp_path / "relevance.jsonl", tmp_path / "upr.jsonl"
+    assert main(label_args(tiny_llama_dir, small_beir, out, "--target", "relevance", "--signals", "query",
+                           "relevance", "--num-random", "3")) == 0
+    assert main(label_args(tiny_llama_dir, small_beir, upr, "--target", "query", "--num-random", "3")) == 0
+    records, by_query = read_jsonl(out), {r["qid"]: r for r in read_jsonl(upr)}
+    assert len(records) == len(queries)
+    for r in records:
+        assert (r["target"], r["prompt"]) == ("relevance", "relevance_en_chat") and "answer_index" not in r
+        assert list(r["signals"]) == ["query", "relevance"] and r["signals"]["relevance"] == r["rewards"]
+        assert r["pids"] == by_query[r["qid"]]["pids"]
+        np.testing.assert_allclose(r["signals"]["query"], by_query[r["qid"]]["rewards"], atol=1e-5)
+    assert [r.signals["relevance"] for r in read_labels(out)] == [tuple(r["rewards"]) for r in records]
+
+    # one record by hand: log p(Yes) - log p(No) of each passage, scored alone
+    r = records[0]
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32"))
+    inputs = RewardInputs(AutoTokenizer.from_pretrained(tiny_llama_dir), load_template("relevance_en_chat"))
+    query = next(q for q in queries if q["_id"] == r["qid"])
+    passages = {p["_id"]: (p.get("title", "") + " " + p["text"]).strip() for p in read_jsonl(small_beir / "corpus.jsonl")}
+    for pid, reward in zip(r["pids"], r["rewards"]):
+        prompt, yes, no = inputs.build_relevance(query["text"], passages[pid])
+        yes_score, no_score = backend.score([prompt, prompt], [yes, no])
+        assert reward == pytest.approx(yes_score.logprob_sum - no_score.logprob_sum, abs=1e-4)
+
+    capsys.readouterr()
+    assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "a.jsonl", "--signals", "answer")) == 2
+    assert "has no answers, which --signals answer scores" in capsys.readouterr().err
+    assert main(label_args(tiny_llama_dir, small_beir, tmp_path / "b.jsonl", "--signals", "query", "bm25")) == 2
+    assert "'bm25' is not a signal" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kill_9_with_several_signals_then_rerun_gives_the_same_bytes(tiny_llama_dir, tmp_path):
+    extra = ("--target", "relevance", "--signals", "relevance", "query", "answer", "--num-random", "5")
+    reference = tmp_path / "reference.jsonl"
+    process = _label_process(tiny_llama_dir, reference, *extra)
+    assert process.wait(timeout=600) == 0, process.stderr.read()
+    assert all(set(r["signals"]) == {"relevance", "query", "answer"} for r in read_jsonl(reference))
+    killed = tmp_path / "killed.jsonl"
+    kill_9_twice_then_finish(lambda: _label_process(tiny_llama_dir, killed, *extra), killed, max_pause=0.5)
     assert killed.read_bytes() == reference.read_bytes()

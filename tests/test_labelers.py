@@ -312,3 +312,54 @@ def test_nucleus_keeps_the_tokens_transformers_top_p_keeps(spread):
     ours = torch.zeros_like(probs).scatter(1, ids, kept)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
     assert (kept > 0).sum(dim=-1).max() > (256 if spread > 1 else 1)
+
+
+@pytest.mark.parametrize("name", ["relevance_en", "relevance_en_chat"])
+def test_relevance_reward_is_log_p_yes_minus_log_p_no_from_the_logits(tiny_llama_dir, name):
+    """Gecko's relevance signal, on a query without answers: log p(Yes) - log p(No) at the position after the
+    prompt, by hand from one unpadded forward pass each; the Yes and No pairs share the prompt's run."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    backend = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32"))
+    plain = HFBackend(HFBackendConfig(str(tiny_llama_dir), device="cpu", dtype="float32", pack_continuations=False,
+                                      share_prefix=False), model=backend.model)
+    inputs = RewardInputs(tokenizer, load_template(name))
+    question = "who improved the steam engine?"
+    passages = ["James Watt improved the steam engine in 1776.", "Paris is the capital of France.", "the engine"]
+    rewards = score_groups(backend, inputs, [RewardGroup(question, [], passages)])[0]
+    plain_rewards = score_groups(plain, inputs, [RewardGroup(question, [], passages)])[0]
+    separator, special = inputs.template.separator, not inputs.template.chat
+    for reward, alone, passage in zip(rewards, plain_rewards, passages):
+        text = inputs.prompt_text(question, passage)
+        prompt = tokenizer(text, add_special_tokens=special)["input_ids"]
+        logp = {}
+        for word in ("Yes", "No"):
+            full = tokenizer(text + separator + word, add_special_tokens=special)["input_ids"]
+            assert full[:len(prompt)] == prompt and len(full) > len(prompt)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(backend.model(torch.tensor([full])).logits[0].double(), dim=-1)
+            # the word's tokens after the prompt: the first is read at the position after the prompt
+            logp[word] = sum(float(logprobs[k - 1, full[k]]) for k in range(len(prompt), len(full)))
+            n_word_tokens = len(full) - len(prompt)
+            if word == "Yes":
+                assert reward.score.n_tokens == n_word_tokens
+            else:
+                assert reward.no_score.n_tokens == n_word_tokens
+        assert reward.value == pytest.approx(logp["Yes"] - logp["No"], abs=1e-4)
+        assert reward.value == pytest.approx(reward.score.logprob_sum - reward.no_score.logprob_sum, abs=1e-9)
+        assert reward.value == pytest.approx(alone.value, abs=1e-4) and reward.answer_index is None
+    assert inputs.boundary_merges == 0
+    assert backend.tokens_run < plain.tokens_run  # each prompt ran once for its two continuations
+
+
+def test_relevance_templates_parse_and_need_two_labels():
+    for name in ("relevance_en", "relevance_en_chat", "relevance_zh", "relevance_zh_chat"):
+        template = load_template(name)
+        assert template.continuation == "relevance" and "{question}" in template.body
+    assert (load_template("relevance_zh").yes_label, load_template("relevance_zh").no_label) == ("是", "否")
+    with pytest.raises(ValueError, match="two different"):
+        parse_template('## continuation: relevance\n## yes_label: "Yes"\n## no_label: "Yes"\n{passage} {question}',
+                       "same")
+    with pytest.raises(ValueError, match="must contain"):
+        parse_template("## continuation: relevance\n{passage} only", "no_question")

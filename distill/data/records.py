@@ -45,6 +45,9 @@ class LabelRecord:
     answer_index: tuple[int, ...] | None = None        # target "answer": the reference answer of each maximum
     answer: str | None = None                          # target "generated_answer": the teacher's own answer
     normalization: str | None = None                   # "mean" | "sum" over the continuation's tokens
+    # `label --signals`: further teacher signals scored in the same pass, by name ("answer", "query",
+    # "relevance"), each aligned with pids; `rewards` stays the training signal
+    signals: dict[str, tuple[float, ...]] | None = None
 
     def to_json(self) -> dict:
         """The labels line, as `distill label` writes it (keys in this order; optional ones only when set)."""
@@ -57,6 +60,8 @@ class LabelRecord:
             out["answer"] = self.answer
         if self.retriever_scores is not None:
             out["retriever_scores"] = list(self.retriever_scores)
+        if self.signals is not None:
+            out["signals"] = {name: list(values) for name, values in self.signals.items()}
         out.update(model=self.model, prompt=self.prompt, normalization=self.normalization)
         return out
 
@@ -102,7 +107,27 @@ def _label_record(path: Path, line: int, raw: dict) -> LabelRecord:
         raise _problem(path, line, "answer_index", f"must be a list of {len(pids)} integers")
     return LabelRecord(qid, tuple(pids), tuple(float(r) for r in rewards), n_positives, line,
                        None if n_tokens is None else tuple(n_tokens), **text, retriever_scores=retriever_scores,
-                       answer_index=None if answer_index is None else tuple(answer_index))
+                       answer_index=None if answer_index is None else tuple(answer_index),
+                       signals=_signals(path, line, raw, len(pids)))
+
+
+def _signals(path: Path, line: int, raw: dict, length: int) -> dict[str, tuple[float, ...]] | None:
+    """`signals`: null, or an object of named lists of `length` finite numbers (one per pid)."""
+    signals = raw.get("signals")
+    if signals is None:
+        return None
+    if not isinstance(signals, dict) or not signals:
+        raise _problem(path, line, "signals", f"must be null or an object of named signals, got {signals!r}"[:200])
+    checked = {}
+    for name, values in signals.items():
+        if not name:
+            raise _problem(path, line, "signals", "a signal has an empty name")
+        if (not isinstance(values, list) or len(values) != length or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+            raise _problem(path, line, f"signals.{name}", f"must be a list of {length} finite numbers (one per pid), "
+                           f"got {values!r}"[:200])
+        checked[name] = tuple(float(v) for v in values)
+    return checked
 
 
 def read_labels(path: Path) -> list[LabelRecord]:

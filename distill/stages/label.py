@@ -8,15 +8,21 @@ Each candidate gets the reward of `labelers.reward` (mean or sum of the
 reference answer's token log-probs, the best over several answers). Queries
 without answers fall back to query likelihood (UPR), or have the LLM write an
 answer from their first positive passage first (`--missing-answers`).
+`--target relevance` scores every query with Gecko's yes/no relevance prompt
+instead (log p(Yes) - log p(No); no answers needed).
 
 Output, one line per query (DESIGN.md's labels contract, plus provenance):
 
     {"qid", "pids", "rewards", "n_tokens", "n_positives", "target", "answer_index"?,
-     "answer"?, "model", "prompt", "normalization"}
+     "answer"?, "signals"?, "model", "prompt", "normalization"}
 
 `target` says what was scored: "answer" (reference answers; `answer_index`
 names the one that gave each maximum), "generated_answer" (`answer` holds
-the LLM's own), or "query" (query likelihood). Writing goes through
+the LLM's own), "query" (query likelihood) or "relevance" (n_tokens are the
+Yes word's). `--signals relevance query ...` scores further signals in the
+same pass over the pool and writes them as `"signals": {name: [...]}`, aligned
+with `pids` (a signal equal to the record's target reuses its rewards);
+`rewards` stays the training signal. Writing goes through
 `stages.writer`: resumable after a kill, byte-identical to an uninterrupted
 run, and split with `--shard i/n`.
 """
@@ -49,7 +55,9 @@ from .writer import Shard
 logger = logging.getLogger(__name__)
 
 MISSING_ANSWERS = ("query", "generate", "error")
-TARGETS = ("auto", "answer", "query")
+TARGETS = ("auto", "answer", "query", "relevance")
+SIGNALS = ("answer", "query", "relevance")
+SIGNAL_OF_TARGET = {"answer": "answer", "generated_answer": "answer", "query": "query", "relevance": "relevance"}
 Unit = tuple[str, "list[str] | None", "list[float] | None"]  # (qid, listed candidates, their retriever scores)
 
 
@@ -66,10 +74,17 @@ class LabelConfig(TeacherSettings, RecordStageSettings):
         "help": "answer-likelihood template: packaged name or file (default: reward_<language>[_chat])"})
     query_prompt: str | None = field(default=None, metadata={
         "help": "query-likelihood template for queries without answers (default: query_likelihood_<language>[_chat])"})
+    relevance_prompt: str | None = field(default=None, metadata={
+        "help": "relevance template for --target relevance and --signals relevance (default: "
+                "relevance_<language>[_chat])"})
     target: str = field(default="auto", metadata={
         "help": "what the teacher scores: auto (the reference answers where a query has some, else see "
-                "--missing-answers), answer (answer likelihood, every query needs answers) or query (query "
-                "likelihood log p(q | passage) for every query, answers unused: UPR)", "choices": list(TARGETS)})
+                "--missing-answers), answer (answer likelihood, every query needs answers), query (query "
+                "likelihood log p(q | passage) for every query, answers unused: UPR) or relevance (log p(Yes) - log p(No) "
+                "after asking whether the passage answers the query, Gecko; answers unused)", "choices": list(TARGETS)})
+    signals: list[str] = field(default_factory=list, metadata={
+        "help": f"further signals scored in the same pass and written as a named map beside the rewards, from "
+                f"{', '.join(SIGNALS)}; answer needs answers on every query (default: none)", "metavar": "SIGNAL"})
     missing_answers: str = field(default="query", metadata={
         "help": "queries without answers: score query likelihood (UPR), have the LLM write an answer from the "
                 "positive passage, or stop with an error", "choices": list(MISSING_ANSWERS)})
@@ -86,10 +101,16 @@ class LabelConfig(TeacherSettings, RecordStageSettings):
         for name, least in (("num_random", 0), ("max_passage_tokens", 1), ("max_answer_tokens", 1)):
             if getattr(self, name) < least:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
+        unknown = [s for s in self.signals if s not in SIGNALS]
+        if unknown or len(set(self.signals)) != len(self.signals):
+            raise UsageError(f"--signals {' '.join(self.signals)}: each of {', '.join(SIGNALS)} at most once"
+                             + (f"; {unknown[0]!r} is not a signal" if unknown else ""))
 
     def check_against(self, data: SuppliedData) -> None:
         if self.target == "answer" and data.answers is False:
             raise UsageError(f"--target answer scores reference answers; {data.where} has none: use --target query")
+        if "answer" in self.signals and data.answers is False:
+            raise UsageError(f"--signals answer scores reference answers; {data.where} has none: leave it out")
         if not data.labelled and not self.candidates:
             raise UsageError(f"{data.where} has no qrels: give --candidates (the retriever's pool per query, from "
                              "distill mine) for the teacher to score")
@@ -117,6 +138,12 @@ class Labeler:
             raise UsageError(f"--prompt {self.answer_inputs.template.name} scores the question; it must score answers")
         if self.query_inputs.template.continuation != "question":
             raise UsageError(f"--query-prompt {self.query_inputs.template.name} must score the question")
+        self.relevance_inputs = RewardInputs(self.tokenizer, load_template(
+            cfg.relevance_prompt or default_template(cfg.language, "relevance", chat)), cfg.max_passage_tokens)
+        if self.relevance_inputs.template.continuation != "relevance":
+            raise UsageError(f"--relevance-prompt {self.relevance_inputs.template.name} must be a relevance template "
+                             "(## continuation: relevance)")
+        self.inputs = {"answer": self.answer_inputs, "query": self.query_inputs, "relevance": self.relevance_inputs}
         table = rset.queries.table
         self.query = {qid: (text, answers or []) for qid, text, answers in
                       zip(table["id"].to_pylist(), table["text"].to_pylist(), table["answers"].to_pylist())}
@@ -125,7 +152,10 @@ class Labeler:
         self.labels = 0
 
     def prompt_names(self) -> dict[str, str]:
-        return {"answer": self.answer_inputs.template.name, "query": self.query_inputs.template.name}
+        names = {"answer": self.answer_inputs.template.name, "query": self.query_inputs.template.name}
+        if self.cfg.target == "relevance" or "relevance" in self.cfg.signals:  # absent before: those jobs resume
+            names["relevance"] = self.relevance_inputs.template.name
+        return names
 
     @property
     def n_units(self) -> int:
@@ -135,8 +165,8 @@ class Labeler:
         """What the output depends on; resuming with anything else changed is refused."""
         cfg = self.cfg
         # `target` auto is what every labels file was before the setting existed: left out, their jobs resume
-        exclude = ("data", "output", "candidates", "shard", "prompt", "query_prompt") + (
-            ("target",) if cfg.target == "auto" else ())
+        exclude = ("data", "output", "candidates", "shard", "prompt", "query_prompt", "relevance_prompt") + (
+            ("target",) if cfg.target == "auto" else ()) + (() if cfg.signals else ("signals",))
         settings = output_settings(cfg, exclude=exclude)
         settings.update(prompts=self.prompt_names(), shard=str(self.shard), data=self.rset.fingerprint(),
                         candidates=file_digest(cfg.candidates) if cfg.candidates else None)
@@ -175,8 +205,8 @@ class Labeler:
             pids, n_pos = self.candidates_of(qid, listed)
             passages = corpus.passages_at(corpus.rows_of(pids), include_title=cfg.include_title)
             question, answers = self.query[qid]
-            if cfg.target == "query":
-                target = "query"
+            if cfg.target in ("query", "relevance"):
+                target = cfg.target
             elif answers:
                 target = "answer"
             else:
@@ -187,27 +217,40 @@ class Labeler:
             jobs.append({"qid": qid, "pids": pids, "n_pos": n_pos, "passages": passages, "question": question,
                          "answers": list(answers), "target": target, "retriever_scores": retriever_scores})
         self._write_missing_answers([j for j in jobs if j["target"] == "generated_answer"])
-        records: list[dict | None] = [None] * len(jobs)
-        for target, inputs in (("answer", self.answer_inputs), ("generated_answer", self.answer_inputs),
-                               ("query", self.query_inputs)):
-            chosen = [i for i, j in enumerate(jobs) if j["target"] == target]
+        # every (job, signal) scored once: the targets' rewards first, one backend call per kind (in the order
+        # labels files were always made), then each --signals one not scored as a target
+        scored: dict[tuple[int, str], list] = {}
+        calls = [(SIGNAL_OF_TARGET[kind], [i for i, j in enumerate(jobs) if j["target"] == kind])
+                 for kind in ("answer", "generated_answer", "query", "relevance")]
+        calls += [(name, [i for i, j in enumerate(jobs) if SIGNAL_OF_TARGET[j["target"]] != name])
+                  for name in cfg.signals]
+        for name, chosen in calls:
             if not chosen:
                 continue
+            for i in chosen:
+                if name == "answer" and not jobs[i]["answers"]:
+                    raise DataError(f"{self.rset.queries.path}: query {jobs[i]['qid']!r} has no answers, which "
+                                    "--signals answer scores; leave it out or give every query answers")
             groups = [RewardGroup(jobs[i]["question"], jobs[i]["answers"], jobs[i]["passages"]) for i in chosen]
-            for i, rewards in zip(chosen, score_groups(self._backend(), inputs, groups, cfg.normalization)):
-                job = jobs[i]
-                record = LabelRecord(
-                    job["qid"], tuple(job["pids"]), tuple(r.value for r in rewards), job["n_pos"],
-                    n_tokens=tuple(r.score.n_tokens for r in rewards), target=target, model=cfg.llm,
-                    prompt=inputs.template.name, normalization=cfg.normalization,
-                    # queries without qrels: the pool's retriever scores, which training fuses with the rewards
-                    retriever_scores=None if job["retriever_scores"] is None else tuple(job["retriever_scores"]),
-                    answer_index=tuple(r.answer_index for r in rewards) if target == "answer" else None,
-                    answer=job["answers"][0] if target == "generated_answer" else None)
-                records[i] = record.to_json()
-                self.labels += len(rewards)
-        self.tokens = self.answer_inputs.tokens_built + self.query_inputs.tokens_built
-        return records  # type: ignore[return-value]
+            for i, rewards in zip(chosen, score_groups(self._backend(), self.inputs[name], groups, cfg.normalization)):
+                scored[i, name] = rewards
+        records = []
+        for i, job in enumerate(jobs):
+            target = job["target"]
+            rewards = scored[i, SIGNAL_OF_TARGET[target]]
+            record = LabelRecord(
+                job["qid"], tuple(job["pids"]), tuple(r.value for r in rewards), job["n_pos"],
+                n_tokens=tuple(r.score.n_tokens for r in rewards), target=target, model=cfg.llm,
+                prompt=self.inputs[SIGNAL_OF_TARGET[target]].template.name, normalization=cfg.normalization,
+                # queries without qrels: the pool's retriever scores, which training fuses with the rewards
+                retriever_scores=None if job["retriever_scores"] is None else tuple(job["retriever_scores"]),
+                answer_index=tuple(r.answer_index for r in rewards) if target == "answer" else None,
+                answer=job["answers"][0] if target == "generated_answer" else None,
+                signals={name: tuple(r.value for r in scored[i, name]) for name in cfg.signals} or None)
+            records.append(record.to_json())
+            self.labels += len(rewards)
+        self.tokens = sum(inputs.tokens_built for inputs in self.inputs.values())
+        return records
 
     def _write_missing_answers(self, jobs: list[dict]) -> None:
         """The LLM answers each question from its first positive passage (greedy); empty answers fall back."""
@@ -267,7 +310,7 @@ def run_label(cfg: LabelConfig) -> dict:
     report = {"output": str(output), "queries": n, "resumed_from": summary.resumed_from,
               "labels": labeler.labels, "tokens": labeler.tokens, "seconds": round(elapsed, 2),
               "shard": str(labeler.shard), "queries_without_candidates": uncovered,
-              "boundary_merges": labeler.answer_inputs.boundary_merges + labeler.query_inputs.boundary_merges}
+              "boundary_merges": sum(inputs.boundary_merges for inputs in labeler.inputs.values())}
     print(f"labelled {n - summary.resumed_from} queries ({labeler.labels} passages) in {elapsed:.1f} s"
           + (f", resumed after {summary.resumed_from}" if summary.resumed_from else "") + f" -> {output}")
     if rset.problems.total:
