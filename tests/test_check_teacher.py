@@ -76,3 +76,46 @@ def test_check_teacher_counts_what_its_labels_say_and_stops_a_weak_teacher(tiny_
     # allowed: exit 0, and the scored labels are reused as they are (nothing scored again)
     assert main([*args, "--allow-weak-teacher"]) == 0
     assert read_jsonl(out) == labels and "already complete" in capsys.readouterr().out
+
+
+def test_the_label_stage_reuses_the_checks_scores_and_scores_only_the_rest(tiny_llama_dir, minilm_dir, tmp_path,
+                                                                            monkeypatch):
+    from labelers.backends.hf import HFBackend
+
+    data = _slice(tmp_path / "data", 10)
+    pool = tmp_path / "pool.jsonl"
+    assert main(["mine", "--model", str(minilm_dir), "--data", str(data), "--output", str(pool), "--num-negatives",
+                 "3", "--no-cache", "--no-show-progress"]) == 0
+    common = ["--llm", str(tiny_llama_dir), "--data", str(data), "--candidates", str(pool), "--device", "cpu",
+              "--dtype", "float32", "--no-show-progress", "--chunk-size", "2"]
+    pairs = []
+    real_score = HFBackend.score
+
+    def counted(self, prompts, continuations):  # counts what the backend is asked, then scores it for real
+        pairs.append(len(prompts))
+        return real_score(self, prompts, continuations)
+
+    monkeypatch.setattr(HFBackend, "score", counted)
+    check = tmp_path / "check.jsonl"
+    assert main(["check-teacher", *common, "--output", str(check), "--num-queries", "4",
+                 "--allow-weak-teacher"]) == 0
+    checked = {r["qid"]: r for r in read_jsonl(check)}
+    assert len(checked) == 4
+    pairs.clear()
+    labels = tmp_path / "labels.jsonl"
+    assert main(["label", *common, "--output", str(labels), "--reuse", str(check)]) == 0
+    with_reuse = sum(pairs)
+    pairs.clear()
+    assert main(["label", *common, "--output", str(tmp_path / "plain.jsonl")]) == 0
+    # a query asks one pair per passage and reference answer; the 4 checked are not asked again
+    answers = {q["_id"]: len(q["answers"]) for q in read_jsonl(data / "queries.jsonl")}
+    plain = read_jsonl(tmp_path / "plain.jsonl")
+    asked = {r["qid"]: len(r["pids"]) * answers[r["qid"]] for r in plain}
+    assert sum(pairs) == sum(asked.values())
+    assert with_reuse == sum(n for qid, n in asked.items() if qid not in checked) < sum(asked.values())
+    lines = read_jsonl(labels)
+    assert [r["qid"] for r in lines] == [r["qid"] for r in read_jsonl(tmp_path / "plain.jsonl")]
+    assert all(r == checked[r["qid"]] for r in lines if r["qid"] in checked)
+    # a check made with other settings cannot stand in for this job
+    assert main(["label", *common, "--output", str(tmp_path / "other.jsonl"), "--reuse", str(check),
+                 "--normalization", "sum"]) == 2

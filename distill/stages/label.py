@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from labelers.errors import UsageError
 
 from ..config import add_command, output_settings
 from ..data import DataError, RetrievalSet, load_retrieval_set
+from ..data.progress import canonical, verified_progress
 from ..data.records import LabelRecord, read_candidates, read_labels
 from ..files import file_digest
 from ..negatives import query_rng
@@ -94,6 +96,9 @@ class LabelConfig(TeacherSettings, RecordStageSettings):
     max_answer_tokens: int = field(default=32, metadata={"help": "--missing-answers generate: answer length limit"})
     include_title: bool = field(default=True, metadata={"help": "show the teacher 'title text'"})
     chunk_size: int = field(default=16, metadata={"help": "queries per fsync'd output chunk (and per backend call)"})
+    reuse: Path | None = field(default=None, metadata={
+        "help": "labels already scored with these very settings for some of the queries (distill check-teacher's "
+                "--output): their lines are taken as they are, not scored again"})
 
 
     def __post_init__(self) -> None:
@@ -150,6 +155,7 @@ class Labeler:
         self.backend = None
         self.tokens = 0
         self.labels = 0
+        self.reused: dict[str, dict] = {}
 
     def prompt_names(self) -> dict[str, str]:
         names = {"answer": self.answer_inputs.template.name, "query": self.query_inputs.template.name}
@@ -165,12 +171,30 @@ class Labeler:
         """What the output depends on; resuming with anything else changed is refused."""
         cfg = self.cfg
         # `target` auto is what every labels file was before the setting existed: left out, their jobs resume
-        exclude = ("data", "output", "candidates", "shard", "prompt", "query_prompt", "relevance_prompt") + (
-            ("target",) if cfg.target == "auto" else ()) + (() if cfg.signals else ("signals",))
+        exclude = ("data", "output", "candidates", "shard", "prompt", "query_prompt", "relevance_prompt",
+                   "reuse") + (("target",) if cfg.target == "auto" else ()) + (() if cfg.signals else ("signals",))
         settings = output_settings(cfg, exclude=exclude)
         settings.update(prompts=self.prompt_names(), shard=str(self.shard), data=self.rset.fingerprint(),
                         candidates=file_digest(cfg.candidates) if cfg.candidates else None)
+        if cfg.reuse:  # a job that takes another's lines depends on them (absent otherwise: older jobs resume)
+            settings["reused"] = file_digest(cfg.reuse)
         return settings
+
+    def load_reuse(self) -> None:
+        """The lines of `--reuse` by query, once they are shown to be this job's: written with the same settings
+        (the check labels some of the same queries with the label stage's settings) and finished."""
+        if not self.cfg.reuse:
+            return
+        progress = verified_progress(Path(self.cfg.reuse))
+        mine = {k: v for k, v in canonical(self.settings()).items() if k != "reused"}
+        theirs = canonical((progress or {}).get("settings") or {})
+        if progress is None or not progress["complete"] or theirs != {**mine, "shard": theirs.get("shard")}:
+            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "shard")
+            raise UsageError(f"--reuse {self.cfg.reuse}: " + ("is not a finished labels job" if not progress or not
+                             progress["complete"] else f"was scored with other settings ({', '.join(differ)})")
+                             + "; its lines cannot stand for this job's")
+        lines = Path(self.cfg.reuse).read_text(encoding="utf-8").splitlines()
+        self.reused = {record.qid: json.loads(line) for record, line in zip(read_labels(self.cfg.reuse), lines)}
 
     def start(self) -> None:
         self._backend()
@@ -199,9 +223,15 @@ class Labeler:
         return positives + self.rset.corpus.ids_at(rows), len(positives)
 
     def process(self, start: int, stop: int) -> list[dict]:
+        units = self.units[start:stop]
+        fresh = [u for u in units if u[0] not in self.reused]
+        computed = iter(self._score(fresh) if fresh else [])
+        return [self.reused[u[0]] if u[0] in self.reused else next(computed) for u in units]
+
+    def _score(self, units: list[Unit]) -> list[dict]:
         cfg, corpus = self.cfg, self.rset.corpus
         jobs = []
-        for qid, listed, retriever_scores in self.units[start:stop]:
+        for qid, listed, retriever_scores in units:
             pids, n_pos = self.candidates_of(qid, listed)
             passages = corpus.passages_at(corpus.rows_of(pids), include_title=cfg.include_title)
             question, answers = self.query[qid]
@@ -279,7 +309,9 @@ def build_labeler(cfg: LabelConfig) -> tuple[Labeler, RetrievalSet, int]:
         raise DataError(f"{cfg.candidates}: holds no candidates line, so there is nothing to label")
     uncovered = len(rset.queries) - len(units)
     start, stop = shard.bounds(len(units))
-    return Labeler(cfg, rset, units[start:stop], shard), rset, uncovered
+    labeler = Labeler(cfg, rset, units[start:stop], shard)
+    labeler.load_reuse()
+    return labeler, rset, uncovered
 
 
 def labeler_for(cfg: LabelConfig) -> Labeler:
@@ -310,9 +342,11 @@ def run_label(cfg: LabelConfig) -> dict:
     report = {"output": str(output), "queries": n, "resumed_from": summary.resumed_from,
               "labels": labeler.labels, "tokens": labeler.tokens, "seconds": round(elapsed, 2),
               "shard": str(labeler.shard), "queries_without_candidates": uncovered,
-              "boundary_merges": sum(inputs.boundary_merges for inputs in labeler.inputs.values())}
+              "boundary_merges": sum(inputs.boundary_merges for inputs in labeler.inputs.values()),
+              "reused": sum(u[0] in labeler.reused for u in labeler.units)}
     print(f"labelled {n - summary.resumed_from} queries ({labeler.labels} passages) in {elapsed:.1f} s"
-          + (f", resumed after {summary.resumed_from}" if summary.resumed_from else "") + f" -> {output}")
+          + (f", resumed after {summary.resumed_from}" if summary.resumed_from else "")
+          + (f", {report['reused']} taken from {cfg.reuse} as they were" if report["reused"] else "") + f" -> {output}")
     if rset.problems.total:
         print(rset.problems.summary())
     return report
