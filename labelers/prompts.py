@@ -113,3 +113,20 @@ def load_template(name_or_path: str) -> PromptTemplate:
         raise UsageError(f"prompt template {name_or_path!r} is neither a file nor a packaged template "
                          f"({', '.join(sorted(available))})")
     return parse_template(available[name_or_path].read_text(encoding="utf-8"), name_or_path)
+
+
+def resolve_template(given: str | None, kind: str, language: str, chat: bool,
+                     continuation: str | None = None) -> PromptTemplate:
+    """The template a stage uses for `kind` (reward, query_likelihood, relevance, generate): the one the user
+    named (a packaged name or a file), else the packaged `<kind>_<language>[_chat]`, the chat variant when the
+    teacher's tokenizer has a chat template. With `continuation`, a template that scores something else (a
+    question where an answer is meant) is refused, naming it."""
+    name = given
+    if name is None:
+        name = f"{kind}_{language}"
+        name = f"{name}_chat" if chat and f"{name}_chat" in packaged_templates() else name
+    template = load_template(name)
+    if continuation is not None and template.continuation != continuation:
+        raise UsageError(f"template {template.name} scores the {template.continuation}; a {kind} template must score "
+                         f"the {continuation}")
+    return template

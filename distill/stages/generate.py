@@ -39,7 +39,7 @@ import numpy as np
 from labelers.backends import Sampling
 from labelers.filters import FILTERS, FilterSettings, Pair, apply_filters
 from labelers.generation import PairPrompts, generate_pairs, load_few_shot, packaged_examples
-from labelers.prompts import load_template
+from labelers.prompts import resolve_template
 from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score_groups
 from labelers.errors import UsageError
 
@@ -47,7 +47,7 @@ from ..config import add_command, output_settings
 from ..data import Corpus, ProblemLog, load_corpus_of
 from ..data.records import GeneratedSample, GenerationRecord, read_generations
 from ..files import file_digest
-from .teacher_settings import TeacherSettings, default_template
+from .teacher_settings import TeacherSettings
 from .record_settings import RecordStageSettings
 from .generated_folder import SUMMARY, final_settings, finish, is_generated, print_summary
 from .record_stage import run_record_stage
@@ -153,11 +153,11 @@ class QuestionSampler:
         self.cfg, self.corpus, self.rows, self.shard = cfg, corpus, rows, shard
         tokenizer = cfg.load_tokenizer()
         chat = bool(getattr(tokenizer, "chat_template", None))
-        template = load_template(cfg.prompt or default_template(cfg.language, "generate", chat))
+        template = resolve_template(cfg.prompt, "generate", cfg.language, chat)
         few_shot = cfg.few_shot_examples()
         self.prompts = PairPrompts(tokenizer, template, few_shot, cfg.max_passage_tokens)
-        self.support = RewardInputs(tokenizer, load_template(
-            cfg.support_prompt or default_template(cfg.language, "reward", chat)), cfg.max_passage_tokens)
+        self.support = RewardInputs(tokenizer, resolve_template(
+            cfg.support_prompt, "reward", cfg.language, chat), cfg.max_passage_tokens)
         if self.support.template.continuation != "answer":
             raise UsageError(f"--support-prompt {self.support.template.name} must score answers")
         self.filters = [f for f in PASSAGE_FILTERS if f in cfg.filters]

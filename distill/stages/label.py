@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from labelers.prompts import load_template
+from labelers.prompts import resolve_template
 from labelers.reward import MAX_PASSAGE_TOKENS, RewardGroup, RewardInputs, score_groups
 from labelers.errors import UsageError
 
@@ -48,7 +48,7 @@ from ..data.records import LabelRecord, read_candidates, read_labels
 from ..files import file_digest
 from ..negatives import query_rng
 from ..negatives.uniform import draw_uniform
-from .teacher_settings import TeacherSettings, default_template
+from .teacher_settings import TeacherSettings
 from ..supervision import SuppliedData
 from .record_settings import RecordStageSettings
 from .record_stage import run_record_stage
@@ -135,16 +135,16 @@ class Labeler:
         self.cfg, self.rset, self.units, self.shard = cfg, rset, units, shard
         self.tokenizer = cfg.load_tokenizer()
         chat = bool(getattr(self.tokenizer, "chat_template", None))
-        self.answer_inputs = RewardInputs(self.tokenizer, load_template(
-            cfg.prompt or default_template(cfg.language, "reward", chat)), cfg.max_passage_tokens)
-        self.query_inputs = RewardInputs(self.tokenizer, load_template(
-            cfg.query_prompt or default_template(cfg.language, "query_likelihood", chat)), cfg.max_passage_tokens)
+        self.answer_inputs = RewardInputs(self.tokenizer, resolve_template(
+            cfg.prompt, "reward", cfg.language, chat), cfg.max_passage_tokens)
+        self.query_inputs = RewardInputs(self.tokenizer, resolve_template(
+            cfg.query_prompt, "query_likelihood", cfg.language, chat), cfg.max_passage_tokens)
         if self.answer_inputs.template.continuation != "answer":
             raise UsageError(f"--prompt {self.answer_inputs.template.name} scores the question; it must score answers")
         if self.query_inputs.template.continuation != "question":
             raise UsageError(f"--query-prompt {self.query_inputs.template.name} must score the question")
-        self.relevance_inputs = RewardInputs(self.tokenizer, load_template(
-            cfg.relevance_prompt or default_template(cfg.language, "relevance", chat)), cfg.max_passage_tokens)
+        self.relevance_inputs = RewardInputs(self.tokenizer, resolve_template(
+            cfg.relevance_prompt, "relevance", cfg.language, chat), cfg.max_passage_tokens)
         if self.relevance_inputs.template.continuation != "relevance":
             raise UsageError(f"--relevance-prompt {self.relevance_inputs.template.name} must be a relevance template "
                              "(## continuation: relevance)")

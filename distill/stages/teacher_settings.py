@@ -125,11 +125,3 @@ class TeacherSettings:
             checked_model_source(self.llm)  # the tokenizer's folder; the server holds the model
             return
         check_causal_lm(self.llm, self.trust_remote_code)
-
-
-def default_template(language: str, kind: str, chat: bool) -> str:
-    """The packaged template `<kind>_<language>[_chat]`: the chat variant when the tokenizer has a chat template."""
-    from labelers.prompts import packaged_templates
-
-    name = f"{kind}_{language}"
-    return f"{name}_chat" if chat and f"{name}_chat" in packaged_templates() else name
