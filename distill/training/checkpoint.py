@@ -33,8 +33,19 @@ from ..data import DataError
 from ..files import fsync_folder, write_json_atomic
 from .batches import EpochPlan, Group
 
+class JsonState:
+    """A dataclass of counters that a checkpoint's state.json holds as a plain object."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict):
+        return cls(**payload)
+
+
 @dataclass
-class TrainState:
+class TrainState(JsonState):
     """Where a run is: counters, the evaluations kept, and how much of the log belongs to this state."""
 
     step: int = 0                  # optimizer steps done
@@ -44,13 +55,6 @@ class TrainState:
     best: dict | None = None       # {"step", "metrics"} of the best evaluation so far
     before: dict | None = None     # metrics before training
     log_bytes: int = 0             # train_log.jsonl is cut back to this on resume
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, payload: dict) -> TrainState:
-        return cls(**payload)
 
 
 FOLDER = "checkpoint"

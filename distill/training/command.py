@@ -37,7 +37,7 @@ from ..data.records import read_labels, read_train_log
 from ..evaluate import format_table
 from ..files import file_digest, write_text_atomic
 from .config import TrainConfig
-from .distributed import Distributed, close_distributed, init_distributed
+from .distributed import Distributed, run_distributed
 from .report import model_card, plot_training
 from .run_folder import RunFolder, end_run, finished_summary, resume_point
 from .trainer import LOG, Trainer
@@ -57,11 +57,7 @@ def run_settings(cfg: TrainConfig) -> dict:
 
 
 def run_train(cfg: TrainConfig) -> dict:
-    ctx = init_distributed(cfg.device)
-    try:
-        return _run_train(cfg, ctx)
-    finally:
-        close_distributed(ctx)
+    return run_distributed(cfg.device, lambda ctx: _run_train(cfg, ctx))
 
 
 def _run_train(cfg: TrainConfig, ctx: Distributed) -> dict:

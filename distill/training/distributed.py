@@ -12,10 +12,14 @@ GPUs and gloo on CPUs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,16 @@ def close_distributed(ctx: Distributed) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_distributed(device: str | None, body: Callable[[Distributed], T]) -> T:
+    """`body(ctx)` inside the process group of a `torchrun` launch (a plain process otherwise), left once
+    every rank is done, whatever happened."""
+    ctx = init_distributed(device)
+    try:
+        return body(ctx)
+    finally:
+        close_distributed(ctx)
 
 
 def gather_with_local_grad(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:

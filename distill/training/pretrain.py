@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ from labelers.errors import UsageError
 
 from ..config import add_command, output_settings
 from ..data import data_digest, load_corpus_of
-from .distributed import Distributed, close_distributed, init_distributed, same_on_every_rank, sum_over_ranks
+from .checkpoint import JsonState
+from .distributed import Distributed, run_distributed, same_on_every_rank, sum_over_ranks
 from .loop import Loop
 from .optim import autocast_dtype
 from .pretrain_objectives import OBJECTIVES
@@ -113,20 +114,13 @@ def _settings(cfg: PretrainConfig) -> dict:
 
 
 @dataclass
-class PretrainState:
+class PretrainState(JsonState):
     """Where a pretraining run is; the checkpoint saves it."""
 
     step: int = 0        # optimizer steps done
     batch: int = 0       # batches of the passage order drawn, skipped ones included: the next is `batch`
     skipped: int = 0     # batches whose draw left the loss nothing to predict (an MLM draw that masked nothing)
     log_bytes: int = 0   # pretrain_log.jsonl is cut back to this on resume
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, payload: dict) -> PretrainState:
-        return cls(**payload)
 
 
 MAX_SKIPPED_IN_A_ROW = 100
@@ -211,11 +205,7 @@ class Pretrainer(Loop):
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    ctx = init_distributed(cfg.device)
-    try:
-        return _run_pretrain(cfg, ctx)
-    finally:
-        close_distributed(ctx)
+    return run_distributed(cfg.device, lambda ctx: _run_pretrain(cfg, ctx))
 
 
 def _run_pretrain(cfg: PretrainConfig, ctx: Distributed) -> dict:
