@@ -1,0 +1,79 @@
+"""The control student of `distill run` (issue 46.1): a student trained on the same mined pools without the
+teacher (self-training on the retriever's own top 1, or hard labels where qrels exist), so every run says what
+the teacher added, with a paired interval."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SQUAD_MINI, read_jsonl, write_jsonl
+from distill.cli import main
+from distill.training.config import TrainConfig
+from distill.training.inputs import load_training_examples
+
+
+@pytest.fixture
+def query_log(tmp_path) -> Path:
+    """squad-mini's corpus and 24 of its questions without answers, qrels or positives: a query log."""
+    folder = tmp_path / "log"
+    folder.mkdir()
+    shutil.copy(SQUAD_MINI / "corpus.jsonl", folder / "corpus.jsonl")
+    write_jsonl(folder / "queries.jsonl", [{"_id": q["_id"], "text": q["text"]}
+                                           for q in read_jsonl(SQUAD_MINI / "queries.jsonl")[:24]])
+    return folder
+
+
+def _examples(**settings) -> tuple[list, dict]:
+    cfg = TrainConfig(model="m", output=Path("o"), show_progress=False, **settings)
+    _, examples, skipped = load_training_examples(cfg)
+    return examples, skipped
+
+
+def test_self_training_from_candidates_equals_labels_with_retriever_top1(tiny_bert_dir, tiny_llama_dir, query_log,
+                                                                        tmp_path):
+    mined, candidates, labels = tmp_path / "mined.jsonl", tmp_path / "cand.jsonl", tmp_path / "labels.jsonl"
+    assert main(["mine", "--model", str(tiny_bert_dir), "--data", str(query_log), "--pool-size", "5", "--output",
+                 str(mined), "--no-cache", "--no-show-progress"]) == 0
+    pools = read_jsonl(mined)
+    pools[3]["scores"][1] = pools[3]["scores"][0]  # a tie at the top is no choice, from either file
+    write_jsonl(candidates, pools)
+    assert main(["label", "--llm", str(tiny_llama_dir), "--data", str(query_log), "--candidates", str(candidates),
+                 "--output", str(labels), "--device", "cpu", "--dtype", "float32", "--no-show-progress"]) == 0
+    from_candidates, said_c = _examples(data=str(query_log), candidates=str(candidates), positives="retriever-top1")
+    from_labels, said_l = _examples(data=str(query_log), labels=str(labels), positives="retriever-top1")
+
+    def seen(examples):
+        return [(e.qid, e.query, e.positive, e.pool.tolist(), e.positives.tolist()) for e in examples]
+
+    assert seen(from_candidates) == seen(from_labels)
+    assert len(from_candidates) == 23 and said_c["positive not confident"] == said_l["positive not confident"] == 1
+    assert said_c["positives chosen by retriever-top1 (kept)"] == 23
+    first = {p["qid"]: p for p in pools}
+    from distill.data import load_retrieval_set
+
+    corpus = load_retrieval_set(query_log, "train", unlabelled=True).corpus
+    for example in from_candidates:  # the pool's best retriever score is the positive, the rest its negatives
+        pool = first[example.qid]
+        assert corpus.ids_at([example.positive]) == [pool["pids"][int(np.argmax(pool["scores"]))]]
+        assert sorted(corpus.ids_at(example.pool)) == sorted(pool["pids"][1:])
+        assert example.positive_reward is None and example.pool_rewards is None  # no teacher in them
+
+
+def test_candidates_positives_must_fit_the_qrels(tmp_path, capsys):
+    # without qrels, --candidates needs the retriever's choice; with qrels, the retriever's top 1 of a pool
+    # mined without the positives would be a negative
+    assert main(["train", "--model", "m", "--data", "squad-mini", "--candidates", str(tmp_path / "c.jsonl"),
+                 "--positives", "teacher", "--output", str(tmp_path / "o")]) == 2
+    assert "need the teacher's rewards" in capsys.readouterr().err
+    from distill.supervision import SuppliedData
+
+    cfg = TrainConfig(model="m", data="d", output=Path("o"), candidates="c.jsonl", positives="retriever-top1")
+    with pytest.raises(ValueError, match="is for queries without qrels"):
+        cfg.check_against(SuppliedData(True, None))
+    with pytest.raises(ValueError, match="--positives retriever-top1, self-training"):
+        TrainConfig(model="m", data="d", output=Path("o"), candidates="c.jsonl").check_against(
+            SuppliedData(False, None))
