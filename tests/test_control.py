@@ -77,3 +77,47 @@ def test_candidates_positives_must_fit_the_qrels(tmp_path, capsys):
     with pytest.raises(ValueError, match="--positives retriever-top1, self-training"):
         TrainConfig(model="m", data="d", output=Path("o"), candidates="c.jsonl").check_against(
             SuppliedData(False, None))
+
+
+def _write_run(tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path, data: Path, **top) -> tuple[Path, Path]:
+    from test_run import write_config
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.yaml", out, tiny_bert_dir, tiny_llama_dir, mine={"pool_size": 4},
+                          train={"max_steps": 6, "save_steps": 3})
+    extra = "".join(f"\n{k}: {v}" for k, v in top.items())
+    config.write_text(config.read_text().replace("data: squad-mini", f"data: {data}\neval_data: squad-mini{extra}"))
+    return config, out
+
+
+def test_a_run_trains_a_self_training_control_and_says_what_the_teacher_added(tiny_bert_dir, tiny_llama_dir,
+                                                                             query_log, tmp_path, capsys):
+    config, out = _write_run(tmp_path, tiny_bert_dir, tiny_llama_dir, query_log)
+    assert main(["run", str(config)]) == 0
+    said = capsys.readouterr().out
+    assert "control: self-training (auto for supervision queries)" in said
+    lines = said.strip().splitlines()[-3:]
+    assert lines[0].startswith("the student against the base: ")
+    assert lines[1].startswith("the control (self-training on the same pools) against the base: ")
+    assert lines[2].startswith("the teacher added ") and lines[2].endswith(
+        ", over self-training on the same pools (200 queries)")
+    report = json.loads((out / "report.json").read_text())
+    assert report["lines"] == lines and report["control"]["kind"] == "self-training"
+    added = report["teacher_added"]
+    after, control = (json.loads((out / "eval" / f"{n}.json").read_text()) for n in ("after", "control"))
+    assert added["queries"] == 200
+    assert added["mean_difference"] == pytest.approx(after["ndcg@10"] - control["ndcg@10"], abs=1e-9)
+    assert added["low"] <= added["mean_difference"] <= added["high"]
+    assert f"{100 * added['mean_difference']:+.2f} nDCG@10 points [{100 * added['low']:+.2f}, " in lines[2]
+    ledger = json.loads((out / "stages" / "control.json").read_text())
+    assert ledger["settings"]["loss"] == "infonce" and ledger["settings"]["positives"] == "retriever-top1"
+    assert ledger["settings"]["candidates"] == [str(out / "candidates.jsonl")] and ledger["upstream"].keys() == {
+        "mine"}
+    summary = json.loads((out / "control" / "training_summary.json").read_text())
+    assert summary["steps"] == 6
+    # a new label setting reruns the label stage and the student, not the control
+    assert main(["run", str(config), "--label.max-passage-tokens", "64"]) == 0
+    said = capsys.readouterr().out
+    assert "label: settings changed: max_passage_tokens" in said and "train: earlier stage redone: label" in said
+    assert "control: complete, skipped" in said and "eval_control: complete, skipped" in said
+    assert json.loads((out / "stages" / "control.json").read_text()) == ledger
