@@ -33,6 +33,7 @@ def _examples(**settings) -> tuple[list, dict]:
     return examples, skipped
 
 
+@pytest.mark.slow
 def test_self_training_from_candidates_equals_labels_with_retriever_top1(tiny_bert_dir, tiny_llama_dir, query_log,
                                                                         tmp_path):
     mined, candidates, labels = tmp_path / "mined.jsonl", tmp_path / "cand.jsonl", tmp_path / "labels.jsonl"
@@ -90,6 +91,7 @@ def _write_run(tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path, data: 
     return config, out
 
 
+@pytest.mark.slow
 def test_a_run_trains_a_self_training_control_and_says_what_the_teacher_added(tiny_bert_dir, tiny_llama_dir,
                                                                              query_log, tmp_path, capsys):
     config, out = _write_run(tmp_path, tiny_bert_dir, tiny_llama_dir, query_log)

@@ -45,9 +45,13 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
             rewards.legend()
     rewards.set_title("teacher reward (mean answer log-prob)")
     rewards.set_xlabel("nats / token")
-    log = [r for r in read_train_log(run_dir / "model" / "train_log.jsonl") if r.kind == "train"]
-    if log:
-        curve.plot([r.step for r in log], [r.loss for r in log], color="black", marker=".")
+    for folder, name, color in (("model", "student", "black"), ("control", "control", "tab:orange")):
+        log = [r for r in read_train_log(run_dir / folder / "train_log.jsonl") if r.kind == "train"] \
+            if (folder == "model" or control) else []
+        if log:
+            curve.plot([r.step for r in log], [r.loss for r in log], color=color, marker=".", label=name)
+    if control:
+        curve.legend()
     curve.set_title("training loss")
     curve.set_xlabel("step")
     x = range(len(METRICS))
@@ -76,8 +80,8 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
         bars.text(0.01, 0.01, f"y axis starts at {floor:.0f}, not 0", transform=bars.transAxes, fontsize=8,
                   color="firebrick", va="bottom")
     bars.set_xticks(list(x), METRICS)
-    interval = f" (nDCG@10 gain: {100 * comparison['confidence']:.0f}% CI)" if comparison else ""
-    bars.set_title("test metrics " + " / ".join(shown) + interval)
+    interval = f" (nDCG@10: {100 * comparison['confidence']:.0f}% CI)" if comparison else ""
+    bars.set_title("test metrics" + interval)
     bars.legend(loc="lower right")
     if lines:  # the run's summary, one line each, above the panels
         fig.suptitle("\n".join(lines), fontsize=9, x=0.01, ha="left")
