@@ -169,12 +169,15 @@ def choose_control(asked: str, supervision: Supervision, data: str) -> tuple[str
     return asked, "asked for"
 
 
-def describe_control(run: RunSettings, planned: list[tuple[Stage, Any]], why: str) -> str:
-    """One line: which control student the run trains, or that it trains none."""
+def describe_control(run: RunSettings, planned: list[tuple[Stage, Any]], why: str, config_path: Path) -> str:
+    """One line: which control student the run trains, or that it trains none (and how to ask for one)."""
     if run.control == "none":
-        return (f"control: none ({why}): this run does not say what the teacher added over training on the same "
-                "pools without it" + ("" if why.startswith("auto for supervision raw_text") else
-                                      "; --control self-training or hard-labels adds a student (a train and an eval)"))
+        line = f"control: none ({why}): this run does not say what the teacher added over training on the same pools"
+        if run.supervision == "raw_text":  # the queries are the teacher's own: no student trains without it
+            return line + " without it (the teacher wrote the training queries)"
+        kind = AUTO_CONTROL[run.supervision]
+        return line + (f" without it; `distill run {config_path} --control {kind}` adds that student (about one "
+                       "more train and eval; completed stages are skipped)")
     line = (f"control: {run.control} ({why}): a student trained on the same mined pools without the teacher, by "
             f"InfoNCE with {CONTROL_HOW[run.control]}")
     label = next((cfg for stage, cfg in planned if stage.name == "label"), None)
@@ -237,7 +240,7 @@ def plan_with_control(config_path: Path, overrides: dict[str, Any] | None = None
             except UsageError as exc:
                 raise UsageError(f"{config_path}: {stage.name if stage.fixed else stage.settings_section}: {exc}") \
                     from None
-    return run, planned, supervision, describe_control(run, planned, why)
+    return run, planned, supervision, describe_control(run, planned, why, config_path)
 
 
 def mined_pool_size(planned: list[tuple[Stage, Any]]) -> int | None:

@@ -123,3 +123,67 @@ def test_a_run_trains_a_self_training_control_and_says_what_the_teacher_added(ti
     assert "label: settings changed: max_passage_tokens" in said and "train: earlier stage redone: label" in said
     assert "control: complete, skipped" in said and "eval_control: complete, skipped" in said
     assert json.loads((out / "stages" / "control.json").read_text()) == ledger
+
+
+def test_the_control_reruns_when_the_pools_or_the_training_plan_change_never_for_the_teacher(
+        tmp_path, tiny_bert_dir, tiny_llama_dir):
+    from distill.run_ledger import DataHashes, stage_record
+    from distill.run_plan import plan
+    from test_run import write_config
+
+    config = write_config(tmp_path / "run.yaml", tmp_path / "out", tiny_bert_dir, tiny_llama_dir)
+
+    def fingerprints(**overrides) -> dict[str, str]:
+        _, planned, _ = plan(config, overrides)
+        out: dict[str, str] = {}
+        for stage, cfg in planned:
+            out[stage.name] = stage_record(stage, cfg, DataHashes(tmp_path / "hashes.json"), out)["fingerprint"]
+        return out
+
+    def redone(**overrides) -> set[str]:
+        new = fingerprints(**overrides)
+        return {name for name in new if base.get(name) != new[name]}
+
+    base = fingerprints()
+    assert list(base)[-2:] == ["control", "eval_control"]  # squad-mini has qrels: auto is hard-labels
+    both = {"control", "eval_control"}
+    assert redone(**{"train.learning_rate": 3e-5}) == {"train", "eval_after"} | both  # the same training plan
+    assert redone(**{"mine.num_negatives": 2}) == {"mine", "label", "train", "eval_after"} | both  # the pools
+    # what only the teacher feeds: the label stage, the student's loss and its teacher-only settings
+    assert redone(**{"label.max_passage_tokens": 64}) == {"label", "train", "eval_after"}
+    assert redone(**{"train.loss": "kl", "train.teacher_temperature": 0.5, "train.false_negatives": "drop",
+                     "train.drop_disputed": True}) == {"train", "eval_after"}
+    assert redone(control="none").isdisjoint(both) and "control" not in fingerprints(control="none")
+    _, planned, _ = plan(config)
+    control = next(cfg for stage, cfg in planned if stage.name == "control")
+    assert (control.loss, control.positives, control.labels) == ("infonce", "qrels", None)
+    assert control.candidates == [tmp_path / "out" / "candidates.jsonl"] and control.learning_rate == 1e-4
+
+
+def test_the_dry_run_shows_the_control_and_refuses_an_impossible_one(tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    config.write_text(yaml.safe_dump({"output_dir": str(out), "model": "m", "llm": "l", "data": "squad-qa",
+                                      "supervision": "answers", "train": {"max_steps": 5}}))
+    assert main(["run", str(config), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "# control: self-training (auto for supervision answers)" in said
+    assert f"  control (train): squad-qa, <mine> -> {out / 'control'}" in said
+    assert f"  eval_control (eval): squad-qa, <control>, <eval_before> -> {out / 'eval' / 'control.json'}" in said
+    control = said[said.index("\ncontrol:\n"):said.index("\neval_control:\n")]
+    assert "  positives: retriever-top1  # control" in control and "  loss: infonce  # control" in control
+    assert "  max_steps: 5  # yaml" in control  # the student's training plan
+    for data, asked, message in (("squad-qa", "hard-labels", "control: hard-labels trains on the qrels positives"),
+                                 ("squad-mini", "self-training", "control: self-training takes each pool's "
+                                                                 "retriever top 1"),
+                                 ("squad-mini", "teacher", "setting 'control': 'teacher' is not one of")):
+        overrides = ["--data", data] + (["--supervision", "auto"] if data == "squad-mini" else [])
+        assert main(["run", str(config), "--dry-run", "--control", asked, *overrides]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main(["run", str(config), "--dry-run", "--control", "none"]) == 0
+    said = capsys.readouterr().out
+    assert "control (train)" not in said and "# control: none (asked for): this run does not say" in said
+    assert not out.exists()
