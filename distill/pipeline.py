@@ -1,5 +1,5 @@
 """`distill run CONFIG.yaml`: pretrain → simcse → generate → eval (before) → mine → label → train → eval (after)
-→ report.
+→ control → eval (control) → report.
 
 This module is the loop: each planned stage is skipped, resumed or run, and the report follows. One YAML file
 holds every stage's settings (`run_config`: top-level keys (`RunSettings`) name the data, the student, the
@@ -33,9 +33,15 @@ redoing no completed stage, and changing a setting reruns that stage and those
 that read its output, not the others (a new `eval_data` reruns only the
 evaluations).
 
-Both evaluations also write TREC run files (`eval/before.trec`, `eval/after.trec`);
-the report gives the nDCG@10 gain with its bootstrap interval and randomization
-p-value over the evaluated queries, so a gain can be told from noise.
+The `control` student (`control: auto | self-training | hard-labels | none`, `run_plan.CONTROL_TRAIN`) trains
+by the `train:` section's plan on the same mined pools without the teacher (the retriever's top 1 as each
+query's positive, or the qrels with the mined negatives), reading the candidates and never the labels, so a new
+teacher does not rerun it.
+
+The evaluations also write TREC run files (`eval/before.trec`, `eval/after.trec`, `eval/control.trec`); the
+report gives, one line each, the student's and the control's nDCG@10 gain over the base and the student's over
+the control (what the teacher added), each with its bootstrap interval and randomization p-value over the
+evaluated queries, so a gain can be told from noise; `OUTPUT_DIR/report.json` holds them for other tools.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """What a `distill run` will do, as data: the stage graph (`Stage`: which command, the settings the run gives
 it, the data it reads, the earlier stages whose output it reads), each stage's full config (the run's values,
-then what the supervision implies, then its YAML section), every setting checked against what the data gives
-before any stage runs, and the dry-run printout of all of it.
+then what the supervision implies, then its YAML section, then what the stage fixes), the control student the
+supervision allows (`choose_control`), every setting checked against what the data gives before any stage
+runs, and the dry-run printout of all of it.
 """
 from __future__ import annotations
 
