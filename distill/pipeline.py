@@ -1,5 +1,5 @@
 """`distill run CONFIG.yaml`: pretrain → simcse → generate → eval (before) → mine → label → train → eval (after)
-→ report.
+→ control → eval (control) → report.
 
 This module is the loop: each planned stage is skipped, resumed or run, and the report follows. One YAML file
 holds every stage's settings (`run_config`: top-level keys (`RunSettings`) name the data, the student, the
@@ -33,9 +33,15 @@ redoing no completed stage, and changing a setting reruns that stage and those
 that read its output, not the others (a new `eval_data` reruns only the
 evaluations).
 
-Both evaluations also write TREC run files (`eval/before.trec`, `eval/after.trec`);
-the report gives the nDCG@10 gain with its bootstrap interval and randomization
-p-value over the evaluated queries, so a gain can be told from noise.
+The `control` student (`control: auto | self-training | hard-labels | none`, `run_plan.CONTROL_TRAIN`) trains
+by the `train:` section's plan on the same mined pools without the teacher (the retriever's top 1 as each
+query's positive, or the qrels with the mined negatives), reading the candidates and never the labels, so a new
+teacher does not rerun it.
+
+The evaluations also write TREC run files (`eval/before.trec`, `eval/after.trec`, `eval/control.trec`); the
+report gives, one line each, the student's and the control's nDCG@10 gain over the base and the student's over
+the control (what the teacher added), each with its bootstrap interval and randomization p-value over the
+evaluated queries, so a gain can be told from noise; `OUTPUT_DIR/report.json` holds them for other tools.
 """
 from __future__ import annotations
 
@@ -48,11 +54,12 @@ from typing import Any
 
 from labelers.models import checked_model_source
 
-from .evaluate import format_table
+from .evaluate import compare_to_run, format_table
+from .files import write_json_atomic
 from .metrics import PairedComparison
 from .run_config import SECTIONS, RunSettings, parse_overrides
 from .run_ledger import DataHashes, StageLedger, stage_record, why_changed
-from .run_plan import Stage, jsonable, mined_pool_size, plan, print_plan
+from .run_plan import CONTROL_NAMES, Stage, jsonable, mined_pool_size, plan_with_control, print_plan
 
 
 def check_models(run: RunSettings, planned: list[tuple[Stage, Any]]) -> None:
@@ -72,8 +79,9 @@ def check_models(run: RunSettings, planned: list[tuple[Stage, Any]]) -> None:
 
 
 def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> dict:
-    run, planned, supervision = plan(config_path, overrides)
+    run, planned, supervision, control_line = plan_with_control(config_path, overrides)
     print(supervision.describe(mined_pool_size(planned)))
+    print(control_line)
     check_models(run, planned)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     ledger = StageLedger(run.output_dir)
@@ -105,20 +113,81 @@ def run_pipeline(config_path: Path, overrides: dict[str, Any] | None = None) -> 
         ledger.write(stage.name, {**record, "status": "complete", "finished_at": time.time(),
                                   "seconds": round(seconds, 1), "report": jsonable(report) if isinstance(report, dict)
                                   else None})
+    print(f"== [{len(stages) + 1}/{len(stages) + 1}] report")
+    return run_report(run, planned, control_line, time.perf_counter() - started_run)
+
+
+def compared(comparison: PairedComparison | dict) -> str:
+    """"+0.41 nDCG@10 points [+0.16, +0.66], p = 0.002": a paired comparison's mean gain, 95% interval and p."""
+    c = comparison if isinstance(comparison, PairedComparison) else PairedComparison(**comparison)
+    return (f"{100 * c.mean_difference:+.2f} nDCG@10 points [{100 * c.low:+.2f}, {100 * c.high:+.2f}], "
+            f"p = {c.p_value:.2g}")
+
+
+def run_report(run: RunSettings, planned: list[tuple[Stage, Any]], control_line: str, seconds: float) -> dict:
+    """The run's last lines: the metrics table, then one line each for the student against the base, the control
+    against the base and the student against the control (paired over the evaluated queries); also written to
+    OUTPUT_DIR/report.json for other tools (the model card), and drawn in report.png."""
     from .stages.report import write_run_report
 
-    print(f"== [{len(stages) + 1}/{len(stages) + 1}] report")
-    before = json.loads((run.output_dir / "eval" / "before.json").read_text(encoding="utf-8"))
-    after = json.loads((run.output_dir / "eval" / "after.json").read_text(encoding="utf-8"))
-    png = write_run_report(run.output_dir, before, after)
+    out = run.output_dir
+    before = json.loads((out / "eval" / "before.json").read_text(encoding="utf-8"))
+    after = json.loads((out / "eval" / "after.json").read_text(encoding="utf-8"))
     rows = {"before": before, "after": after}
-    print(f"{run.eval_split} split of {run.eval_data or run.data}: {before['num_queries']} queries")
-    print(format_table(rows))
     comparison = after.get("ndcg@10_vs_baseline")
     gain = (PairedComparison(**comparison).describe() if comparison
             else f"{100 * (after['ndcg@10'] - before['ndcg@10']):+.2f} points")
-    print(f"nDCG@10 {gain}; report: {png}; {time.perf_counter() - started_run:.0f} s this run")
-    return {"before": before, "after": after, "comparison": comparison, "gain": gain, "report": str(png)}
+
+    def against_base(who: str, evaluation: dict) -> str:
+        paired = evaluation.get("ndcg@10_vs_baseline")
+        if paired:
+            return f"{who} against the base: {compared(paired)} ({paired['queries']} queries)"
+        return f"{who} against the base: {100 * (evaluation['ndcg@10'] - before['ndcg@10']):+.2f} nDCG@10 points"
+
+    lines = [against_base("the student", after)]
+    control = teacher_added = None
+    if run.control != "none":
+        control = json.loads((out / "eval" / "control.json").read_text(encoding="utf-8"))
+        rows["control"] = control
+        name = CONTROL_NAMES[run.control]
+        lines.append(against_base(f"the control ({name})", control))
+        evaluation = next(cfg for stage, cfg in planned if stage.name == "eval_control")
+        teacher_added = dataclasses.asdict(teacher_over_control(evaluation, out / "eval" / "after.trec"))
+        lines.append(f"the teacher added {compared(teacher_added)}, over {name} ({teacher_added['queries']} "
+                     "queries)")
+    else:
+        lines.append(control_line)
+    png = write_run_report(out, before, after, control=control, lines=lines)
+    print(f"{run.eval_split} split of {run.eval_data or run.data}: {before['num_queries']} queries")
+    print(format_table(rows))
+    print(f"nDCG@10 {gain}; report: {png}; {seconds:.0f} s this run")
+    for line in lines:
+        print(line)
+
+    def metrics(evaluation: dict | None) -> dict | None:
+        return None if evaluation is None else {k: v for k, v in evaluation.items() if k != "config"}
+
+    result = {"before": before, "after": after, "comparison": comparison, "gain": gain, "report": str(png),
+              "control": None if control is None else {"kind": run.control, "metrics": control,
+                                                       "vs_base": control.get("ndcg@10_vs_baseline")},
+              "teacher_added": teacher_added, "lines": lines}
+    write_json_atomic(out / "report.json", jsonable({
+        "supervision": run.supervision, "before": metrics(before), "after": metrics(after),
+        "student_vs_base": comparison, "teacher_added": teacher_added, "lines": lines,
+        "control": None if control is None else {**result["control"], "metrics": metrics(control)}}))
+    return result
+
+
+def teacher_over_control(evaluation, student_run: Path) -> PairedComparison:
+    """The student's paired nDCG@10 gain over the control's, from their TREC runs on the split the control's
+    evaluation (`evaluation`, an EvalConfig) judged."""
+    from .data import load_retrieval_set
+    from .data.records import read_trec_run
+
+    qrels = load_retrieval_set(evaluation.data, evaluation.split, skip_invalid=evaluation.skip_invalid).qrels
+    student = read_trec_run(student_run).rankings()
+    control = read_trec_run(evaluation.run_file).rankings()
+    return compare_to_run(student, control, qrels, seed=evaluation.seed)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

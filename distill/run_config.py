@@ -1,5 +1,5 @@
 """`distill run`'s own settings and how they are read: the top-level keys of the YAML file (`RunSettings`:
-the data, the student, the teacher, the run folder, where the record stages run), the stage sections beside
+the data, the student, the teacher, the control student, the run folder, where the record stages run), the stage sections beside
 them (`SECTIONS`), and the command-line overrides (`--train.learning-rate 3e-5`) on top.
 
 A section holds its stage's settings under the names of its command-line flags, so the defaults live in one
@@ -18,6 +18,7 @@ from .config import config_from_mapping, load_yaml_mapping
 from .stages.executor import ExecutorSettings
 from .supervision import SUPERVISIONS
 
+CONTROLS = ("auto", "self-training", "hard-labels", "none")  # run_plan.CONTROL_TRAIN says what each trains
 SECTIONS = ("pretrain", "simcse", "generate", "mine", "label", "train", "eval")
 SWITCHED = ("pretrain", "simcse", "generate")  # sections that are also switches: `simcse: true` or a section turns the stage on
 
@@ -37,6 +38,12 @@ class RunSettings(ExecutorSettings):
         "help": "where positives come from: qrels, answers (queries with reference answers, no qrels), queries (a "
                 "query log), raw_text (passages only: generate queries first); auto decides from the data",
         "choices": list(SUPERVISIONS)})
+    control: str = field(default="auto", metadata={
+        "help": "a control student trained on the same mined pools without the teacher, so the run says what the "
+                "teacher added: self-training (each pool's retriever top 1 as the positive; queries without qrels), "
+                "hard-labels (the qrels positives and the mined negatives), none; auto: self-training for answers "
+                "and queries, hard-labels for qrels, none for raw_text",
+        "choices": list(CONTROLS)})
     generate: bool | None = field(default=None, metadata={
         "help": "write synthetic queries first (the same as supervision: raw_text)"})
     pretrain: bool = field(default=False, metadata={

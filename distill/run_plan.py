@@ -1,14 +1,15 @@
 """What a `distill run` will do, as data: the stage graph (`Stage`: which command, the settings the run gives
 it, the data it reads, the earlier stages whose output it reads), each stage's full config (the run's values,
-then what the supervision implies, then its YAML section), every setting checked against what the data gives
-before any stage runs, and the dry-run printout of all of it.
+then what the supervision implies, then its YAML section, then what the stage fixes), the control student the
+supervision allows (`choose_control`), every setting checked against what the data gives before any stage
+runs, and the dry-run printout of all of it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,20 @@ from .training.config import TrainConfig
 from .training.pretrain import DONE as PRETRAIN_DONE
 from .training.pretrain import PretrainConfig, run_pretrain
 
-TRAINING_DATA_STAGES = ("mine", "label", "train")  # the stages that read the training queries (checked against them)
+TRAINING_DATA_STAGES = ("mine", "label", "train", "control")  # the stages that read the training queries (checked)
+
+# The control student (DESIGN: "what the teacher added"): the student's training plan (the `train:` section) on
+# the same mined pools, without the teacher. Its loss and positives are fixed here, and the settings that only
+# the teacher's rewards feed are left at their defaults, so a new teacher or label setting never reruns it.
+CONTROL_TRAIN = {"self-training": {"loss": "infonce", "positives": "retriever-top1"},
+                 "hard-labels": {"loss": "infonce", "positives": "qrels"}}
+AUTO_CONTROL = {"qrels": "hard-labels", "answers": "self-training", "queries": "self-training", "raw_text": "none"}
+CONTROL_NAMES = {"self-training": "self-training on the same pools",  # what the report says the teacher beat
+                 "hard-labels": "hard labels on the same pools"}
+CONTROL_HOW = {"self-training": "each pool's retriever top 1 its positive, the rest its negatives",
+               "hard-labels": "the qrels positives against the mined negatives"}
+TEACHER_ONLY = ("teacher_temperature", "student_temperature", "positive", "min_positive_margin", "false_negatives",
+                "false_negative_margin", "answer_negatives", "drop_disputed", "keep_top_margin")
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,7 @@ class Stage:
     reads: tuple[str, ...] = ()       # data sets (not other stages' output)
     after: tuple[str, ...] = ()
     section: str | None = None        # the YAML section of its settings (default: the command's name)
+    fixed: dict = field(default_factory=dict)  # settings the stage fixes, whatever its section says (the control's)
 
     @property
     def settings_section(self) -> str:
@@ -118,7 +133,59 @@ def _stages(run: RunSettings) -> list[Stage]:
                                          output=out / "eval" / "after.json", run_file=out / "eval" / "after.trec",
                                          baseline_run=out / "eval" / "before.trec", seed=run.seed),
               reads=(eval_data,), after=("train", "eval_before")),
-    ]
+    ] + ([] if run.control == "none" else [
+        # after the student, so its result comes first; it reads the mined pools, never the labels
+        Stage("control", "train", dict(model=student, data=[train_data], split=run.split, seed=run.seed,
+                                       output=out / "control"),
+              reads=trains_on, after=adapted + generated + ("mine",), section="train",
+              fixed=control_settings(run.control, out / "candidates.jsonl")),
+        Stage("eval_control", "eval", dict(model=str(out / "control"), data=eval_data, split=run.eval_split,
+                                           output=out / "eval" / "control.json",
+                                           run_file=out / "eval" / "control.trec",
+                                           baseline_run=out / "eval" / "before.trec", seed=run.seed),
+              reads=(eval_data,), after=("control", "eval_before")),
+    ])
+
+
+def control_settings(kind: str, candidates: Path) -> dict:
+    """The train settings the control fixes: the mined candidates instead of the labels, its loss and positives,
+    and the teacher-only settings at their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TEACHER_ONLY}
+    return {**defaults, "labels": None, "candidates": [candidates], **CONTROL_TRAIN[kind]}
+
+
+def choose_control(asked: str, supervision: Supervision, data: str) -> tuple[str, str]:
+    """(the control the run trains, why); a control the supervision makes impossible is refused."""
+    if asked == "auto":
+        kind = AUTO_CONTROL[supervision.kind]
+        return kind, f"auto for supervision {supervision.kind}"
+    labelled = supervision.supplied(data).labelled
+    if asked == "hard-labels" and not labelled:
+        raise UsageError(f"control: hard-labels trains on the qrels positives; supervision {supervision.kind} has no "
+                         "qrels: use control self-training (or auto)")
+    if asked == "self-training" and labelled:
+        raise UsageError(f"control: self-training takes each pool's retriever top 1 as its positive, for queries "
+                         f"without qrels; supervision {supervision.kind} has qrels, whose positives mining leaves out "
+                         "of the pools: use control hard-labels (or auto)")
+    return asked, "asked for"
+
+
+def describe_control(run: RunSettings, planned: list[tuple[Stage, Any]], why: str, config_path: Path) -> str:
+    """One line: which control student the run trains, or that it trains none (and how to ask for one)."""
+    if run.control == "none":
+        line = f"control: none ({why}): this run does not say what the teacher added over training on the same pools"
+        if run.supervision == "raw_text":  # the queries are the teacher's own: no student trains without it
+            return line + " without it (the teacher wrote the training queries)"
+        kind = AUTO_CONTROL[run.supervision]
+        return line + (f" without it; `distill run {config_path} --control {kind}` adds that student (about one "
+                       "more train and eval; completed stages are skipped)")
+    line = (f"control: {run.control} ({why}): a student trained on the same mined pools without the teacher, by "
+            f"InfoNCE with {CONTROL_HOW[run.control]}")
+    label = next((cfg for stage, cfg in planned if stage.name == "label"), None)
+    if getattr(label, "shard", None):  # the student trains on the labelled shard, the control on every pool
+        line += (f"; note: the label stage labels shard {label.shard} of the queries only, the control trains on "
+                 "every mined pool")
+    return line
 
 
 def jsonable(value: Any) -> Any:
@@ -131,13 +198,23 @@ def stage_config(stage: Stage, run: RunSettings, section: dict, where: str):
     if "show_progress" in known:
         values["show_progress"] = run.show_progress
     values.update(section)
+    values.update(stage.fixed)
     return config_from_mapping(stage.cmd.config_cls, values, where)
 
 
 def plan(config_path: Path, overrides: dict[str, Any] | None = None,
          supervision: Supervision | None = None) -> tuple[RunSettings, list[tuple[Stage, Any]], Supervision]:
-    """The run's settings, each stage with its full config (defaults filled in) in order, and the supervision.
-    `supervision` decides it without looking at the data (tests, configs whose data is not there yet)."""
+    """The run's settings (its control resolved), each stage with its full config (defaults filled in) in order,
+    and the supervision. `supervision` decides it without looking at the data (tests, configs whose data is not
+    there yet)."""
+    run, planned, supervision, _ = plan_with_control(config_path, overrides, supervision)
+    return run, planned, supervision
+
+
+def plan_with_control(config_path: Path, overrides: dict[str, Any] | None = None,
+                      supervision: Supervision | None = None
+                      ) -> tuple[RunSettings, list[tuple[Stage, Any]], Supervision, str]:
+    """`plan`, and one line on the control student it trains (or that it trains none)."""
     run, sections = load_run(config_path, overrides or {})
     asked = "raw_text" if run.generate else run.supervision
     if supervision is None:
@@ -145,6 +222,11 @@ def plan(config_path: Path, overrides: dict[str, Any] | None = None,
     elif asked != "auto":  # the config names its supervision: that one, still without looking at the data
         supervision = Supervision(asked, "asked for")
     run = dataclasses.replace(run, supervision=supervision.kind, generate=supervision.kind == "raw_text")
+    try:
+        control, why = choose_control(run.control, supervision, run.data)
+    except UsageError as exc:
+        raise UsageError(f"{config_path}: {exc}") from None
+    run = dataclasses.replace(run, control=control)
     implied = supervision.stage_defaults()
     planned = [(stage, stage_config(stage, run, {**implied.get(stage.settings_section, {}),
                                                  **sections[stage.settings_section]},
@@ -157,8 +239,9 @@ def plan(config_path: Path, overrides: dict[str, Any] | None = None,
             try:
                 cfg.check_against(supplied)
             except UsageError as exc:
-                raise UsageError(f"{config_path}: {stage.settings_section}: {exc}") from None
-    return run, planned, supervision
+                raise UsageError(f"{config_path}: {stage.name if stage.fixed else stage.settings_section}: {exc}") \
+                    from None
+    return run, planned, supervision, describe_control(run, planned, why, config_path)
 
 
 def mined_pool_size(planned: list[tuple[Stage, Any]]) -> int | None:
@@ -178,13 +261,15 @@ def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> No
     """What `distill run` would do: the stages in order with what each reads and writes, then every setting of
     the run and of each stage, defaults included, each with where it came from (flag, yaml, run or default)."""
     overrides = overrides or {}
-    run, stages, supervision = plan(config_path, overrides)
+    run, stages, supervision, control = plan_with_control(config_path, overrides)
     implied = supervision.stage_defaults()
     raw = {str(k).replace("-", "_"): v for k, v in load_yaml_mapping(config_path).items()}
     given = {name: {str(k).replace("-", "_") for k in (raw.get(name) or {})} if isinstance(raw.get(name), dict)
              else set() for name in SECTIONS}
 
-    def source(section: str | None, name: str, from_run: dict) -> str:
+    def source(section: str | None, name: str, from_run: dict, fixed: dict | None = None) -> str:
+        if fixed and name in fixed:
+            return "control"
         if (f"{section}.{name}" if section else name) in overrides:
             return "flag"
         if (name in given.get(section, set())) if section else (name in raw):
@@ -194,11 +279,13 @@ def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> No
         return "run" if name in from_run else "default"
 
     print(f"# {supervision.describe(mined_pool_size(stages))}")
+    print(f"# {control}")
     print("plan:")
     for stage, cfg in stages:
         reads = [*stage.reads, *(f"<{name}>" for name in stage.after)]
         print(f"  {stage.name} ({stage.command}): {', '.join(reads) or '-'} -> {cfg.output}")
-    print(f"  report: eval/before.json, eval/after.json -> {run.output_dir / 'report.png'}")
+    evals = ["eval/before.json", "eval/after.json"] + (["eval/control.json"] if run.control != "none" else [])
+    print(f"  report: {', '.join(evals)} -> {run.output_dir / 'report.png'}, {run.output_dir / 'report.json'}")
     print("run:")
     for f in dataclasses.fields(run):
         print(f"  {f.name}: {_inline_yaml(getattr(run, f.name))}  # {source(None, f.name, {})}")
@@ -207,6 +294,6 @@ def print_plan(config_path: Path, overrides: dict[str, Any] | None = None) -> No
         for f in dataclasses.fields(cfg):
             value = _inline_yaml(getattr(cfg, f.name))
             print(f"  {f.name}: {value}  # "
-                  f"{source(stage.settings_section, f.name, {**stage.values, 'show_progress': 1})}")
+                  f"{source(stage.settings_section, f.name, {**stage.values, 'show_progress': 1}, stage.fixed)}")
 
 

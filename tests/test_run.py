@@ -99,7 +99,7 @@ def test_killed_run_finishes_redoing_no_completed_stage(tiny_bert_dir, tiny_llam
     for name, state in completed.items():
         assert ledger[name] == state, name
         assert f"{name}: complete, skipped" in printed
-    assert set(ledger) == {"eval_before", "mine", "label", "train", "eval_after"}
+    assert set(ledger) == {"eval_before", "mine", "label", "train", "eval_after", "control", "eval_control"}
     want = json.loads((whole / "eval" / "after.json").read_text())
     got = json.loads((out / "eval" / "after.json").read_text())
     before = json.loads((out / "eval" / "before.json").read_text())
@@ -110,7 +110,7 @@ def test_killed_run_finishes_redoing_no_completed_stage(tiny_bert_dir, tiny_llam
     # a finished run does nothing again
     again = subprocess.run([sys.executable, "-m", "distill", "run", str(config)], env=ENV, capture_output=True,
                            text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 5
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 7
     assert _ledger(out) == ledger
     # a changed setting reruns that stage and the ones after it, not those before
     changed = subprocess.run([sys.executable, "-m", "distill", "run", str(config), "--train.max-steps", "10"], env=ENV,
@@ -163,9 +163,15 @@ def test_example_configs_name_only_real_settings(example):
 
     from distill.supervision import Supervision
 
-    run, stages, _ = plan(example, supervision=Supervision("qrels", "test"))
+    import yaml
+
+    said = yaml.safe_load(example.read_text()).get("supervision", "auto")  # the data may not be here: take its word
+    run, stages, _ = plan(example, supervision=Supervision("qrels" if said == "auto" else said, "test"))
     names = [stage.name for stage, _ in stages]
-    assert names[-3:] == ["label", "train", "eval_after"] and ("generate" in names) == bool(run.generate)
+    student = names.index("label")
+    assert names[student:student + 3] == ["label", "train", "eval_after"] and ("generate" in names) == bool(
+        run.generate)
+    assert names[student + 3:] == ([] if run.control == "none" else ["control", "eval_control"])
     train = next(cfg for stage, cfg in stages if stage.name == "train")
     assert train.labels == [run.output_dir / "labels.jsonl"]
 
@@ -220,7 +226,7 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
     queries = eval_data / "queries.jsonl"
     queries.write_text(queries.read_text().replace("?", " ?", 1))
     new_eval = records()
-    assert redone(base, new_eval) == {"eval_before", "eval_after"}
+    assert redone(base, new_eval) == {"eval_before", "eval_after", "eval_control"}
     assert why_changed(base["eval_before"], new_eval["eval_before"]) == f"data changed: {eval_data}"
     assert redone(new_eval, records(**{"label.max_passage_tokens": 64})) == {"label", "train", "eval_after"}
     assert why_changed(new_eval["train"], records(**{"label.max_passage_tokens": 64})["train"]) == \
@@ -236,7 +242,8 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
     assert list(with_simcse)[0] == "simcse" and redone(new_eval, with_simcse) == set(with_simcse) - {"eval_before"}
     assert with_simcse["simcse"]["settings"]["num_negatives"] == 0
     assert redone(with_simcse, records(**{"simcse.max_steps": 3})) == set(with_simcse) - {"eval_before"}
-    assert redone(with_simcse, records(**{"simcse.max_steps": 2, "train.max_steps": 5})) == {"train", "eval_after"}
+    assert redone(with_simcse, records(**{"simcse.max_steps": 2, "train.max_steps": 5})) == {
+        "train", "eval_after", "control", "eval_control"}  # the control follows the student's training plan
     run, planned, _ = plan(config, {"simcse.max_steps": 2})
     models = {stage.name: getattr(cfg, "model", None) for stage, cfg in planned}
     assert models["mine"] == models["train"] == str(run.output_dir / "simcse") != models["eval_before"]

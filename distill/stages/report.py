@@ -1,6 +1,9 @@
-"""The run report: one PNG with the teacher's reward distributions, the training curve and before/after metrics."""
+"""The run report: one PNG with the teacher's reward distributions, the training curve and the metrics before,
+after and of the control student (trained on the same pools without the teacher), under the run's summary lines
+(the student against the base, the control against the base, what the teacher added over the control)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.records import read_labels, read_train_log
@@ -18,7 +21,8 @@ def reward_split(labels: Path) -> tuple[list[float], list[float]]:
     return positives, negatives
 
 
-def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | None = None) -> Path:
+def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | None = None,
+                     control: dict | None = None, lines: Sequence[str] = ()) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +30,7 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
 
     run_dir = Path(run_dir)
     output = output or run_dir / "report.png"
-    fig, (rewards, curve, bars) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (rewards, curve, bars) = plt.subplots(1, 3, figsize=(15, 4 + 0.25 * len(lines)))
     labels = run_dir / "labels.jsonl"
     if labels.is_file():
         positives, negatives = reward_split(labels)
@@ -41,34 +45,46 @@ def write_run_report(run_dir: Path, before: dict, after: dict, output: Path | No
             rewards.legend()
     rewards.set_title("teacher reward (mean answer log-prob)")
     rewards.set_xlabel("nats / token")
-    log = [r for r in read_train_log(run_dir / "model" / "train_log.jsonl") if r.kind == "train"]
-    if log:
-        curve.plot([r.step for r in log], [r.loss for r in log], color="black", marker=".")
+    for folder, name, color in (("model", "student", "black"), ("control", "control", "tab:orange")):
+        log = [r for r in read_train_log(run_dir / folder / "train_log.jsonl") if r.kind == "train"] \
+            if (folder == "model" or control) else []
+        if log:
+            curve.plot([r.step for r in log], [r.loss for r in log], color=color, marker=".", label=name)
+    if control:
+        curve.legend()
     curve.set_title("training loss")
     curve.set_xlabel("step")
     x = range(len(METRICS))
-    bars.bar([i - 0.2 for i in x], [100 * before[m] for m in METRICS], width=0.4, label="before")
-    bars.bar([i + 0.2 for i in x], [100 * after[m] for m in METRICS], width=0.4, label="after")
+    shown = {"before": before, **({"control": control} if control else {}), "after": after}
+    width = 0.8 / len(shown)
+    for j, (name, evaluation) in enumerate(shown.items()):
+        offset = (j - (len(shown) - 1) / 2) * width
+        bars.bar([i + offset for i in x], [100 * evaluation[m] for m in METRICS], width=width, label=name)
+        if name == "before":
+            continue
+        comparison = evaluation.get("ndcg@10_vs_baseline")
+        for i, m in enumerate(METRICS):
+            label, top = f"{100 * (evaluation[m] - before[m]):+.1f}", 100 * evaluation[m]
+            if m == "ndcg@10" and comparison:
+                # The paired interval of the mean per-query gain, drawn around the bar (before + gain).
+                low, high = (100 * (before[m] + comparison[k]) for k in ("low", "high"))
+                bars.errorbar(i + offset, top, yerr=[[top - low], [high - top]], color="black", capsize=4)
+                label += f"\n[{100 * comparison['low']:+.1f}, {100 * comparison['high']:+.1f}]"
+                top = max(top, high)
+            bars.text(i + offset, top, label, ha="center", va="bottom", fontsize=7)
     comparison = after.get("ndcg@10_vs_baseline")
-    for i, m in enumerate(METRICS):
-        label, top = f"{100 * (after[m] - before[m]):+.1f}", 100 * after[m]
-        if m == "ndcg@10" and comparison:
-            # The paired interval of the mean per-query gain, drawn around the after bar (before + gain).
-            low, high = (100 * (before[m] + comparison[k]) for k in ("low", "high"))
-            bars.errorbar(i + 0.2, top, yerr=[[top - low], [high - top]], color="black", capsize=4)
-            label += f"\n[{100 * comparison['low']:+.1f}, {100 * comparison['high']:+.1f}]"
-            top = max(top, high)
-        bars.text(i + 0.2, top, label, ha="center", va="bottom", fontsize=8)
-    lowest = min(100 * min(before[m], after[m]) for m in METRICS)
+    lowest = min(100 * min(e[m] for e in shown.values()) for m in METRICS)
     floor = max(0.0, lowest - 10)
     bars.set_ylim(floor, 100)
     if floor > 0:  # say so: bars that do not start at zero make small gains look large
         bars.text(0.01, 0.01, f"y axis starts at {floor:.0f}, not 0", transform=bars.transAxes, fontsize=8,
                   color="firebrick", va="bottom")
     bars.set_xticks(list(x), METRICS)
-    interval = f" (nDCG@10 gain: {100 * comparison['confidence']:.0f}% CI)" if comparison else ""
-    bars.set_title("test metrics before / after" + interval)
+    interval = f" (nDCG@10: {100 * comparison['confidence']:.0f}% CI)" if comparison else ""
+    bars.set_title("test metrics" + interval)
     bars.legend(loc="lower right")
+    if lines:  # the run's summary, one line each, above the panels
+        fig.suptitle("\n".join(lines), fontsize=9, x=0.01, ha="left")
     fig.tight_layout()
     fig.savefig(output, dpi=100)
     plt.close(fig)

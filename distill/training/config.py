@@ -25,7 +25,8 @@ class TrainConfig(EncodingSettings, WindowSettings):
     labels: list[Path] | None = field(default=None, metadata={
         "help": "teacher labels (distill label), one per --data; rewards for the soft-label losses"})
     candidates: list[Path] | None = field(default=None, metadata={
-        "help": "instead of --labels: candidates (distill mine), one per --data; hard labels only"})
+        "help": "instead of --labels: candidates (distill mine), one per --data; hard labels only: the qrels "
+                "positive, or with --positives retriever-top1 each pool's best-scored candidate (self-training)"})
     split: str = field(default="train", metadata={"help": "qrels split to train on"})
     loss: str = field(default="rank_filter", metadata={
         "help": f"objective: loss[:weight],...  from {sorted(LOSSES)} (e.g. rank_filter, kl:1.0,infonce:0.2); "
@@ -38,7 +39,8 @@ class TrainConfig(EncodingSettings, WindowSettings):
                                                                "or the one the teacher rewards most",
                                                        "choices": ["first", "teacher"]})
     positives: str = field(default="auto", metadata={
-        "help": "with --labels: where each query's positive comes from: its qrels, or chosen from its pool by the "
+        "help": "with --labels (with --candidates: qrels or retriever-top1): where each query's positive comes "
+                "from: its qrels, or chosen from its pool by the "
                 "teacher's reward, the teacher fused with the retriever (z-normalised sums), the pool's first passage "
                 "containing a reference answer (DPR), answer matches ranked by the fused score, or the retriever's top "
                 "1; auto: qrels where a query has them, else answer-match+teacher with answers, else "
@@ -120,7 +122,9 @@ class TrainConfig(EncodingSettings, WindowSettings):
                 setattr(self, name, [Path(v) for v in value])
         if self.labels and self.candidates:
             raise UsageError("give --labels or --candidates, not both")
-        if (self.drop_disputed or self.keep_top_margin < 1.0 or self.positives not in ("auto", "qrels")
+        # the retriever's top 1 needs only the pools' retriever scores, which a candidates file holds
+        without_rewards = ("auto", "qrels", "retriever-top1") if self.candidates else ("auto", "qrels")
+        if (self.drop_disputed or self.keep_top_margin < 1.0 or self.positives not in without_rewards
                 or self.false_negatives != "keep" or self.answer_negatives != "keep") and not self.labels:
             raise UsageError("--drop-disputed, --keep-top-margin, --positives, --false-negatives and "
                              "--answer-negatives need the teacher's rewards: give --labels (from distill label)")
@@ -160,6 +164,14 @@ class TrainConfig(EncodingSettings, WindowSettings):
     def check_against(self, data: SuppliedData) -> None:
         """Refuse modes that `data` makes impossible or a silent no-op (a user who asked for one would think it
         worked)."""
+        if self.candidates and self.positives == "retriever-top1" and data.labelled:
+            raise UsageError(f"--candidates with --positives retriever-top1 (self-training) is for queries without "
+                             f"qrels; {data.where} has qrels, whose positives mining leaves out of the pools: train "
+                             "on the qrels (--positives auto)")
+        if self.candidates and self.positives != "retriever-top1" and not data.labelled:
+            raise UsageError(f"--candidates trains on each query's qrels positive; {data.where} has no qrels: take "
+                             "each pool's best-scored candidate instead (--positives retriever-top1, "
+                             "self-training), or give --labels")
         if not self.labels:
             return
         if self.positives == "qrels" and not data.labelled:

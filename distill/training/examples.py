@@ -2,7 +2,8 @@
 
 Read from teacher labels (`distill label`: positives first, then candidates,
 each with a reward), from candidates (`distill mine`: negatives without
-rewards, i.e. plain triples), or from the qrels alone (pairs; in-batch
+rewards, i.e. plain triples; or, for queries without qrels, the pool's
+retriever top 1 as the positive: self-training), or from the qrels alone (pairs; in-batch
 negatives only). A candidate that is a positive of the query in the qrels is
 never a negative.
 """
@@ -199,18 +200,55 @@ def _qrels_examples(record: LabelRecord, rows: np.ndarray, rewards: np.ndarray, 
     return found, counts
 
 
-def examples_from_candidates(records: list[CandidateRecord], rset: RetrievalSet, task: int = 0) -> ExampleSet:
-    """Candidates (negative pids) -> examples without rewards; slot 0 is the first qrels positive."""
+def examples_from_candidates(records: list[CandidateRecord], rset: RetrievalSet, task: int = 0,
+                             positives: str = "qrels", min_positive_margin: float = 0.0,
+                             path: Path | None = None) -> ExampleSet:
+    """Candidates -> examples without rewards.
+
+    With `positives` "qrels" (or "auto"), slot 0 is the query's first qrels positive and the candidates are its
+    negatives (hard labels). With "retriever-top1" (self-training, for queries without qrels), slot 0 is the
+    pool's best-scored candidate (`positives.choose_positive`: a tie, or a margin under `min_positive_margin`
+    in z units, is no choice and the query is left out, counted) and the rest of the pool are its negatives:
+    the examples `examples_from_labels` gives with the same mode on labels of these pools, less the rewards.
+    """
+    if positives not in ("auto", "qrels", "retriever-top1"):
+        raise UsageError(f"--candidates takes --positives qrels (auto) or retriever-top1, not {positives}; the "
+                         "other modes need the teacher's rewards: give --labels")
     texts = dict(zip(rset.queries.ids, rset.queries.texts))
     out, skipped = [], {"no negatives": 0}
+    chosen = 0
     rows_each = rset.corpus.rows_of_each([list(r.pids) for r in records])
-    for qid, rows in zip((r.qid for r in records), rows_each):
-        positives = _positive_rows(rset, qid)
-        pool = rows[~np.isin(rows, positives)]
-        if not len(pool):
+    for record, rows in zip(records, rows_each):
+        qid = record.qid
+        qrels_rows = _positive_rows(rset, qid)
+        if positives != "retriever-top1":
+            pool = rows[~np.isin(rows, qrels_rows)]
+            if not len(pool):
+                skipped["no negatives"] += 1
+                continue
+            out.append(Example(qid, texts[qid], int(qrels_rows[0]), pool, task=task, positives=qrels_rows))
+            continue
+        if record.scores is None:
+            raise DataError(f"{path or 'candidates'}:{record.line}: field \"scores\": --positives retriever-top1 "
+                            "takes each pool's best-scored candidate, and this line has no scores (mine with a "
+                            "--model)")
+        picked = choose_positive("retriever-top1", np.zeros(len(rows)), np.asarray(record.scores), None,
+                                 min_positive_margin)
+        if picked.index is None:
+            key = f"positive {picked.reason}"
+            skipped[key] = skipped.get(key, 0) + 1
+            continue
+        positive = rows[picked.index]
+        # as from labels: a qrels positive of the query is never one of its negatives
+        negative = (rows != positive) & ~np.isin(rows, qrels_rows)
+        if not negative.any():
             skipped["no negatives"] += 1
             continue
-        out.append(Example(qid, texts[qid], int(positives[0]), pool, task=task, positives=positives))
+        chosen += 1
+        masked = np.union1d(np.array([positive], dtype=np.int64), qrels_rows).astype(np.int64)
+        out.append(Example(qid, texts[qid], int(positive), rows[negative], task=task, positives=masked))
+    if chosen:
+        skipped["positives chosen by retriever-top1 (kept)"] = chosen
     return ExampleSet(out, skipped)
 
 

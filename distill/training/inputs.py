@@ -58,7 +58,9 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
             corpus, problems = load_corpus_of(data, skip_invalid=cfg.skip_invalid)
             rset = RetrievalSet(corpus, no_queries(corpus.path), {}, "corpus", problems)
         else:
-            rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=bool(cfg.labels))
+            # labels, and candidates whose positives the retriever picks (self-training), need no qrels
+            unlabelled = bool(cfg.labels) or bool(cfg.candidates and cfg.positives == "retriever-top1")
+            rset = load_retrieval_set(data, cfg.split, skip_invalid=cfg.skip_invalid, unlabelled=unlabelled)
             for files in (cfg.labels, cfg.candidates):
                 if files:
                     check_made_from(Path(files[task]), rset, data)
@@ -73,7 +75,8 @@ def load_training_examples(cfg) -> tuple[list[RetrievalSet], list, dict[str, int
                                                      keep_top_margin=cfg.keep_top_margin, choice=choice,
                                                      include_title=cfg.include_title)
         elif cfg.candidates:
-            found = examples_from_candidates(read_candidates(cfg.candidates[task], rset), rset, task)
+            found = examples_from_candidates(read_candidates(cfg.candidates[task], rset), rset, task,
+                                             cfg.positives, cfg.min_positive_margin, cfg.candidates[task])
         else:
             found = examples_from_qrels(rset, task)
         for reason, count in found.skipped.items():
