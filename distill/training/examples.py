@@ -44,6 +44,14 @@ def _positive_rows(rset: RetrievalSet, qid: str) -> np.ndarray:
     return rset.corpus.rows_of(rset.positives(qid))
 
 
+def split_pool(rows: np.ndarray, chosen: int, qrels_rows: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(the chosen positive's row, the mask of the pool's negatives, the rows masked in-batch): a qrels positive
+    of the query is never one of its negatives, whichever passage was chosen."""
+    positive = int(rows[chosen])
+    negative = (rows != positive) & ~np.isin(rows, qrels_rows)
+    return positive, negative, np.union1d(np.array([positive], dtype=np.int64), qrels_rows).astype(np.int64)
+
+
 def teacher_margin(positive_reward: float, negative_rewards: np.ndarray) -> float:
     """m(q) = r(q, d^+) - max_j r(q, d_j^-): how clearly the teacher confirms a query's positive."""
     return float(positive_reward - np.max(negative_rewards))
@@ -134,10 +142,7 @@ def examples_from_labels(records: list[LabelRecord], rset: RetrievalSet, path: P
             key = f"positive {picked.reason}"
             skipped[key] = skipped.get(key, 0) + 1
             continue
-        positive = rows[picked.index]
-        # a qrels positive of the query is never one of its negatives, whichever passage the mode chose
-        negative = (rows != positive) & ~np.isin(rows, qrels_rows)
-        masked = np.union1d(np.array([positive], dtype=np.int64), qrels_rows).astype(np.int64)
+        positive, negative, masked = split_pool(rows, picked.index, qrels_rows)
         if choice.answer_negatives == "drop" and matches is not None:
             # DPR's hard negatives contain no answer; RocketQA drops such likely false negatives (denoising)
             holds_answer = negative & matches
@@ -238,14 +243,11 @@ def examples_from_candidates(records: list[CandidateRecord], rset: RetrievalSet,
             key = f"positive {picked.reason}"
             skipped[key] = skipped.get(key, 0) + 1
             continue
-        positive = rows[picked.index]
-        # as from labels: a qrels positive of the query is never one of its negatives
-        negative = (rows != positive) & ~np.isin(rows, qrels_rows)
+        positive, negative, masked = split_pool(rows, picked.index, qrels_rows)  # as from labels
         if not negative.any():
             skipped["no negatives"] += 1
             continue
         chosen += 1
-        masked = np.union1d(np.array([positive], dtype=np.int64), qrels_rows).astype(np.int64)
         out.append(Example(qid, texts[qid], int(positive), rows[negative], task=task, positives=masked))
     if chosen:
         skipped["positives chosen by retriever-top1 (kept)"] = chosen
