@@ -38,6 +38,13 @@ class RunSettings(ExecutorSettings):
         "help": "where positives come from: qrels, answers (queries with reference answers, no qrels), queries (a "
                 "query log), raw_text (passages only: generate queries first); auto decides from the data",
         "choices": list(SUPERVISIONS)})
+    check_teacher: bool = field(default=True, metadata={
+        "help": "before the label stage, score the pools of up to check_queries queries with a known positive "
+                "(distill check-teacher) and stop with exit 3 when the teacher does not beat the retriever; the "
+                "label stage reuses those scores"})
+    check_queries: int = field(default=50, metadata={"help": "queries the teacher check scores"})
+    allow_weak_teacher: bool = field(default=False, metadata={
+        "help": "label even when the teacher check finds the teacher no better than the retriever"})
     control: str = field(default="auto", metadata={
         "help": "a control student trained on the same mined pools without the teacher, so the run says what the "
                 "teacher added: self-training (each pool's retriever top 1 as the positive; queries without qrels), "

@@ -19,6 +19,8 @@ from .config import config_from_mapping, load_yaml_mapping
 from .evaluate import EvalConfig
 from .evaluate import run as run_eval
 from .run_config import SECTIONS, RunSettings, load_run
+from .stages.check_teacher import CheckTeacherConfig, run_check_teacher
+from .stages.check_teacher import summary_path as check_summary_path
 from .stages.executor import ExecutorSettings
 from .stages.generate import GenerateConfig, run_generate
 from .stages.generated_folder import SUMMARY as GENERATE_SUMMARY
@@ -32,7 +34,7 @@ from .training.config import TrainConfig
 from .training.pretrain import DONE as PRETRAIN_DONE
 from .training.pretrain import PretrainConfig, run_pretrain
 
-TRAINING_DATA_STAGES = ("mine", "label", "train", "control")  # the stages that read the training queries (checked)
+TRAINING_DATA_STAGES = ("mine", "check_teacher", "label", "train", "control")  # the stages that read the training queries (checked)
 
 # The control student (DESIGN: "what the teacher added"): the student's training plan (the `train:` section) on
 # the same mined pools, without the teacher. Its loss and positives are fixed here, and the settings that only
@@ -62,6 +64,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(EvalConfig, run_eval, Path.is_file),
     "pretrain": Command(PretrainConfig, run_pretrain, lambda out: (out / PRETRAIN_DONE).is_file()),
     "mine": Command(MineConfig, run_mine, is_complete),
+    "check_teacher": Command(CheckTeacherConfig, run_check_teacher, lambda out: check_summary_path(out).is_file()),
     "label": Command(LabelConfig, run_label, is_complete),
     "train": Command(TrainConfig, run_train, lambda out: (out / TRAIN_DONE).is_file()),
 }
@@ -124,8 +127,17 @@ def _stages(run: RunSettings) -> list[Stage]:
         Stage("mine", "mine", dict(model=student, data=train_data, split=run.split, seed=run.seed,
                                    output=out / "candidates.jsonl", **executor), reads=trains_on,
               after=adapted + generated),
+    ] + ([
+        # the label section's settings, so the check scores exactly as the label stage will (which reuses it)
+        Stage("check_teacher", "check_teacher", dict(
+            **teacher, data=train_data, split=run.split, candidates=out / "candidates.jsonl",
+            output=out / "check_teacher.jsonl", num_queries=run.check_queries,
+            allow_weak_teacher=run.allow_weak_teacher), reads=trains_on, after=generated + ("mine",), section="label"),
+    ] if run.check_teacher else []) + [
         Stage("label", "label", dict(**teacher, data=train_data, split=run.split, candidates=out / "candidates.jsonl",
-                                     output=out / "labels.jsonl"), reads=trains_on, after=generated + ("mine",)),
+                                     output=out / "labels.jsonl",
+                                     reuse=out / "check_teacher.jsonl" if run.check_teacher else None),
+              reads=trains_on, after=generated + ("mine",) + (("check_teacher",) if run.check_teacher else ())),
         Stage("train", "train", dict(model=student, data=[train_data], labels=[out / "labels.jsonl"],
                                      split=run.split, seed=run.seed, output=out / "model"),
               reads=trains_on, after=adapted + generated + ("label",)),

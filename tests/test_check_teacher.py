@@ -60,7 +60,8 @@ def test_check_teacher_counts_what_its_labels_say_and_stops_a_weak_teacher(tiny_
     assert captured.err.count("\n") == 1
     # the counts are the labels' own: recount them by hand from the files
     labels, mined = read_jsonl(out), {r["qid"]: r for r in read_jsonl(pool)}
-    assert len(labels) == 12
+    n = len(labels)
+    assert n in (16, 30)  # whole chunks of the label job (16 queries), drawn until they hold 12 known positives
     teacher = retriever = 0
     for line in labels:
         positives = set(line["pids"][:line["n_positives"]])
@@ -70,9 +71,9 @@ def test_check_teacher_counts_what_its_labels_say_and_stops_a_weak_teacher(tiny_
         scores.update(zip(mined[line["qid"]]["positives"], mined[line["qid"]]["positive_scores"]))
         retriever += max(scores[p] for p in positives) > max(s for p, s in scores.items() if p not in positives)
     summary = json.loads(Path(str(out) + ".check.json").read_text())
-    assert summary["teacher_first"].startswith(f"{teacher} of 12") and summary["retriever_first"].startswith(
-        f"{retriever} of 12") and teacher < retriever
-    assert f"teacher puts it first:   {teacher} of 12" in captured.out
+    assert summary["teacher_first"].startswith(f"{teacher} of {n}") and summary["retriever_first"].startswith(
+        f"{retriever} of {n}") and teacher < retriever
+    assert f"teacher puts it first:   {teacher} of {n}" in captured.out
     # allowed: exit 0, and the scored labels are reused as they are (nothing scored again)
     assert main([*args, "--allow-weak-teacher"]) == 0
     assert read_jsonl(out) == labels and "already complete" in capsys.readouterr().out
@@ -116,6 +117,29 @@ def test_the_label_stage_reuses_the_checks_scores_and_scores_only_the_rest(tiny_
     lines = read_jsonl(labels)
     assert [r["qid"] for r in lines] == [r["qid"] for r in read_jsonl(tmp_path / "plain.jsonl")]
     assert all(r == checked[r["qid"]] for r in lines if r["qid"] in checked)
+    # the check scored whole chunks of the label job: the output is the very bytes of a run without it
+    assert labels.read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
     # a check made with other settings cannot stand in for this job
     assert main(["label", *common, "--output", str(tmp_path / "other.jsonl"), "--reuse", str(check),
                  "--normalization", "sum"]) == 2
+
+
+def test_a_weak_teacher_stops_distill_run_before_the_label_stage_with_exit_3(tiny_llama_dir, minilm_dir, tmp_path,
+                                                                              capsys):
+    import yaml
+
+    data = _slice(tmp_path / "data", 20)
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(out), "data": str(data), "eval_data": "squad-mini", "model": str(minilm_dir),
+        "llm": str(tiny_llama_dir), "show_progress": False, "check_queries": 12, "control": "none",
+        "mine": {"cache": False, "num_negatives": 3}, "eval": {"cache": False},
+        "label": {"dtype": "float32", "device": "cpu"}}))
+    assert main(["run", str(config)]) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the models' loading bars
+    assert last.startswith("error: check-teacher: ") and "does not beat the retriever" in last
+    assert "--allow-weak-teacher" in last
+    assert (out / "check_teacher.jsonl").is_file() and not (out / "labels.jsonl").exists()
+    ledger = json.loads((out / "stages" / "check_teacher.json").read_text())
+    assert ledger["status"] == "started" and ledger["settings"]["num_queries"] == 12

@@ -210,7 +210,7 @@ def test_a_run_on_questions_without_qrels_goes_end_to_end(tiny_bert_dir, tiny_ll
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "output_dir": str(out), "data": str(query_log), "eval_data": "squad-mini", "model": str(tiny_bert_dir),
-        "llm": str(tiny_llama_dir), "show_progress": False,
+        "llm": str(tiny_llama_dir), "show_progress": False, "allow_weak_teacher": True,
         "mine": {"cache": False, "pool_size": 6}, "eval": {"cache": False},
         "label": {"dtype": "float32", "device": "cpu"},
         "train": {"train_batch_size": 4, "num_negatives": 3, "max_steps": 3, "batch_dedup": "none", "cache": False}}))

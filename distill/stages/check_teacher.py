@@ -1,8 +1,9 @@
 """`distill check-teacher`: before hours of labelling, does this teacher beat this retriever on this data, and
 what will the whole label stage cost?
 
-It takes up to `--num-queries` (50) queries whose positive is known, scores their pools exactly as `distill
-label` would (the same `Labeler`, settings and prompts, written resumably to `--output`), and prints:
+It scores whole chunks of the label job, drawn at random, until they hold `--num-queries` (50) queries whose
+positive is known, exactly as `distill label` would (the same `Labeler`, settings, prompts and chunks, written
+resumably to `--output`), and prints:
 
 - how often the teacher's reward puts the known positive first, against how often the retriever's score does,
   each with its Wilson 95% interval, and the exact McNemar test of the queries on which they disagree;
@@ -57,7 +58,8 @@ class CheckTeacherConfig(LabelConfig):
                 "to <output>.candidates.jsonl"})
     pool_size: int | None = field(default=None, metadata={
         "help": "with --model, for queries without qrels: candidates per query (distill mine's default: 16)"})
-    num_queries: int = field(default=50, metadata={"help": "queries with a known positive to score"})
+    num_queries: int = field(default=50, metadata={
+        "help": "score whole chunks of the label job until they hold this many queries with a known positive"})
     calibration_qrels: Path | None = field(default=None, metadata={
         "help": "qrels of a few queries (query-id, corpus-id, score) whose positives are known, for data without "
                 "qrels"})
@@ -191,6 +193,23 @@ def retriever_scores_of(record: LabelRecord, candidates: dict) -> np.ndarray | N
     return np.array([by_pid[pid] for pid in record.pids])
 
 
+def check_units(units: list, known: set[str], num_queries: int, chunk_size: int, seed: int) -> list:
+    """Whole chunks of the label job, drawn at random (seeded) until they hold `num_queries` queries with a known
+    positive (or the job is used up), in job order.
+
+    Whole chunks, so that each is the very slice `distill label` processes: the label stage takes these records as
+    they are (`--reuse`), and its output is the bytes it would have written without the check (a batch of other
+    rows could move a bf16 reward)."""
+    chunks = [units[i:i + chunk_size] for i in range(0, len(units), chunk_size)]
+    chosen, found = [], 0
+    for index in np.random.default_rng(seed).permutation(len(chunks)):
+        if found >= num_queries:
+            break
+        chosen.append(int(index))
+        found += sum(u[0] in known for u in chunks[index])
+    return [u for index in sorted(chosen) for u in chunks[index]]  # a short last chunk stays last
+
+
 def mined_pools(cfg: CheckTeacherConfig) -> Path:
     """`<output>.candidates.jsonl`: the retriever's pools, mined as `distill mine` would (resumable)."""
     from .mine import MineConfig, run_mine
@@ -211,11 +230,7 @@ def run_check_teacher(cfg: CheckTeacherConfig) -> dict:
         cfg = dataclasses.replace(cfg, candidates=mined_pools(cfg))
     full, rset, _ = build_labeler(cfg)
     known = known_positives(cfg, rset, full.units)
-    chosen = set(known.qids)
-    if len(known.qids) > cfg.num_queries:
-        picked = np.random.default_rng(cfg.seed).choice(len(known.qids), cfg.num_queries, replace=False)
-        chosen = {known.qids[i] for i in picked}
-    units = [u for u in full.units if u[0] in chosen] or full.units[:cfg.num_queries]
+    units = check_units(full.units, set(known.qids), cfg.num_queries, cfg.chunk_size, cfg.seed)
     # the label stage's own settings, so that its records are the ones `distill label` writes for these queries
     labeler = Labeler(label_settings(cfg), rset, units, Shard())
     output = Path(cfg.output)
