@@ -55,7 +55,7 @@ from typing import Any
 from labelers.models import checked_model_source
 
 from .evaluate import compare_to_run, format_table
-from .files import write_json_atomic
+from .files import write_json_atomic, write_text_atomic
 from .metrics import PairedComparison
 from .run_config import SECTIONS, RunSettings, parse_overrides
 from .run_ledger import DataHashes, StageLedger, stage_record, why_changed
@@ -175,7 +175,35 @@ def run_report(run: RunSettings, planned: list[tuple[Stage, Any]], control_line:
         "supervision": run.supervision, "before": metrics(before), "after": metrics(after),
         "student_vs_base": comparison, "teacher_added": teacher_added, "lines": lines,
         "control": None if control is None else {**result["control"], "metrics": metrics(control)}}))
+    write_model_card(run, planned, before, after, control, teacher_added)
     return result
+
+
+def write_model_card(run: RunSettings, planned: list[tuple[Stage, Any]], before: dict, after: dict,
+                     control: dict | None, teacher_added: dict | None) -> None:
+    """OUTPUT_DIR/model/README.md, written again now that the run knows where the model came from and what it
+    measured (`run_card`: provenance, the teacher check, the three gains, a model-index the Hub shows)."""
+    from .run_card import RunFacts, run_model_card
+    from .stages.check_teacher import read_check
+
+    configs = {stage.name: cfg for stage, cfg in planned}
+    out, train = run.output_dir, configs["train"]
+    summary = json.loads((out / "model" / "training_summary.json").read_text(encoding="utf-8"))
+    check = read_check(configs["check_teacher"].output) if "check_teacher" in configs else None
+    paired = (lambda e: None if not e or not e.get("ndcg@10_vs_baseline") else
+              PairedComparison(**e["ndcg@10_vs_baseline"]))
+    facts = RunFacts(
+        base_model=run.model, teacher=run.llm, supervision=run.supervision, positives=train.positives,
+        pool_size=getattr(configs.get("mine"), "pool_size", None), queries_kept=summary["examples"],
+        queries_left_out={k: v for k, v in summary.get("skipped", {}).items() if v and "(kept)" not in k},
+        eval_data=str(run.eval_data or run.data), eval_split=run.eval_split, eval_queries=before["num_queries"],
+        before=before, after=after, gain=paired(after), control_name=None if control is None else run.control,
+        control=control, control_gain=paired(control),
+        teacher_added=None if teacher_added is None else PairedComparison(**teacher_added),
+        check=None if check is None else {k: check[k] for k in ("teacher_first", "retriever_first", "known_from",
+                                                                 "verdict") if check.get(k)},
+        loss=train.loss)
+    write_text_atomic(out / "model" / "README.md", run_model_card(facts))
 
 
 def teacher_over_control(evaluation, student_run: Path) -> PairedComparison:

@@ -117,6 +117,17 @@ def test_a_run_trains_a_self_training_control_and_says_what_the_teacher_added(ti
         "mine"}
     summary = json.loads((out / "control" / "training_summary.json").read_text())
     assert summary["steps"] == 6
+    # the model card holds the figures: a model-index of the student's metrics, and the three gains
+    import yaml
+
+    card = (out / "model" / "README.md").read_text()
+    index = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"][0]
+    assert {m["type"]: m["value"] for m in index["metrics"]}["cosine_ndcg@10"] == round(after["ndcg@10"], 4)
+    assert "what the teacher added (this model against self-training)" in card
+    assert f"{100 * added['mean_difference']:+.2f} (95% CI {100 * added['low']:+.2f}" in card
+    kind = json.loads((out / "report.json").read_text())["supervision"]
+    assert f"| supervision | {kind} |" in card
+    assert "## The teacher check" in card
     # a new label setting reruns the label stage and the student, not the control
     assert main(["run", str(config), "--label.max-passage-tokens", "64"]) == 0
     said = capsys.readouterr().out
