@@ -244,15 +244,20 @@ def run_check_teacher(cfg: CheckTeacherConfig) -> dict:
     figures = check_figures([np.asarray(r.rewards) for r in measured],
                             [retriever_scores_of(r, candidates) for r in measured],
                             [np.array([p in known.positives[r.qid] for p in r.pids]) for r in measured])
-    tokens = sum(sum(r.n_tokens or ()) for r in records)
-    tokens_per_s = tokens / seconds if not run.already_complete and seconds > 0 else None
+    # the teacher's tokens (prompts and continuations) this run scored; a finished check keeps its first figures
+    earlier = read_check(output) if run.already_complete or labeler.tokens == 0 else None
+    done_now = len(records) - run.job.resumed_from
+    tokens = labeler.tokens if earlier is None else earlier["tokens"]
+    tokens_per_s = (labeler.tokens / seconds if labeler.tokens and seconds > 0 else None) if earlier is None \
+        else earlier["tokens_per_s"]
     remaining = len(full.units) - len(records)
-    per_query = tokens / max(len(records), 1)
+    per_query = (tokens / max(done_now, 1)) if earlier is None else earlier["tokens_per_query"]
     summary = {"queries": len(records), "known_from": known.source, "measured": len(measured),
                "teacher_first": figures.teacher.describe() if measured else None,
                "retriever_first": figures.retriever.describe() if measured and figures.retriever else None,
                "teacher_only": figures.teacher_only, "retriever_only": figures.retriever_only,
                "mcnemar_p": figures.mcnemar_p, "tokens": tokens, "tokens_per_s": tokens_per_s,
+               "tokens_per_query": per_query,
                "label_queries": len(full.units), "projected_tokens": round(per_query * remaining),
                "projected_seconds": None if not tokens_per_s else round(per_query * remaining / tokens_per_s),
                "teacher_beats_retriever": figures.teacher_beats_retriever if measured else None}
