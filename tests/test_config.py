@@ -82,7 +82,8 @@ def test_dry_run_says_where_every_setting_came_from(tmp_path, capsys):
              (("train", printed.split("\ntrain:\n")[1].split("\neval_after:\n")[0]),) for line in block.splitlines()}
     assert lines["learning_rate@train"].endswith("# flag") and lines["epochs@train"].endswith("# yaml")
     assert lines["model@train"].endswith("# run") and lines["weight_decay@train"].endswith("# default")
-    assert "  label (label): squad-mini, <mine> -> " in printed  # the plan: what each stage reads and writes
+    assert "  label (label): squad-mini, <mine>, <check_teacher> -> " in printed  # the plan: what each stage reads and writes
+    assert "  check_teacher (check_teacher): squad-mini, <mine> -> " in printed
     assert not (tmp_path / "run").exists()
 
 
