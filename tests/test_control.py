@@ -159,9 +159,9 @@ def test_the_control_reruns_when_the_pools_or_the_training_plan_change_never_for
     assert list(base)[-2:] == ["control", "eval_control"]  # squad-mini has qrels: auto is hard-labels
     both = {"control", "eval_control"}
     assert redone(**{"train.learning_rate": 3e-5}) == {"train", "eval_after"} | both  # the same training plan
-    assert redone(**{"mine.num_negatives": 2}) == {"mine", "label", "train", "eval_after"} | both  # the pools
+    assert redone(**{"mine.num_negatives": 2}) == {"mine", "check_teacher", "label", "train", "eval_after"} | both
     # what only the teacher feeds: the label stage, the student's loss and its teacher-only settings
-    assert redone(**{"label.max_passage_tokens": 64}) == {"label", "train", "eval_after"}
+    assert redone(**{"label.max_passage_tokens": 64}) == {"check_teacher", "label", "train", "eval_after"}
     assert redone(**{"train.loss": "kl", "train.teacher_temperature": 0.5, "train.false_negatives": "drop",
                      "train.drop_disputed": True}) == {"train", "eval_after"}
     assert redone(control="none").isdisjoint(both) and "control" not in fingerprints(control="none")

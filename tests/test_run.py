@@ -99,7 +99,8 @@ def test_killed_run_finishes_redoing_no_completed_stage(tiny_bert_dir, tiny_llam
     for name, state in completed.items():
         assert ledger[name] == state, name
         assert f"{name}: complete, skipped" in printed
-    assert set(ledger) == {"eval_before", "mine", "label", "train", "eval_after", "control", "eval_control"}
+    assert set(ledger) == {"eval_before", "mine", "check_teacher", "label", "train", "eval_after", "control",
+                           "eval_control"}
     want = json.loads((whole / "eval" / "after.json").read_text())
     got = json.loads((out / "eval" / "after.json").read_text())
     before = json.loads((out / "eval" / "before.json").read_text())
@@ -110,7 +111,7 @@ def test_killed_run_finishes_redoing_no_completed_stage(tiny_bert_dir, tiny_llam
     # a finished run does nothing again
     again = subprocess.run([sys.executable, "-m", "distill", "run", str(config)], env=ENV, capture_output=True,
                            text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 7
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 8
     assert _ledger(out) == ledger
     # a changed setting reruns that stage and the ones after it, not those before
     changed = subprocess.run([sys.executable, "-m", "distill", "run", str(config), "--train.max-steps", "10"], env=ENV,
@@ -228,7 +229,8 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
     new_eval = records()
     assert redone(base, new_eval) == {"eval_before", "eval_after", "eval_control"}
     assert why_changed(base["eval_before"], new_eval["eval_before"]) == f"data changed: {eval_data}"
-    assert redone(new_eval, records(**{"label.max_passage_tokens": 64})) == {"label", "train", "eval_after"}
+    assert redone(new_eval, records(**{"label.max_passage_tokens": 64})) == {"check_teacher", "label", "train",
+                                                                             "eval_after"}
     assert why_changed(new_eval["train"], records(**{"label.max_passage_tokens": 64})["train"]) == \
         "earlier stage redone: label"
     assert why_changed(new_eval["mine"], records(**{"mine.num_negatives": 2})["mine"]) == \
@@ -254,4 +256,4 @@ def test_a_changed_input_reruns_only_the_stages_that_read_it(tmp_path, tiny_bert
     assert records(pretrain=True).keys() == {"pretrain", *new_eval}  # `pretrain: true` alone turns it on
     with_generate = records(**{"generate.temperature": 0.5})
     assert redone(with_generate, records(**{"generate.temperature": 0.9})) == {
-        "generate", "mine", "label", "train", "eval_after"}  # the evaluation before training does not read it
+        "generate", "mine", "check_teacher", "label", "train", "eval_after"}  # the evaluation before does not read it
