@@ -174,17 +174,19 @@ def test_a_model_folder_changed_in_place_reruns_the_stages_that_load_it(tmp_path
     # another student copied over the folder (same names, other weights): what it loads or what follows is redone
     shutil.copy(tiny_bert_no_dropout / "config.json", student / "config.json")
     moved = records()
-    assert redone(base, moved) == {"eval_before", "mine", "label", "train", "eval_after", "control", "eval_control"}
+    assert redone(base, moved) == {"eval_before", "mine", "check_teacher", "label", "train", "eval_after", "control",
+                                   "eval_control"}
     assert why_changed(base["mine"], moved["mine"]) == "model changed: model"
-    assert why_changed(base["label"], moved["label"]) == "earlier stage redone: mine"
+    assert why_changed(base["label"], moved["label"]) == "earlier stage redone: check_teacher, mine"
     # the teacher's weights rewritten in place: labelling and what reads its labels
     weights = next(teacher.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     relabelled = records()
-    assert redone(moved, relabelled) == {"label", "train", "eval_after"}  # not the control: it has no teacher
-    assert why_changed(moved["label"], relabelled["label"]) == "model changed: llm"
+    # the check and the label stage load it; not the control, which has no teacher
+    assert redone(moved, relabelled) == {"check_teacher", "label", "train", "eval_after"}
+    assert why_changed(moved["label"], relabelled["label"]) == "model changed: llm; earlier stage redone: check_teacher"
     # the trained student lives in the run's own folder: its stage's fingerprint covers it, not its bytes
     assert "model" not in relabelled["eval_after"]["models"]
 

@@ -141,7 +141,8 @@ def test_raw_text_run_generates_then_trains_and_evaluates_on_real_queries(smollm
     assert ledger["simcse"]["settings"]["loss"] == "simcse"
     assert json.loads((out / "simcse" / "training_summary.json").read_text())["steps"] == 1
     order = sorted(ledger, key=lambda name: ledger[name]["finished_at"])
-    assert order == ["pretrain", "simcse", "generate", "eval_before", "mine", "label", "train", "eval_after"]
+    assert order == ["pretrain", "simcse", "generate", "eval_before", "mine", "check_teacher", "label", "train",
+                     "eval_after"]
     assert ledger["simcse"]["settings"]["model"] == str(out / "pretrain")
     assert ledger["generate"]["settings"]["retriever"] == ledger["mine"]["settings"]["model"] == str(out / "simcse")
     summary = json.loads((out / "generated" / "generate_summary.json").read_text())
