@@ -42,12 +42,18 @@ def _slice(folder: Path, n: int) -> Path:
     return folder
 
 
-def test_check_teacher_counts_what_its_labels_say_and_stops_a_weak_teacher(tiny_llama_dir, minilm_dir, tmp_path,
-                                                                             capsys):
-    data = _slice(tmp_path / "data", 30)
+def _mined(tmp_path: Path, minilm_dir: Path, n: int) -> tuple[Path, Path]:
+    """(a slice of n squad-mini train questions with qrels, MiniLM's pools of 3 mined negatives for it)."""
+    data = _slice(tmp_path / "data", n)
     pool = tmp_path / "pool.jsonl"
     assert main(["mine", "--model", str(minilm_dir), "--data", str(data), "--output", str(pool), "--num-negatives",
                  "3", "--no-cache", "--no-show-progress"]) == 0
+    return data, pool
+
+
+def test_check_teacher_counts_what_its_labels_say_and_stops_a_weak_teacher(tiny_llama_dir, minilm_dir, tmp_path,
+                                                                             capsys):
+    data, pool = _mined(tmp_path, minilm_dir, 30)
     out = tmp_path / "check.jsonl"
     args = ["check-teacher", "--llm", str(tiny_llama_dir), "--data", str(data), "--candidates", str(pool),
             "--output", str(out), "--num-queries", "12", "--device", "cpu", "--dtype", "float32",
@@ -83,10 +89,7 @@ def test_the_label_stage_reuses_the_checks_scores_and_scores_only_the_rest(tiny_
                                                                             monkeypatch):
     from labelers.backends.hf import HFBackend
 
-    data = _slice(tmp_path / "data", 10)
-    pool = tmp_path / "pool.jsonl"
-    assert main(["mine", "--model", str(minilm_dir), "--data", str(data), "--output", str(pool), "--num-negatives",
-                 "3", "--no-cache", "--no-show-progress"]) == 0
+    data, pool = _mined(tmp_path, minilm_dir, 10)
     common = ["--llm", str(tiny_llama_dir), "--data", str(data), "--candidates", str(pool), "--device", "cpu",
               "--dtype", "float32", "--no-show-progress", "--chunk-size", "2"]
     pairs = []
