@@ -40,21 +40,15 @@ import numpy as np  # noqa: E402
 from distill.data import load_retrieval_set  # noqa: E402
 from distill.data.records import read_labels, read_trec_run  # noqa: E402
 from distill.evaluate import compare_to_run  # noqa: E402
-from distill.stages.check_teacher import check_figures  # noqa: E402
+from distill.stages.check_teacher import check_figures, check_units  # noqa: E402
 from distill.training.positives import contains_answer, fit_fusion, hits_known_first  # noqa: E402
 
+LABEL_CHUNK = 16  # distill label's default --chunk-size, which the check's chunks follow
 DEFAULT_MODE = {"squad": "answer-match+teacher", "scifact": "teacher+retriever"}
 TRAIN = ["--loss", "rank_filter:1.0,infonce:0.2", "--num-negatives", "3", "--train-batch-size", "16",
          "--learning-rate", "3e-5", "--epochs", "2", "--max-passage-length", "192", "--batch-dedup", "none"]
 CONTROL = ["--loss", "infonce", "--num-negatives", "3", "--train-batch-size", "16", "--learning-rate", "3e-5",
            "--epochs", "2", "--max-passage-length", "192", "--batch-dedup", "none"]
-
-
-def check_sample(qids: list[str], n: int, seed: int) -> set[str]:
-    """The queries `distill check-teacher --num-queries n --seed seed` draws from those with a known positive."""
-    if len(qids) <= n:
-        return set(qids)
-    return {qids[i] for i in np.random.default_rng(seed).choice(len(qids), n, replace=False)}
 
 
 def signal_pools(labels: Path, free: Path, gold: Path, use_answers: bool):
@@ -120,8 +114,12 @@ def main() -> None:
                 *(["--signals", *args.signals] if args.signals else []))
         label_s = time.perf_counter() - started
         pools = signal_pools(labels, free, gold, use_answers)
-        sample = check_sample([q for q, *_ in pools], args.check_queries, args.seed)
-        chosen = [p for p in pools if p[0] in sample]
+        # the very queries `distill check-teacher --calibration-qrels <gold> --num-queries n` scores: whole chunks of
+        # the label job (16 queries) drawn until they hold n known positives; all of them are measured
+        units = [(q, None, None) for q, *_ in pools]
+        sample = {u[0] for u in check_units(units, {q for q, *_ in pools}, args.check_queries,
+                                            LABEL_CHUNK, args.seed)}
+        chosen = [p for p in pools if p[0] in sample]  # as the check counts them: a pool without it is a miss
         check = check_figures([s["teacher"] for _, s, _, _ in chosen], [s["retriever"] for _, s, _, _ in chosen],
                               [g for _, _, g, _ in chosen])
         accuracy = {}
